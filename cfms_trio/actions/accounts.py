@@ -1,0 +1,124 @@
+"""Users, groups and the audit log."""
+
+from __future__ import annotations
+
+import trio
+
+from .. import auth
+from ..dispatch import Context
+from ..errors import BadRequest, Forbidden, Unauthorized
+from ..permissions import ALL_PERMISSIONS
+from ..storage import accounts
+
+USERNAME_MAX = 64
+PASSWORD_MIN = 8
+PASSWORD_MAX = 1024
+
+
+def check_password_strength(password: str) -> None:
+    if len(password) < PASSWORD_MIN:
+        raise BadRequest(f"field 'data.new_password' must be at least {PASSWORD_MIN} characters")
+
+
+def check_permission_names(permissions: list) -> list[str]:
+    for permission in permissions:
+        if not isinstance(permission, str) or permission not in ALL_PERMISSIONS:
+            raise BadRequest(f"unknown permission {permission!r}")
+    return permissions
+
+
+def check_names(names: list, what: str) -> list[str]:
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise BadRequest(f"each {what} must be a non-empty string")
+    return names
+
+
+async def list_users(ctx: Context, data: dict) -> dict:
+    return {"users": await ctx.app.store.read(accounts.list_users)}
+
+
+async def get_user_info(ctx: Context, data: dict) -> dict:
+    username = data["username"] or ctx.user.username
+    if username != ctx.user.username and not ctx.user.has("list_users"):
+        raise Forbidden("permission 'list_users' required to see another user")
+    return await ctx.app.store.read(accounts.user_info, username)
+
+
+async def create_user(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["username"]
+    password = data["password"]
+    if len(password) < PASSWORD_MIN:
+        raise BadRequest(f"field 'data.password' must be at least {PASSWORD_MIN} characters")
+    groups = check_names(data["groups"], "group")
+    permissions = check_permission_names(data["permissions"])
+    password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
+    await ctx.app.store.write(accounts.create_user, data["username"], password_hash,
+                              data["nickname"] or data["username"], groups, permissions,
+                              ctx.app.now())
+    return {"username": data["username"]}
+
+
+async def delete_user(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["username"]
+    if data["username"] == ctx.user.username:
+        raise BadRequest("you cannot delete your own account")
+    await ctx.app.store.write(accounts.delete_user, data["username"])
+    return {}
+
+
+async def set_passwd(ctx: Context, data: dict) -> dict:
+    """Change a password: your own with the old password, anyone's with super_set_passwd."""
+    username = data["username"] or ctx.user.username
+    ctx.audit_target = username
+    check_password_strength(data["new_password"])
+    if username == ctx.user.username and data["old_password"] is not None:
+        ctx.require("set_passwd")
+        stored = await ctx.app.store.read(accounts.password_hash_of, username)
+        ok = await trio.to_thread.run_sync(auth.verify_password, data["old_password"], stored)
+        if not ok:
+            await trio.sleep(ctx.app.settings.login_failure_delay_s)
+            raise Unauthorized("old password is wrong")
+    elif not ctx.user.has("super_set_passwd"):
+        if username == ctx.user.username:
+            raise BadRequest("missing field 'data.old_password'")
+        raise Forbidden("permission 'super_set_passwd' required")
+    password_hash = await trio.to_thread.run_sync(auth.hash_password, data["new_password"])
+    await ctx.app.store.write(accounts.set_password_hash, username, password_hash, ctx.app.now())
+    return {}
+
+
+async def list_groups(ctx: Context, data: dict) -> dict:
+    return {"groups": await ctx.app.store.read(accounts.list_groups)}
+
+
+async def create_group(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["name"]
+    permissions = check_permission_names(data["permissions"])
+    await ctx.app.store.write(accounts.create_group, data["name"], permissions, ctx.app.now())
+    return {"name": data["name"]}
+
+
+async def delete_group(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["name"]
+    await ctx.app.store.write(accounts.delete_group, data["name"])
+    return {}
+
+
+async def change_user_groups(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["username"]
+    groups = check_names(data["groups"], "group")
+    await ctx.app.store.write(accounts.set_user_groups, data["username"], groups)
+    return {"username": data["username"], "groups": sorted(set(groups))}
+
+
+async def set_group_permissions(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["name"]
+    permissions = check_permission_names(data["permissions"])
+    await ctx.app.store.write(accounts.set_group_permissions, data["name"], permissions)
+    return {"name": data["name"], "permissions": sorted(set(permissions))}
+
+
+async def view_audit_logs(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(accounts.list_audit, data["offset"], data["limit"],
+                                    data["username"], data["action"])

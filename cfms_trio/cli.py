@@ -1,0 +1,110 @@
+"""The `cfms-trio` command line: `serve`, plus offline backup tools and client commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from .config import Settings
+
+log = logging.getLogger("cfms_trio")
+
+# Subcommand registrars: each takes the subparsers object and adds its commands, setting
+# `func` on its parser. Modules that own a command group append themselves here.
+COMMAND_GROUPS = []
+
+
+def _setup_logging(log_dir: Path | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.RotatingFileHandler(
+            log_dir / "server.log", maxBytes=10 * 1024 * 1024, backupCount=5))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(fmt)
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("trio-websocket").setLevel(logging.WARNING)
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    from .server import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            running = await nursery.start(serve, settings)
+            if running.generated_admin_password:
+                print(f"admin password: {running.generated_admin_password} "
+                      f"(also in {running.app.paths.admin_password})", flush=True)
+            print(f"listening on {running.url}", flush=True)
+            async for signum in signals:
+                log.info("received %s, shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    if args.certfile and not args.keyfile:
+        print("error: --certfile needs --keyfile", file=sys.stderr)
+        return 2
+    settings = Settings(root=root, host=args.host, port=args.port, tls=not args.no_tls,
+                        certfile=Path(args.certfile) if args.certfile else None,
+                        keyfile=Path(args.keyfile) if args.keyfile else None)
+    _setup_logging(settings.content / "logs", args.verbose)
+    try:
+        trio.run(_serve_until_signalled, settings)
+    except (OSError, BaseExceptionGroup) as exc:
+        os_error = _find_os_error(exc)
+        if os_error is None:
+            raise
+        print(f"error: {os_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _find_os_error(exc: BaseException) -> OSError | None:
+    """The OSError (port in use, unreadable root...) behind a start-up failure, if that is
+    what it was: it deserves one clear line, not a traceback."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find_os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cfms-trio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=5104, help="port (default 5104; 0 picks a free one)")
+    serve.add_argument("--root", default=".", help="server root; data lives in ROOT/content/")
+    serve.add_argument("--no-tls", action="store_true", help="plain ws:// (only behind a TLS proxy)")
+    serve.add_argument("--certfile", help="PEM certificate (default: self-signed, made on first start)")
+    serve.add_argument("--keyfile", help="PEM private key for --certfile")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve.set_defaults(func=cmd_serve)
+    for register in COMMAND_GROUPS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

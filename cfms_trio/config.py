@@ -1,0 +1,58 @@
+"""Server settings and limits, with safe defaults.
+
+Every limit is a plain attribute with its unit in the name, so documentation, CLI flags and
+tests refer to the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveLimits:
+    """Bounds applied to every backup archive and key file read by the server."""
+
+    archive_bytes: int = 64 * GiB
+    extracted_bytes: int = 256 * GiB
+    member_count: int = 2_000_000
+    json_member_bytes: int = 512 * MiB
+    json_depth: int = 64
+    key_file_bytes: int = 64 * 1024
+    # zstd frames may not ask the decoder for a window larger than this (bomb protection).
+    zstd_window_bytes: int = 128 * MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on client input: messages, uploads, tasks."""
+
+    message_bytes: int = 1 * MiB
+    upload_bytes: int = 64 * GiB
+    transfer_chunk_bytes: int = 1 * MiB
+    listener_queue_events: int = 256
+    archive: ArchiveLimits = dataclasses.field(default_factory=ArchiveLimits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a server instance needs to know about where it lives and what it accepts."""
+
+    root: Path
+    host: str = "127.0.0.1"
+    port: int = 5104
+    tls: bool = True
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    token_ttl_s: float = 3600.0
+    transfer_task_ttl_s: float = 3600.0
+    login_failure_delay_s: float = 0.5
+    limits: Limits = dataclasses.field(default_factory=Limits)
+
+    @property
+    def content(self) -> Path:
+        return self.root / "content"

@@ -1,0 +1,143 @@
+"""peewee models, built per database.
+
+`build_models(database)` returns a fresh set of model classes bound to that database, so several
+server instances (two servers in one test process, say) never share class-level state. Code
+outside `cfms_trio.storage` never touches these classes: it calls storage functions.
+"""
+
+from __future__ import annotations
+
+import types
+
+import peewee as pw
+
+ALL_MODEL_NAMES = (
+    "User", "Group", "UserGroup", "Token", "AuditLog", "Folder", "Document", "File",
+    "Revision", "AccessRule", "FileTask", "BackupTask",
+)
+
+
+def build_models(database: pw.Database) -> types.SimpleNamespace:
+    """Define every table of the store on `database`; return them as a namespace."""
+
+    class Base(pw.Model):
+        class Meta:
+            legacy_table_names = False
+
+    Base._meta.set_database(database)
+
+    class User(Base):
+        username = pw.CharField(primary_key=True, max_length=64)
+        password_hash = pw.CharField()
+        nickname = pw.CharField(default="")
+        permissions = pw.TextField(default="[]")  # JSON list granted directly to the user
+        created_time = pw.FloatField()
+        passwd_last_modified = pw.FloatField()
+
+    class Group(Base):
+        name = pw.CharField(primary_key=True, max_length=64)
+        permissions = pw.TextField(default="[]")  # JSON list
+        created_time = pw.FloatField()
+
+    class UserGroup(Base):
+        user = pw.ForeignKeyField(User, on_delete="CASCADE", column_name="username")
+        group = pw.ForeignKeyField(Group, on_delete="CASCADE", column_name="group_name")
+
+        class Meta:
+            primary_key = pw.CompositeKey("user", "group")
+
+    class Token(Base):
+        token_hash = pw.CharField(primary_key=True)
+        user = pw.ForeignKeyField(User, on_delete="CASCADE", column_name="username")
+        created_time = pw.FloatField()
+        expires_time = pw.FloatField(index=True)
+
+    class AuditLog(Base):
+        id = pw.AutoField()
+        time = pw.FloatField(index=True)
+        username = pw.CharField(null=True)
+        action = pw.CharField()
+        target = pw.CharField(null=True)
+        result = pw.IntegerField()
+        address = pw.CharField(null=True)
+
+    class Folder(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        name = pw.CharField()
+        parent = pw.ForeignKeyField("self", null=True, column_name="parent_id",
+                                    on_delete="RESTRICT", backref="children")
+        created_time = pw.FloatField()
+
+    class Document(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        title = pw.CharField()
+        folder = pw.ForeignKeyField(Folder, null=True, column_name="folder_id",
+                                    on_delete="RESTRICT", backref="documents")
+        created_time = pw.FloatField()
+
+    class File(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        sha256 = pw.CharField(null=True)
+        size = pw.BigIntegerField(null=True)
+        path = pw.CharField()  # relative to the content folder, never absolute
+        created_time = pw.FloatField()
+        active = pw.BooleanField(default=False)
+
+    class Revision(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        document = pw.ForeignKeyField(Document, column_name="document_id",
+                                      on_delete="CASCADE", backref="revisions")
+        file = pw.ForeignKeyField(File, column_name="file_id", on_delete="RESTRICT")
+        created_time = pw.FloatField()
+        seq = pw.IntegerField()  # position in the document's history, oldest first
+
+    class AccessRule(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        object_type = pw.CharField()  # "folder" | "document"
+        object_id = pw.CharField(max_length=64)
+        access_type = pw.CharField()  # read | write | move | manage
+        rule_data = pw.TextField()  # JSON
+        seq = pw.IntegerField(default=0)
+
+        class Meta:
+            indexes = ((("object_type", "object_id"), False),)
+
+    class FileTask(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        file = pw.ForeignKeyField(File, column_name="file_id", on_delete="CASCADE")
+        mode = pw.CharField()  # upload | download
+        status = pw.CharField(default="open")  # open | completed | closed
+        user = pw.ForeignKeyField(User, column_name="username", on_delete="CASCADE")
+        start_time = pw.FloatField()
+        end_time = pw.FloatField()  # expiry
+        purpose = pw.CharField(default="document")  # document | backup_archive | backup_key | export
+        max_size = pw.BigIntegerField(null=True)
+        # What the client announced for the upload in progress, so an interrupted upload of
+        # the same content can resume at the verified bytes kept on disk.
+        declared_size = pw.BigIntegerField(null=True)
+        declared_sha256 = pw.CharField(null=True)
+
+    class BackupTask(Base):
+        id = pw.CharField(primary_key=True, max_length=64)
+        username = pw.CharField()
+        operation = pw.CharField()  # export | import
+        status = pw.CharField()
+        current_step = pw.CharField(default="")
+        progress_percent = pw.IntegerField(default=0)
+        archive_file_id = pw.CharField(null=True)
+        key_file_id = pw.CharField(null=True)
+        documents_count = pw.IntegerField(default=0)
+        folders_count = pw.IntegerField(default=0)
+        files_count = pw.IntegerField(default=0)
+        created_time = pw.FloatField()
+        started_time = pw.FloatField(null=True)
+        completed_time = pw.FloatField(null=True)
+        timeout_time = pw.FloatField(null=True)
+        error_message = pw.TextField(null=True)
+        backup_name = pw.CharField(null=True)
+
+    defined = locals()
+    ns = types.SimpleNamespace(**{name: defined[name] for name in ALL_MODEL_NAMES})
+    ns.db = database
+    ns.all = [getattr(ns, name) for name in ALL_MODEL_NAMES]
+    return ns

@@ -1,0 +1,116 @@
+"""Permission names and access-rule evaluation (SPEC §4). Pure functions."""
+
+from __future__ import annotations
+
+ALL_PERMISSIONS = (
+    "import_backup", "export_backup", "create_document", "create_directory",
+    "delete_document", "delete_directory", "rename_document", "rename_directory", "move",
+    "set_access_rules", "view_access_rules", "list_users", "create_user", "delete_user",
+    "set_passwd", "super_set_passwd", "list_groups", "create_group", "delete_group",
+    "change_user_groups", "set_group_permissions", "view_audit_logs",
+)
+# Granted to the `user` group on first start: what an ordinary member needs to work with documents.
+DEFAULT_USER_PERMISSIONS = (
+    "create_document", "create_directory", "delete_document", "delete_directory",
+    "rename_document", "rename_directory", "move", "set_passwd",
+)
+ACCESS_TYPES = ("read", "write", "move", "manage")
+
+
+def _matches(mode: str, results: list[bool]) -> bool:
+    if mode == "any":
+        return any(results)
+    return all(results)
+
+
+def _requirement_met(spec: dict | None, held: set[str]) -> bool:
+    if not spec:
+        return True
+    required = spec.get("require", [])
+    if not required:
+        return True
+    return _matches(spec.get("match", "all"), [r in held for r in required])
+
+
+def rule_allows(rule: dict, permissions: set[str], groups: set[str]) -> bool:
+    """Evaluate one access rule against the caller's permissions and groups."""
+    results = []
+    for group_spec in rule.get("match_groups", []):
+        results.append(_matches(group_spec.get("match", "all"), [
+            _requirement_met(group_spec.get("rights"), permissions),
+            _requirement_met(group_spec.get("groups"), groups),
+        ]))
+    if not results:
+        return True
+    return _matches(rule.get("match", "all"), results)
+
+
+def rules_allow(rules: list[dict], permissions: set[str], groups: set[str]) -> bool:
+    """An object's rules for one access type: no rules means open to any authenticated user;
+    otherwise every rule must allow."""
+    return all(rule_allows(rule, permissions, groups) for rule in rules)
+
+
+def validate_rule(rule) -> str | None:
+    """Return a description of what is wrong with a rule, or None when it is well formed."""
+    if not isinstance(rule, dict):
+        return "a rule must be an object"
+    if rule.get("match", "all") not in ("all", "any"):
+        return "rule 'match' must be 'all' or 'any'"
+    groups = rule.get("match_groups", [])
+    if not isinstance(groups, list):
+        return "rule 'match_groups' must be a list"
+    extra = set(rule) - {"match", "match_groups"}
+    if extra:
+        return f"unknown rule field '{sorted(extra)[0]}'"
+    for spec in groups:
+        if not isinstance(spec, dict):
+            return "each entry of 'match_groups' must be an object"
+        if set(spec) - {"match", "rights", "groups"}:
+            return "unknown field in 'match_groups' entry"
+        if spec.get("match", "all") not in ("all", "any"):
+            return "'match' must be 'all' or 'any'"
+        for key in ("rights", "groups"):
+            sub = spec.get(key)
+            if sub is None:
+                continue
+            if not isinstance(sub, dict) or set(sub) - {"match", "require"}:
+                return f"'{key}' must be an object with 'match' and 'require'"
+            if sub.get("match", "all") not in ("all", "any"):
+                return f"'{key}.match' must be 'all' or 'any'"
+            req = sub.get("require", [])
+            if not isinstance(req, list) or not all(isinstance(x, str) for x in req):
+                return f"'{key}.require' must be a list of strings"
+    return None
+
+
+def validate_rules(rules) -> str | None:
+    """Validate a {access_type: [rule, ...]} mapping; None when well formed."""
+    if not isinstance(rules, dict):
+        return "access rules must be an object keyed by access type"
+    for access_type, items in rules.items():
+        if access_type not in ACCESS_TYPES:
+            return f"unknown access type '{access_type}'"
+        if not isinstance(items, list):
+            return f"rules for '{access_type}' must be a list"
+        for rule in items:
+            problem = validate_rule(rule)
+            if problem:
+                return problem
+    return None
+
+
+class Principal:
+    """The authenticated caller of a request: who, and what they hold."""
+
+    __slots__ = ("username", "permissions", "groups", "nickname")
+
+    def __init__(self, username: str, permissions: frozenset[str], groups: frozenset[str],
+                 nickname: str = ""):
+        self.username = username
+        self.permissions = permissions
+        self.groups = groups
+        self.nickname = nickname
+
+    def has(self, permission: str) -> bool:
+        return permission in self.permissions

@@ -1,0 +1,88 @@
+"""Owns the database, its models and the threads that may use it."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import peewee as pw
+import trio
+
+from .. import models as models_module
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+READER_THREADS = 4
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class Store:
+    """A database plus the limiters that keep blocking work off the event loop.
+
+    SQLite allows one writer: every write goes through a limiter of one thread, inside one
+    transaction per call. Reads run concurrently on a few threads (WAL mode lets them proceed
+    while a write is in progress). Limiters are created lazily inside `trio.run`.
+    """
+
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        self.database = pw.SqliteDatabase(
+            str(db_path),
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": "normal",
+                "foreign_keys": 1,
+                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
+                "cache_size": -32_000,
+            },
+            check_same_thread=False,
+        )
+        self.m = models_module.build_models(self.database)
+        self._read_limiter: trio.CapacityLimiter | None = None
+        self._write_limiter: trio.CapacityLimiter | None = None
+
+    # -- lifecycle (blocking) -------------------------------------------------------------
+
+    def create_tables(self) -> None:
+        with self.database.connection_context():
+            self.database.create_tables(self.m.all)
+
+    def close(self) -> None:
+        if not self.database.is_closed():
+            self.database.close()
+
+    # -- offloading ----------------------------------------------------------------------
+
+    def _limiters(self) -> tuple[trio.CapacityLimiter, trio.CapacityLimiter]:
+        if self._read_limiter is None:
+            self._read_limiter = trio.CapacityLimiter(READER_THREADS)
+            self._write_limiter = trio.CapacityLimiter(1)
+        return self._read_limiter, self._write_limiter
+
+    def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(models, *args)` in the calling thread with a connection open."""
+        self.database.connect(reuse_if_open=True)
+        return fn(self.m, *args)
+
+    def run_write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(models, *args)` in the calling thread inside one write transaction."""
+        self.database.connect(reuse_if_open=True)
+        with self.database.atomic("IMMEDIATE"):
+            return fn(self.m, *args)
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking read function in a worker thread and return its plain result."""
+        read_limiter, _ = self._limiters()
+        return await trio.to_thread.run_sync(
+            functools.partial(self.run_read, fn, *args), limiter=read_limiter
+        )
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking write function in the single writer thread, in one transaction."""
+        _, write_limiter = self._limiters()
+        return await trio.to_thread.run_sync(
+            functools.partial(self.run_write, fn, *args), limiter=write_limiter
+        )
