@@ -16,8 +16,10 @@ from .config import Settings
 from .events import EventHub
 from .storage import Store
 from .storage import accounts
+from .transfer.registry import TransferRegistry
 
 log = logging.getLogger(__name__)
+IO_THREADS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,10 @@ class App:
         self.paths = paths
         self.hub = EventHub(settings.limits.listener_queue_events)
         self.nursery: trio.Nursery | None = None
+        self.transfers = TransferRegistry()
+        # Disk and crypto work of transfers and backups; bounded so bulk I/O cannot take
+        # every worker thread from the database.
+        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         self.started_time = time.time()
 
     def now(self) -> float:
@@ -107,7 +113,7 @@ def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
     store.create_tables()
     generated = None
     if not store.run_read(accounts.is_initialized):
-        password = os.environ.get("CFMS_ADMIN_PASSWORD")
+        password = settings.initial_admin_password
         if not password:
             password = generated = secrets.token_urlsafe(18)
             fd = os.open(paths.admin_password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

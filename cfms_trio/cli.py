@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import os
 import signal
 import sys
 from pathlib import Path
@@ -58,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     settings = Settings(root=root, host=args.host, port=args.port, tls=not args.no_tls,
                         certfile=Path(args.certfile) if args.certfile else None,
-                        keyfile=Path(args.keyfile) if args.keyfile else None)
+                        keyfile=Path(args.keyfile) if args.keyfile else None,
+                        initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None)
     _setup_logging(settings.content / "logs", args.verbose)
     try:
         trio.run(_serve_until_signalled, settings)

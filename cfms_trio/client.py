@@ -11,15 +11,22 @@ messages share one ordered queue: within one request they arrive in protocol ord
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import itertools
 import json
 import ssl
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
+
+from .transfer.crypto import chunk_count, open_chunk, seal_chunk
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+HASH_READ_BYTES = 1024 * 1024
 
 TRANSFER_ACTIONS = ("transfer_file", "ready")
 CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
@@ -116,6 +123,85 @@ class Client:
         self.username, self.token = username, data["token"]
         return data
 
+    # -- file transfer ------------------------------------------------------------------------
+
+    async def _expect_transfer(self, action: str) -> dict:
+        reply = await self.receive_reply()
+        if isinstance(reply, bytes) or "code" in reply:
+            if isinstance(reply, dict) and reply["code"] != 200:
+                raise ClientError(reply["code"], reply["message"], reply.get("data"))
+            raise ClientError(0, f"protocol error: expected '{action}'")
+        if reply.get("action") != action:
+            raise ClientError(0, f"protocol error: expected '{action}', got {reply.get('action')!r}")
+        return reply["data"]
+
+    async def _final(self) -> dict:
+        reply = await self.receive_reply()
+        if isinstance(reply, bytes) or "code" not in reply:
+            raise ClientError(0, "protocol error: expected the final response")
+        if reply["code"] != 200:
+            raise ClientError(reply["code"], reply["message"], reply.get("data"))
+        return reply["data"]
+
+    async def upload_file(self, task_id: str, path: str | Path,
+                          progress: Progress | None = None) -> dict:
+        """Upload a local file for `task_id`; resumes where the server kept verified bytes."""
+        path = Path(path)
+        size = path.stat().st_size
+        sha256 = await trio.to_thread.run_sync(file_sha256, path)
+        async with self._call_lock:
+            await self.ws.send_message(json.dumps(self.envelope("upload_file",
+                                                                {"task_id": task_id})))
+            await self._expect_transfer("transfer_file")
+            await self.ws.send_message(json.dumps({"action": "transfer_file", "data": {
+                "file_size": size, "sha256": sha256}}))
+            ready = await self._expect_transfer("ready")
+            key = base64.b64decode(ready["key"])
+            prefix = base64.b64decode(ready["nonce_prefix"])
+            chunk_size, offset = ready["chunk_size"], ready["offset"]
+            with open(path, "rb") as f:
+                f.seek(offset)
+                for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
+                    sealed = await trio.to_thread.run_sync(_read_and_seal, f, chunk_size, key,
+                                                           prefix, index)
+                    await self.ws.send_message(sealed)
+                    if progress:
+                        progress(min(size, (index + 1) * chunk_size), size)
+            return await self._final()
+
+    async def download_file(self, task_id: str, path: str | Path, offset: int = 0,
+                            progress: Progress | None = None) -> dict:
+        """Download `task_id` into `path` (appending from `offset` when resuming) and check
+        the file's sha256 when it is complete."""
+        path = Path(path)
+        async with self._call_lock:
+            await self.ws.send_message(json.dumps(self.envelope(
+                "download_file", {"task_id": task_id, "offset": offset})))
+            header = await self._expect_transfer("transfer_file")
+            key = base64.b64decode(header["key"])
+            prefix = base64.b64decode(header["nonce_prefix"])
+            size, chunk_size = header["file_size"], header["chunk_size"]
+            await self.ws.send_message(json.dumps({"action": "ready"}))
+            mode = "r+b" if offset and path.exists() else "wb"
+            with open(path, mode) as f:
+                f.seek(offset)
+                f.truncate(offset)
+                for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
+                    sealed = await self.receive_reply()
+                    if not isinstance(sealed, bytes):
+                        if "code" in sealed and sealed["code"] != 200:
+                            raise ClientError(sealed["code"], sealed["message"])
+                        raise ClientError(0, "protocol error: expected a binary chunk")
+                    plaintext = open_chunk(key, prefix, index, sealed)
+                    await trio.to_thread.run_sync(f.write, plaintext)
+                    if progress:
+                        progress(min(size, (index + 1) * chunk_size), size)
+            result = await self._final()
+        actual = await trio.to_thread.run_sync(file_sha256, path)
+        if actual != header["sha256"]:
+            raise ClientError(0, "downloaded file does not match its sha256")
+        return result
+
     # -- events ---------------------------------------------------------------------------
 
     async def listen(self) -> dict:
@@ -167,3 +253,15 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(HASH_READ_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) -> bytes:
+    return seal_chunk(key, prefix, index, f.read(chunk_size))

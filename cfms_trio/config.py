@@ -51,6 +51,8 @@ class Settings:
     token_ttl_s: float = 3600.0
     transfer_task_ttl_s: float = 3600.0
     login_failure_delay_s: float = 0.5
+    # Used on first start only; None means generate one and write content/admin_password.txt.
+    initial_admin_password: str | None = None
     limits: Limits = dataclasses.field(default_factory=Limits)
 
     @property

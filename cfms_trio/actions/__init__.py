@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from ..dispatch import Route
-from ..schema import Field, name_field, optional
-from . import accounts, session
+from ..schema import Field, name_field, object_id, optional
+from . import accounts, documents, session, transfer
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)
 PASSWORD = Field(str, min_len=1, max_len=accounts.PASSWORD_MAX)
 NAME_LIST = optional(list, default=[], max_len=1000)
+FOLDER = object_id()
+PARENT = object_id(required=False, nullable=True)  # null or absent: the root
+DOCUMENT = object_id()
+RULES = optional(dict, default={})
+OBJECT_NAME = name_field(255)
 
 ROUTES: list[Route] = [
     # sessions and events
@@ -50,4 +55,48 @@ ROUTES: list[Route] = [
           {"offset": optional(int, default=0, min=0), "limit": optional(int, default=100, min=1, max=1000),
            "username": optional(str, max_len=64), "action": optional(str, max_len=64)},
           permission="view_audit_logs"),
+    # folders
+    Route("create_directory", documents.create_directory,
+          {"name": OBJECT_NAME, "parent_id": PARENT, "access_rules": RULES},
+          permission="create_directory", audited=True),
+    Route("list_directory", documents.list_directory, {"folder_id": PARENT}),
+    Route("get_directory_info", documents.get_directory_info, {"folder_id": FOLDER}),
+    Route("rename_directory", documents.rename_directory,
+          {"folder_id": FOLDER, "name": OBJECT_NAME},
+          permission="rename_directory", audited=True),
+    Route("move_directory", documents.move_directory,
+          {"folder_id": FOLDER, "parent_id": PARENT}, permission="move", audited=True),
+    Route("delete_directory", documents.delete_directory, {"folder_id": FOLDER},
+          permission="delete_directory", audited=True),
+    Route("get_directory_access_rules", documents.get_directory_access_rules,
+          {"folder_id": FOLDER}, permission="view_access_rules"),
+    Route("set_directory_rules", documents.set_directory_rules,
+          {"folder_id": FOLDER, "access_rules": Field(dict)},
+          permission="set_access_rules", audited=True),
+    # documents
+    Route("create_document", documents.create_document,
+          {"title": OBJECT_NAME, "folder_id": PARENT, "access_rules": RULES},
+          permission="create_document", audited=True),
+    Route("upload_document", documents.upload_document, {"document_id": DOCUMENT},
+          audited=True),
+    Route("get_document", documents.get_document,
+          {"document_id": DOCUMENT, "revision_id": object_id(required=False, nullable=True)}),
+    Route("get_document_info", documents.get_document_info, {"document_id": DOCUMENT}),
+    Route("list_revisions", documents.list_revisions, {"document_id": DOCUMENT}),
+    Route("rename_document", documents.rename_document,
+          {"document_id": DOCUMENT, "title": OBJECT_NAME},
+          permission="rename_document", audited=True),
+    Route("move_document", documents.move_document,
+          {"document_id": DOCUMENT, "folder_id": PARENT}, permission="move", audited=True),
+    Route("delete_document", documents.delete_document, {"document_id": DOCUMENT},
+          permission="delete_document", audited=True),
+    Route("get_document_access_rules", documents.get_document_access_rules,
+          {"document_id": DOCUMENT}, permission="view_access_rules"),
+    Route("set_document_rules", documents.set_document_rules,
+          {"document_id": DOCUMENT, "access_rules": Field(dict)},
+          permission="set_access_rules", audited=True),
+    # file transfer
+    Route("upload_file", transfer.upload_file, {"task_id": object_id()}, audited=True),
+    Route("download_file", transfer.download_file,
+          {"task_id": object_id(), "offset": optional(int, default=0, min=0)}),
 ]

@@ -1,0 +1,160 @@
+"""Folders, documents, revisions and access rules (SPEC §5)."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ..dispatch import Context
+from ..errors import BadRequest
+from ..permissions import validate_rules
+from ..storage import documents, transfers
+
+log = logging.getLogger(__name__)
+
+
+def checked_rules(rules) -> dict:
+    problem = validate_rules(rules or {})
+    if problem:
+        raise BadRequest(f"field 'data.access_rules': {problem}")
+    return rules or {}
+
+
+async def _upload_task(ctx: Context, file_id: str) -> str:
+    now = ctx.app.now()
+    return await ctx.app.store.write(transfers.create_task, file_id, "upload", ctx.user.username,
+                                     now, now + ctx.app.settings.transfer_task_ttl_s)
+
+
+async def _unlink_files(ctx: Context, relative_paths: list[str]) -> None:
+    """Remove the content of deleted files once their rows are gone."""
+    paths = ctx.app.paths
+
+    def unlink_all():
+        for rel in relative_paths:
+            try:
+                paths.resolve(rel).unlink()
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError):
+                log.exception("could not remove %s", rel)
+
+    await trio.to_thread.run_sync(unlink_all, limiter=ctx.app.io_limiter)
+
+
+# -- folders -----------------------------------------------------------------------------------
+
+async def create_directory(ctx: Context, data: dict) -> dict:
+    rules = checked_rules(data["access_rules"])
+    folder = await ctx.app.store.write(documents.create_folder, ctx.user, data["name"],
+                                       data["parent_id"], rules, ctx.app.now())
+    ctx.audit_target = folder["id"]
+    return folder
+
+
+async def list_directory(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.list_folder, ctx.user, data["folder_id"])
+
+
+async def get_directory_info(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.folder_info, ctx.user, data["folder_id"])
+
+
+async def rename_directory(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["folder_id"]
+    return await ctx.app.store.write(documents.rename_folder, ctx.user, data["folder_id"],
+                                     data["name"])
+
+
+async def move_directory(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["folder_id"]
+    return await ctx.app.store.write(documents.move_folder, ctx.user, data["folder_id"],
+                                     data["parent_id"])
+
+
+async def delete_directory(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["folder_id"]
+    paths = await ctx.app.store.write(documents.delete_folder, ctx.user, data["folder_id"])
+    await _unlink_files(ctx, paths)
+    return {}
+
+
+async def get_directory_access_rules(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.get_rules, ctx.user, "folder", data["folder_id"])
+
+
+async def set_directory_rules(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["folder_id"]
+    rules = checked_rules(data["access_rules"])
+    return await ctx.app.store.write(documents.set_rules, ctx.user, "folder", data["folder_id"],
+                                     rules)
+
+
+# -- documents ---------------------------------------------------------------------------------
+
+async def create_document(ctx: Context, data: dict) -> dict:
+    rules = checked_rules(data["access_rules"])
+    created = await ctx.app.store.write(documents.create_document, ctx.user, data["title"],
+                                        data["folder_id"], rules, ctx.app.now())
+    ctx.audit_target = created["document_id"]
+    created["task_id"] = await _upload_task(ctx, created["file_id"])
+    return created
+
+
+async def upload_document(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["document_id"]
+    created = await ctx.app.store.write(documents.add_revision, ctx.user, data["document_id"],
+                                        ctx.app.now())
+    created["task_id"] = await _upload_task(ctx, created["file_id"])
+    return created
+
+
+async def get_document(ctx: Context, data: dict) -> dict:
+    revision = await ctx.app.store.read(documents.revision_for_download, ctx.user,
+                                        data["document_id"], data["revision_id"])
+    now = ctx.app.now()
+    task_id = await ctx.app.store.write(transfers.create_task, revision["file_id"], "download",
+                                        ctx.user.username, now,
+                                        now + ctx.app.settings.transfer_task_ttl_s)
+    return {"document_id": data["document_id"], "revision_id": revision["id"],
+            "task_id": task_id, "file_size": revision["size"], "sha256": revision["sha256"]}
+
+
+async def get_document_info(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.document_info, ctx.user, data["document_id"])
+
+
+async def list_revisions(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.list_revisions, ctx.user, data["document_id"])
+
+
+async def rename_document(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["document_id"]
+    return await ctx.app.store.write(documents.rename_document, ctx.user, data["document_id"],
+                                     data["title"])
+
+
+async def move_document(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["document_id"]
+    return await ctx.app.store.write(documents.move_document, ctx.user, data["document_id"],
+                                     data["folder_id"])
+
+
+async def delete_document(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["document_id"]
+    paths = await ctx.app.store.write(documents.delete_document, ctx.user, data["document_id"])
+    await _unlink_files(ctx, paths)
+    return {}
+
+
+async def get_document_access_rules(ctx: Context, data: dict) -> dict:
+    return await ctx.app.store.read(documents.get_rules, ctx.user, "document",
+                                    data["document_id"])
+
+
+async def set_document_rules(ctx: Context, data: dict) -> dict:
+    ctx.audit_target = data["document_id"]
+    rules = checked_rules(data["access_rules"])
+    return await ctx.app.store.write(documents.set_rules, ctx.user, "document",
+                                     data["document_id"], rules)

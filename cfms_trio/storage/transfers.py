@@ -1,0 +1,63 @@
+"""FileTask rows: the tickets that let one user upload or download one file until they expire."""
+
+from __future__ import annotations
+
+from .. import auth
+from ..errors import Conflict, DeadlinePassed, Forbidden, NotFound
+
+
+def create_task(m, file_id: str, mode: str, username: str, now: float, expires: float,
+                purpose: str = "document", max_size: int | None = None) -> str:
+    task_id = auth.new_id()
+    m.FileTask.create(id=task_id, file=file_id, mode=mode, user=username, start_time=now,
+                      end_time=expires, purpose=purpose, max_size=max_size)
+    return task_id
+
+
+def task_dict(task, file) -> dict:
+    return {"task_id": task.id, "file_id": file.id, "mode": task.mode, "status": task.status,
+            "username": task.__data__["user"],
+            "start_time": task.start_time, "end_time": task.end_time, "purpose": task.purpose,
+            "max_size": task.max_size, "declared_size": task.declared_size,
+            "declared_sha256": task.declared_sha256, "file_path": file.path,
+            "file_size": file.size, "file_sha256": file.sha256, "file_active": file.active}
+
+
+def task_for_transfer(m, task_id: str, username: str, mode: str, now: float) -> dict:
+    """The task, if `username` may use it for `mode` now; otherwise the precise refusal."""
+    row = (m.FileTask.select(m.FileTask, m.File).join(m.File)
+           .where(m.FileTask.id == task_id).first())
+    if row is None or row.mode != mode:
+        raise NotFound(f"{mode} task '{task_id}' does not exist")
+    if row.__data__["user"] != username:
+        raise Forbidden(f"task '{task_id}' belongs to another user")
+    if row.status == "completed" and mode == "upload":
+        raise Conflict(f"upload task '{task_id}' is already completed")
+    if row.status == "closed":
+        raise Conflict(f"task '{task_id}' is closed")
+    if row.end_time <= now:
+        raise DeadlinePassed(f"task '{task_id}' expired")
+    return task_dict(row, row.file)
+
+
+def record_declared(m, task_id: str, size: int, sha256: str) -> None:
+    m.FileTask.update(declared_size=size, declared_sha256=sha256).where(
+        m.FileTask.id == task_id).execute()
+
+
+def complete_upload(m, task_id: str, file_id: str, size: int, sha256: str) -> None:
+    updated = (m.FileTask.update(status="completed")
+               .where((m.FileTask.id == task_id) & (m.FileTask.status == "open")).execute())
+    if not updated:
+        raise Conflict(f"upload task '{task_id}' is no longer open")
+    m.File.update(size=size, sha256=sha256, active=True).where(m.File.id == file_id).execute()
+
+
+def close_tasks(m, task_ids: list[str]) -> None:
+    m.FileTask.update(status="closed").where(
+        m.FileTask.id.in_(task_ids) & (m.FileTask.status != "completed")).execute()
+
+
+def task_status(m, task_id: str) -> str | None:
+    row = m.FileTask.get_or_none(m.FileTask.id == task_id)
+    return row.status if row else None

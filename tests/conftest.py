@@ -1,0 +1,117 @@
+"""Shared fixtures: a running server on port 0 with a trustme certificate and a fresh root,
+and clients connected to it."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ssl
+from pathlib import Path
+
+import pytest
+import trio
+import trustme
+
+from cfms_trio.client import Client, open_client
+from cfms_trio.config import Settings
+from cfms_trio.server import Running, serve
+
+from helpers import ADMIN_PASSWORD
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def tls_files(tls_ca, tmp_path_factory) -> tuple[Path, Path]:
+    cert = tls_ca.issue_cert("127.0.0.1", "localhost")
+    folder = tmp_path_factory.mktemp("tls")
+    certfile, keyfile = folder / "cert.pem", folder / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(certfile))
+    for pem in cert.cert_chain_pems[1:]:
+        with open(certfile, "ab") as f:
+            f.write(pem.bytes())
+    cert.private_key_pem.write_to_path(str(keyfile))
+    return certfile, keyfile
+
+
+@pytest.fixture
+def client_ssl(tls_ca) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    tls_ca.configure_trust(context)
+    return context
+
+
+@dataclasses.dataclass
+class ServerUnderTest:
+    """A running server plus what a test needs to reach it."""
+
+    running: Running
+    settings: Settings
+    ssl_context: ssl.SSLContext
+    cancel_scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return self.running.url
+
+    @property
+    def app(self):
+        return self.running.app
+
+    @property
+    def root(self) -> Path:
+        return self.settings.root
+
+    @contextlib.asynccontextmanager
+    async def connect(self, username: str | None = None, password: str | None = None):
+        """A client connection, logged in when a username is given."""
+        async with open_client(self.url, ssl_context=self.ssl_context) as client:
+            if username is not None:
+                await client.login(username, password or ADMIN_PASSWORD)
+            yield client
+
+    async def stop(self) -> None:
+        self.cancel_scope.cancel()
+
+
+def make_settings(root: Path, tls_files, **overrides) -> Settings:
+    certfile, keyfile = tls_files
+    base = dict(root=root, host="127.0.0.1", port=0, certfile=certfile, keyfile=keyfile,
+                initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05)
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture
+def start_server(nursery, tmp_path, tls_files, client_ssl):
+    """Factory: `await start_server(name="a", **settings_overrides)` starts another server."""
+
+    async def start(name: str = "server", **overrides) -> ServerUnderTest:
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        settings = make_settings(root, tls_files, **overrides)
+        scope_holder = {}
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                scope_holder["scope"] = scope
+                await serve(settings, task_status=task_status)
+
+        running = await nursery.start(run)
+        return ServerUnderTest(running, settings, client_ssl, scope_holder["scope"])
+
+    return start
+
+
+@pytest.fixture
+async def server(start_server) -> ServerUnderTest:
+    return await start_server()
+
+
+@pytest.fixture
+async def admin(server) -> Client:
+    async with server.connect("admin") as client:
+        yield client
