@@ -14,6 +14,7 @@ import trio
 from . import auth
 from .config import Settings
 from .events import EventHub
+from .reaper import Reaper, unlink_all
 from .storage import Store
 from .storage import accounts
 from .transfer.registry import TransferRegistry
@@ -94,10 +95,21 @@ class App:
         # Disk and crypto work of transfers and backups; bounded so bulk I/O cannot take
         # every worker thread from the database.
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
+        self.reaper = Reaper()
         self.started_time = time.time()
 
     def now(self) -> float:
         return time.time()
+
+    async def remove_files(self, relative_paths: list[str]) -> None:
+        """Remove deleted files' content now, or once no export is reading the store."""
+        ready = self.reaper.take([self.paths.resolve(rel) for rel in relative_paths])
+        if ready:
+            await trio.to_thread.run_sync(unlink_all, ready, limiter=self.io_limiter)
+
+    async def release_deferred_files(self) -> None:
+        """Called when an export ends: remove what deletions queued meanwhile."""
+        await self.remove_files([])
 
 
 def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
-from . import accounts, documents, session, transfer
+from . import accounts, backup_export, documents, session, transfer
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)
 PASSWORD = Field(str, min_len=1, max_len=accounts.PASSWORD_MAX)
@@ -99,4 +99,9 @@ ROUTES: list[Route] = [
     Route("upload_file", transfer.upload_file, {"task_id": object_id()}, audited=True),
     Route("download_file", transfer.download_file,
           {"task_id": object_id(), "offset": optional(int, default=0, min=0)}),
+    # backups
+    Route("generate_backup", backup_export.generate_backup,
+          {"backup_name": optional(str, max_len=100),
+           "compression": optional(str, default="zstd", choices=("zstd", "none"))},
+          permission="export_backup", audited=True),
 ]

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-
-import trio
-
 from ..dispatch import Context
 from ..errors import BadRequest
 from ..permissions import validate_rules
 from ..storage import documents, transfers
-
-log = logging.getLogger(__name__)
 
 
 def checked_rules(rules) -> dict:
@@ -25,22 +19,6 @@ async def _upload_task(ctx: Context, file_id: str) -> str:
     now = ctx.app.now()
     return await ctx.app.store.write(transfers.create_task, file_id, "upload", ctx.user.username,
                                      now, now + ctx.app.settings.transfer_task_ttl_s)
-
-
-async def _unlink_files(ctx: Context, relative_paths: list[str]) -> None:
-    """Remove the content of deleted files once their rows are gone."""
-    paths = ctx.app.paths
-
-    def unlink_all():
-        for rel in relative_paths:
-            try:
-                paths.resolve(rel).unlink()
-            except FileNotFoundError:
-                pass
-            except (OSError, ValueError):
-                log.exception("could not remove %s", rel)
-
-    await trio.to_thread.run_sync(unlink_all, limiter=ctx.app.io_limiter)
 
 
 # -- folders -----------------------------------------------------------------------------------
@@ -76,7 +54,7 @@ async def move_directory(ctx: Context, data: dict) -> dict:
 async def delete_directory(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["folder_id"]
     paths = await ctx.app.store.write(documents.delete_folder, ctx.user, data["folder_id"])
-    await _unlink_files(ctx, paths)
+    await ctx.app.remove_files(paths)
     return {}
 
 
@@ -144,7 +122,7 @@ async def move_document(ctx: Context, data: dict) -> dict:
 async def delete_document(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["document_id"]
     paths = await ctx.app.store.write(documents.delete_document, ctx.user, data["document_id"])
-    await _unlink_files(ctx, paths)
+    await ctx.app.remove_files(paths)
     return {}
 
 

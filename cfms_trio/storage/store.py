@@ -62,27 +62,27 @@ class Store:
             self._write_limiter = trio.CapacityLimiter(1)
         return self._read_limiter, self._write_limiter
 
-    def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread with a connection open."""
         self.database.connect(reuse_if_open=True)
-        return fn(self.m, *args)
+        return fn(self.m, *args, **kwargs)
 
-    def run_write(self, fn: Callable[..., T], *args: Any) -> T:
+    def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread inside one write transaction."""
         self.database.connect(reuse_if_open=True)
         with self.database.atomic("IMMEDIATE"):
-            return fn(self.m, *args)
+            return fn(self.m, *args, **kwargs)
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking read function in a worker thread and return its plain result."""
         read_limiter, _ = self._limiters()
         return await trio.to_thread.run_sync(
-            functools.partial(self.run_read, fn, *args), limiter=read_limiter
+            functools.partial(self.run_read, fn, *args, **kwargs), limiter=read_limiter
         )
 
-    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking write function in the single writer thread, in one transaction."""
         _, write_limiter = self._limiters()
         return await trio.to_thread.run_sync(
-            functools.partial(self.run_write, fn, *args), limiter=write_limiter
+            functools.partial(self.run_write, fn, *args, **kwargs), limiter=write_limiter
         )

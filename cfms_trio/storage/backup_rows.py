@@ -1,0 +1,110 @@
+"""Reading the whole store for an export, and the BackupTask rows (blocking; run via Store)."""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import Conflict, NotFound
+
+
+def _rules_by_object(m, object_type: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    rows = (m.AccessRule.select().where(m.AccessRule.object_type == object_type)
+            .order_by(m.AccessRule.object_id, m.AccessRule.access_type, m.AccessRule.seq))
+    for row in rows.iterator():
+        out.setdefault(row.object_id, []).append(
+            {"id": row.id, "access_type": row.access_type, "rule_data": json.loads(row.rule_data)})
+    return out
+
+
+def snapshot(m) -> dict:
+    """Everything a backup holds, read in one transaction so it is one consistent state.
+
+    Revisions whose content was never uploaded are left out: they hold nothing to restore.
+    Folders come parents first; revisions oldest first. Files carry relative paths for the
+    exporter only; the archive never contains them.
+    """
+    with m.db.atomic():
+        folder_rules = _rules_by_object(m, "folder")
+        document_rules = _rules_by_object(m, "document")
+        children: dict[str | None, list] = {}
+        for f in m.Folder.select().order_by(m.Folder.created_time, m.Folder.id).iterator():
+            children.setdefault(f.parent_id, []).append(f)
+        folders, frontier = [], [None]
+        while frontier:
+            next_frontier = []
+            for parent_id in frontier:
+                for f in children.get(parent_id, []):
+                    folders.append({"id": f.id, "name": f.name, "parent_id": f.parent_id,
+                                    "created_time": f.created_time,
+                                    "access_rules": folder_rules.get(f.id, [])})
+                    next_frontier.append(f.id)
+            frontier = next_frontier
+
+        revisions: dict[str, list] = {}
+        files, file_paths = [], {}
+        query = (m.Revision.select(m.Revision, m.File).join(m.File)
+                 .where(m.File.active == True)  # noqa: E712
+                 .order_by(m.Revision.document, m.Revision.seq))
+        for r in query.iterator():
+            revisions.setdefault(r.document_id, []).append(
+                {"id": r.id, "file_id": r.file.id, "created_time": r.created_time})
+            if r.file.id not in file_paths:
+                files.append({"id": r.file.id, "sha256": r.file.sha256, "size": r.file.size,
+                              "created_time": r.file.created_time})
+                file_paths[r.file.id] = r.file.path
+        documents = [{"id": d.id, "title": d.title, "folder_id": d.folder_id,
+                      "created_time": d.created_time,
+                      "access_rules": document_rules.get(d.id, []),
+                      "revisions": revisions.get(d.id, [])}
+                     for d in m.Document.select().order_by(m.Document.created_time,
+                                                           m.Document.id).iterator()]
+    return {"folders": folders, "documents": documents, "files": files,
+            "file_paths": file_paths}
+
+
+# -- BackupTask ---------------------------------------------------------------------------------
+
+def backup_task_dict(task) -> dict:
+    return {"backup_task_id": task.id, "username": task.username, "operation": task.operation,
+            "status": task.status, "current_step": task.current_step,
+            "progress_percent": task.progress_percent,
+            "archive_file_id": task.archive_file_id, "key_file_id": task.key_file_id,
+            "documents_count": task.documents_count, "folders_count": task.folders_count,
+            "files_count": task.files_count, "created_time": task.created_time,
+            "started_time": task.started_time, "completed_time": task.completed_time,
+            "timeout_time": task.timeout_time, "error_message": task.error_message,
+            "backup_name": task.backup_name}
+
+
+def create_backup_task(m, **fields) -> None:
+    m.BackupTask.create(**fields)
+
+
+def get_backup_task(m, task_id: str) -> dict:
+    task = m.BackupTask.get_or_none(m.BackupTask.id == task_id)
+    if task is None:
+        raise NotFound(f"backup task '{task_id}' does not exist")
+    return backup_task_dict(task)
+
+
+def update_backup_task(m, task_id: str, **fields) -> None:
+    m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
+
+
+def transition_backup_task(m, task_id: str, from_status: str, **fields) -> dict:
+    """Change a task only if it is still in `from_status` (compare-and-set), else 409."""
+    updated = (m.BackupTask.update(**fields)
+               .where((m.BackupTask.id == task_id) & (m.BackupTask.status == from_status))
+               .execute())
+    if not updated:
+        task = m.BackupTask.get_or_none(m.BackupTask.id == task_id)
+        if task is None:
+            raise NotFound(f"backup task '{task_id}' does not exist")
+        raise Conflict(f"backup task '{task_id}' is {task.status}, not {from_status}")
+    return get_backup_task(m, task_id)
+
+
+def register_file(m, file_id: str, path: str, size: int, sha256: str, now: float) -> None:
+    """A File row for server-made content (an export archive or key), ready to download."""
+    m.File.create(id=file_id, path=path, size=size, sha256=sha256, created_time=now, active=True)
