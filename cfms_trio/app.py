@@ -13,6 +13,7 @@ import trio
 
 from . import auth
 from .config import Settings
+from .backup.supervisor import ImportSupervisor
 from .events import EventHub
 from .reaper import Reaper, unlink_all
 from .storage import Store
@@ -96,6 +97,9 @@ class App:
         # every worker thread from the database.
         self.io_limiter = trio.CapacityLimiter(IO_THREADS)
         self.reaper = Reaper()
+        # Imports running now, by BackupTask id (their live progress and abort flags).
+        self.imports: dict = {}
+        self.supervisor = ImportSupervisor(self)
         self.started_time = time.time()
 
     def now(self) -> float:

@@ -24,6 +24,8 @@ class Connection:
         self.message_bytes = message_bytes
         self._send_lock = trio.Lock()
         self.listener = None
+        # The nursery owning this connection's tasks; set by the server while it serves.
+        self.nursery: trio.Nursery | None = None
 
     async def send_json(self, message: dict) -> None:
         async with self._send_lock:
@@ -38,7 +40,11 @@ class Connection:
         return await self.ws.get_message()
 
     def check_text_size(self, text: str) -> None:
-        if len(text) > self.message_bytes:
+        # The limit is in bytes: a character takes up to 4 bytes in UTF-8, so only text near
+        # the limit needs encoding to be measured.
+        if len(text) > self.message_bytes or (
+                len(text) * 4 > self.message_bytes
+                and len(text.encode("utf-8", "surrogatepass")) > self.message_bytes):
             raise TooLarge(f"message larger than {self.message_bytes} bytes")
 
     async def receive_json(self) -> dict:
@@ -56,14 +62,17 @@ class Connection:
         return obj
 
     async def pump_events(self, receive: trio.MemoryReceiveChannel) -> None:
-        """Forward queued events to the client until the queue ends; a dropped listener's
-        connection is closed so the client knows it missed events."""
+        """Forward queued events to the client until the queue ends or the connection closes."""
         try:
             async with receive:
                 async for message in receive:
                     await self.send_json(message)
         except ConnectionClosed:
             return
-        if self.listener is not None and self.listener.dropped:
-            with trio.move_on_after(5):
-                await self.ws.aclose(code=1008, reason="event queue overflow")
+
+    def drop_listener(self) -> None:
+        """The event queue overflowed: end this connection now. Waiting for the pump to notice
+        would never end for a client that stopped reading, since its send would block forever;
+        cancelling the connection's nursery also cancels that send."""
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()

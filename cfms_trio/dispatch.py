@@ -50,6 +50,8 @@ class Context:
     request: protocol.Request
     principal: Principal | None
     audit_target: str | None = None
+    # Whom the audit entry names when nobody is authenticated (login: the account tried).
+    audit_actor: str | None = None
 
     @property
     def user(self) -> Principal:
@@ -118,11 +120,13 @@ class Dispatcher:
             code = err.code
             raise
         finally:
-            if route.audited and code != 401:
+            # Failures are audited too (a wrong password is a 401 from the handler): the log
+            # shows what was attempted, not only what succeeded.
+            if route.audited:
                 await self._audit(ctx, route, code)
 
     async def _audit(self, ctx: Context, route: Route, code: int) -> None:
-        username = ctx.principal.username if ctx.principal else ctx.request.username
+        username = ctx.principal.username if ctx.principal else ctx.audit_actor
         target = ctx.audit_target
         with trio.CancelScope(shield=True):
             try:

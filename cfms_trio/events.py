@@ -1,7 +1,7 @@
 """Broadcast of server events to registered listeners (SPEC §3).
 
 `publish` never blocks: each listener has a bounded queue, and a listener whose queue is full is
-dropped on the spot (its connection is then closed by its own pump), so a slow or dead client
+dropped on the spot and its `on_drop` callback ends its connection, so a slow or dead client
 never delays the server or any other listener.
 """
 
@@ -20,9 +20,11 @@ log = logging.getLogger(__name__)
 class Listener:
     """One registered connection: who it is and the queue its events wait in."""
 
-    def __init__(self, principal: Principal, send: trio.MemorySendChannel):
+    def __init__(self, principal: Principal, send: trio.MemorySendChannel,
+                 on_drop: Callable[[], None] | None = None):
         self.principal = principal
         self._send = send
+        self._on_drop = on_drop
         self.dropped = False
 
     def offer(self, message: dict) -> None:
@@ -32,6 +34,8 @@ class Listener:
             log.warning("dropping slow event listener %s", self.principal.username)
             self.dropped = True
             self._send.close()
+            if self._on_drop is not None:
+                self._on_drop()
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
 
@@ -41,9 +45,12 @@ class EventHub:
         self.queue_events = queue_events
         self._listeners: set[Listener] = set()
 
-    def register(self, principal: Principal) -> tuple[Listener, trio.MemoryReceiveChannel]:
+    def register(self, principal: Principal, on_drop: Callable[[], None] | None = None
+                 ) -> tuple[Listener, trio.MemoryReceiveChannel]:
+        """A new listener for `principal`. `on_drop` is called (synchronously, from the
+        publisher) if its queue overflows; it must not block."""
         send, receive = trio.open_memory_channel(self.queue_events)
-        listener = Listener(principal, send)
+        listener = Listener(principal, send, on_drop)
         self._listeners.add(listener)
         return listener, receive
 

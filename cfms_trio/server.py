@@ -12,6 +12,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from . import protocol
 from .actions import ROUTES
+from .backup import supervisor as backup_supervisor
 from .app import App, prepare_root
 from .config import Settings
 from .connection import Connection
@@ -25,10 +26,12 @@ log = logging.getLogger(__name__)
 # itself refuses them (close code 1009); text messages are held to the smaller message limit.
 FRAME_SLACK_BYTES = 64 * 1024
 HANDSHAKE_TIMEOUT_S = 30
+# Closing a connection is best effort: a peer that stopped reading cannot delay it longer.
+CLOSE_TIMEOUT_S = 2
 
 # Coroutines run once at start-up with the App, before the listener opens (recovery work).
 StartupHook = Callable[[App], Awaitable[None]]
-STARTUP_HOOKS: list[StartupHook] = []
+STARTUP_HOOKS: list[StartupHook] = [backup_supervisor.startup]
 
 
 @dataclasses.dataclass
@@ -61,29 +64,31 @@ class Server:
                 conn.nursery = nursery
                 await self._serve_messages(conn)
                 nursery.cancel_scope.cancel()
-        except ConnectionClosed:
-            pass
         except Exception:
             log.exception("connection from %s failed", address)
         finally:
+            code, reason = 1000, None
             if conn.listener is not None:
                 self.app.hub.unregister(conn.listener)
-            with trio.move_on_after(2) as scope:
+                if conn.listener.dropped:
+                    code, reason = 1008, "event queue overflow"
+            with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
                 scope.shield = True
-                await ws.aclose()
+                await ws.aclose(code, reason)
 
     async def _serve_messages(self, conn: Connection) -> None:
-        while True:
-            try:
+        """Answer requests in order until the peer goes away (a normal end, not an error)."""
+        try:
+            while True:
                 message = await conn.receive()
-            except ConnectionClosed:
-                return
-            if isinstance(message, bytes):
-                reply = protocol.error_response(
-                    BadRequest("binary message outside a file transfer"))
-            else:
-                reply = await self.dispatcher.handle_text(conn, message)
-            await conn.send_json(reply)
+                if isinstance(message, bytes):
+                    reply = protocol.error_response(
+                        BadRequest("binary message outside a file transfer"))
+                else:
+                    reply = await self.dispatcher.handle_text(conn, message)
+                await conn.send_json(reply)
+        except ConnectionClosed:
+            return
 
 
 def _tls_context(settings: Settings, app: App):

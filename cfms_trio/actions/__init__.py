@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
-from . import accounts, backup_export, documents, session, transfer
+from . import accounts, backup_export, backup_import, documents, session, transfer
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)
 PASSWORD = Field(str, min_len=1, max_len=accounts.PASSWORD_MAX)
@@ -104,4 +104,11 @@ ROUTES: list[Route] = [
           {"backup_name": optional(str, max_len=100),
            "compression": optional(str, default="zstd", choices=("zstd", "none"))},
           permission="export_backup", audited=True),
+    Route("initiate_backup_import", backup_import.initiate_backup_import,
+          {"timeout_seconds": optional(int, default=3600, min=1, max=86400)},
+          permission="import_backup", audited=True),
+    Route("start_backup_import", backup_import.start_backup_import,
+          {"backup_task_id": object_id()}, permission="import_backup", audited=True),
+    Route("get_backup_import_status", backup_import.get_backup_import_status,
+          {"backup_task_id": object_id()}, permission="import_backup"),
 ]

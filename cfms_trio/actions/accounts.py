@@ -23,14 +23,14 @@ def check_password_strength(password: str) -> None:
 def check_permission_names(permissions: list) -> list[str]:
     for permission in permissions:
         if not isinstance(permission, str) or permission not in ALL_PERMISSIONS:
-            raise BadRequest(f"unknown permission {permission!r}")
+            raise BadRequest(f"field 'data.permissions' holds unknown permission {permission!r}")
     return permissions
 
 
-def check_names(names: list, what: str) -> list[str]:
+def check_names(names: list, field: str) -> list[str]:
     for name in names:
         if not isinstance(name, str) or not name:
-            raise BadRequest(f"each {what} must be a non-empty string")
+            raise BadRequest(f"field 'data.{field}' must hold only non-empty strings")
     return names
 
 
@@ -50,7 +50,7 @@ async def create_user(ctx: Context, data: dict) -> dict:
     password = data["password"]
     if len(password) < PASSWORD_MIN:
         raise BadRequest(f"field 'data.password' must be at least {PASSWORD_MIN} characters")
-    groups = check_names(data["groups"], "group")
+    groups = check_names(data["groups"], "groups")
     permissions = check_permission_names(data["permissions"])
     password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
     await ctx.app.store.write(accounts.create_user, data["username"], password_hash,
@@ -107,7 +107,7 @@ async def delete_group(ctx: Context, data: dict) -> dict:
 
 async def change_user_groups(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["username"]
-    groups = check_names(data["groups"], "group")
+    groups = check_names(data["groups"], "groups")
     await ctx.app.store.write(accounts.set_user_groups, data["username"], groups)
     return {"username": data["username"], "groups": sorted(set(groups))}
 

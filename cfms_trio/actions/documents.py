@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import trio
+
 from ..dispatch import Context
 from ..errors import BadRequest
 from ..permissions import validate_rules
+from ..reaper import unlink_all
 from ..storage import documents, transfers
 
 
@@ -19,6 +22,19 @@ async def _upload_task(ctx: Context, file_id: str) -> str:
     now = ctx.app.now()
     return await ctx.app.store.write(transfers.create_task, file_id, "upload", ctx.user.username,
                                      now, now + ctx.app.settings.transfer_task_ttl_s)
+
+
+async def _remove_deleted(ctx: Context, removed: dict) -> None:
+    """Remove the content and partial uploads of deleted documents once their rows are gone.
+
+    A partial upload still being written belongs to its running transfer, which fails when it
+    finds its task gone and cleans up after itself.
+    """
+    await ctx.app.remove_files(removed["paths"])
+    parts = [ctx.app.paths.uploads / f"{task_id}.part" for task_id in removed["task_ids"]
+             if not ctx.app.transfers.is_active(task_id)]
+    if parts:
+        await trio.to_thread.run_sync(unlink_all, parts, limiter=ctx.app.io_limiter)
 
 
 # -- folders -----------------------------------------------------------------------------------
@@ -53,8 +69,8 @@ async def move_directory(ctx: Context, data: dict) -> dict:
 
 async def delete_directory(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["folder_id"]
-    paths = await ctx.app.store.write(documents.delete_folder, ctx.user, data["folder_id"])
-    await ctx.app.remove_files(paths)
+    removed = await ctx.app.store.write(documents.delete_folder, ctx.user, data["folder_id"])
+    await _remove_deleted(ctx, removed)
     return {}
 
 
@@ -121,8 +137,9 @@ async def move_document(ctx: Context, data: dict) -> dict:
 
 async def delete_document(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["document_id"]
-    paths = await ctx.app.store.write(documents.delete_document, ctx.user, data["document_id"])
-    await ctx.app.remove_files(paths)
+    removed = await ctx.app.store.write(documents.delete_document, ctx.user,
+                                        data["document_id"])
+    await _remove_deleted(ctx, removed)
     return {}
 
 

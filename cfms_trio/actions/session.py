@@ -40,7 +40,7 @@ async def _issue_token(ctx: Context, username: str) -> dict:
 
 async def login(ctx: Context, data: dict) -> dict:
     username, password = data["username"], data["password"]
-    ctx.audit_target = username
+    ctx.audit_target = ctx.audit_actor = username
     stored = await ctx.app.store.read(accounts.password_hash_of, username)
     if stored is None:
         await trio.to_thread.run_sync(auth.dummy_password_check, password)
@@ -71,7 +71,7 @@ async def register_listener(ctx: Context, data: dict) -> dict:
     conn = ctx.conn
     if conn.listener is not None:
         raise Conflict("this connection is already a listener")
-    listener, receive = ctx.app.hub.register(ctx.user)
+    listener, receive = ctx.app.hub.register(ctx.user, on_drop=conn.drop_listener)
     conn.listener = listener
     conn.nursery.start_soon(conn.pump_events, receive)
     return {"listening": True}

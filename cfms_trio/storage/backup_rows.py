@@ -108,3 +108,28 @@ def transition_backup_task(m, task_id: str, from_status: str, **fields) -> dict:
 def register_file(m, file_id: str, path: str, size: int, sha256: str, now: float) -> None:
     """A File row for server-made content (an export archive or key), ready to download."""
     m.File.create(id=file_id, path=path, size=size, sha256=sha256, created_time=now, active=True)
+
+
+def import_upload_tasks(m, archive_file_id: str, key_file_id: str) -> list[dict]:
+    """The upload tasks of an import, with their state."""
+    return [{"task_id": t.id, "file_id": t.__data__["file"], "status": t.status,
+             "purpose": t.purpose}
+            for t in m.FileTask.select().where(m.FileTask.file.in_([archive_file_id,
+                                                                    key_file_id]))]
+
+
+def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
+    """Forget an import's uploads: tasks and File rows. Returns the task ids and relative paths
+    whose files the caller removes from disk."""
+    file_ids = [archive_file_id, key_file_id]
+    task_ids = [t.id for t in m.FileTask.select(m.FileTask.id)
+                .where(m.FileTask.file.in_(file_ids))]
+    paths = [f.path for f in m.File.select(m.File.path).where(m.File.id.in_(file_ids))]
+    m.FileTask.delete().where(m.FileTask.file.in_(file_ids)).execute()
+    m.File.delete().where(m.File.id.in_(file_ids)).execute()
+    return {"task_ids": task_ids, "paths": paths}
+
+
+def tasks_in_status(m, operation: str, status: str) -> list[dict]:
+    return [backup_task_dict(t) for t in m.BackupTask.select().where(
+        (m.BackupTask.operation == operation) & (m.BackupTask.status == status))]

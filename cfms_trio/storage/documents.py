@@ -236,34 +236,56 @@ def _subtree(m, folder_id: str) -> list[str]:
     return out
 
 
-def _delete_documents(m, document_ids: list[str]) -> list[str]:
-    """Delete documents with their revisions, files and rules; return file paths to unlink."""
+def _delete_documents(m, document_ids: list[str]) -> dict:
+    """Delete documents with their revisions, files, transfer tasks and rules.
+
+    Returns what to remove from disk once committed: `paths` of the files (relative to the
+    content folder) and the `task_ids` whose partial uploads may be lying around.
+    """
     if not document_ids:
-        return []
+        return {"paths": [], "task_ids": []}
     file_ids = [r.file_id for r in m.Revision.select(m.Revision.file)
                 .where(m.Revision.document.in_(document_ids))]
     paths = [f.path for f in m.File.select(m.File.path).where(m.File.id.in_(file_ids))]
+    task_ids = [t.id for t in m.FileTask.select(m.FileTask.id)
+                .where(m.FileTask.file.in_(file_ids))]
     m.Revision.delete().where(m.Revision.document.in_(document_ids)).execute()
     m.FileTask.delete().where(m.FileTask.file.in_(file_ids)).execute()
     m.File.delete().where(m.File.id.in_(file_ids)).execute()
     m.AccessRule.delete().where((m.AccessRule.object_type == "document")
                                 & (m.AccessRule.object_id.in_(document_ids))).execute()
     m.Document.delete().where(m.Document.id.in_(document_ids)).execute()
-    return paths
+    return {"paths": paths, "task_ids": task_ids}
 
 
-def delete_folder(m, principal, folder_id: str) -> list[str]:
-    """Delete a folder and everything below it; return the file paths to unlink after commit."""
+def _require_own_rules(m, principal, object_type: str, object_id: str) -> None:
+    """Read and write access by the object's own rules (its ancestors are checked apart)."""
+    for kind in ("read", "write"):
+        if not _allowed(m, principal, object_type, object_id, None, kind):
+            raise Forbidden(f"no {kind} access to {object_type} '{object_id}' inside the folder")
+
+
+def delete_folder(m, principal, folder_id: str) -> dict:
+    """Delete a folder and everything below it; return what to unlink after commit (see
+    `_delete_documents`).
+
+    Every folder and document below must grant write access too: deleting a parent is no way
+    around the rules of what it contains. The check is all or nothing.
+    """
     _check_folder_access(m, principal, folder_id, "write")
     folder_ids = _subtree(m, folder_id)
     document_ids = [d.id for d in m.Document.select(m.Document.id)
                     .where(m.Document.folder.in_(folder_ids))]
-    paths = _delete_documents(m, document_ids)
+    for fid in folder_ids[1:]:
+        _require_own_rules(m, principal, "folder", fid)
+    for did in document_ids:
+        _require_own_rules(m, principal, "document", did)
+    removed = _delete_documents(m, document_ids)
     m.AccessRule.delete().where((m.AccessRule.object_type == "folder")
                                 & (m.AccessRule.object_id.in_(folder_ids))).execute()
     for fid in reversed(folder_ids):  # children first, so no parent is deleted under a child
         m.Folder.delete().where(m.Folder.id == fid).execute()
-    return paths
+    return removed
 
 
 # -- documents ------------------------------------------------------------------------------------
@@ -371,6 +393,6 @@ def move_document(m, principal, document_id: str, folder_id: str | None) -> dict
     return document_dict(m, document)
 
 
-def delete_document(m, principal, document_id: str) -> list[str]:
+def delete_document(m, principal, document_id: str) -> dict:
     _check_document_access(m, principal, document_id, "write")
     return _delete_documents(m, [document_id])

@@ -61,22 +61,25 @@ async def receive_upload(ctx: "Context", task: dict) -> dict:
     chunk_size = app.settings.limits.transfer_chunk_bytes
     max_size = min(task["max_size"] or app.settings.limits.upload_bytes,
                    app.settings.limits.upload_bytes)
+    partial = PartialUpload(app.paths.uploads / f"{task['task_id']}.part")
     with app.transfers.claim(task["task_id"]) as active:
         active.scope.deadline = _deadline_for(task["end_time"])
         with active.scope:
-            return await _upload(ctx, task, chunk_size, max_size)
+            return await _upload(ctx, task, partial, chunk_size, max_size)
+        # The task is dead (expired or aborted): nothing it received can ever be resumed.
+        await _discard(app, partial, task)
         if active.abort_reason:
             raise DeadlinePassed(active.abort_reason)
         raise DeadlinePassed(f"upload task '{task['task_id']}' expired during the upload")
 
 
-async def _upload(ctx: "Context", task: dict, chunk_size: int, max_size: int) -> dict:
+async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size: int,
+                  max_size: int) -> dict:
     app, conn = ctx.app, ctx.conn
     await conn.send_json(event("transfer_file", {
         "task_id": task["task_id"], "chunk_size": chunk_size, "max_size": max_size}))
     file_size, sha256 = await _announcement(ctx, max_size)
 
-    partial = PartialUpload(app.paths.uploads / f"{task['task_id']}.part")
     same_upload = task["declared_size"] == file_size and task["declared_sha256"] == sha256
     if not same_upload:
         await app.store.write(transfers.record_declared, task["task_id"], file_size, sha256)
@@ -107,16 +110,28 @@ async def _upload(ctx: "Context", task: dict, chunk_size: int, max_size: int) ->
             await _discard(app, partial, task)
             raise BadRequest("sha256 of the received file does not match; the upload was discarded")
         final = app.paths.resolve(task["file_path"])
-        await trio.to_thread.run_sync(partial.commit, final, limiter=app.io_limiter)
-        committed = True
-        await app.store.write(transfers.complete_upload, task["task_id"], task["file_id"],
-                              file_size, sha256)
+        # Verified content is put in place and recorded as one step that a deadline passing
+        # right now cannot split, so no file is left on disk without its row.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(partial.commit, final, limiter=app.io_limiter)
+            committed = True
+            try:
+                await app.store.write(transfers.complete_upload, task["task_id"],
+                                      task["file_id"], file_size, sha256)
+            except BaseException:
+                # e.g. the document was deleted meanwhile: its content must not linger.
+                await trio.to_thread.run_sync(_unlink, final)
+                raise
     finally:
         if not committed:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(partial.close)
     log.info("upload %s complete: %d bytes", task["task_id"], file_size)
     return {"file_id": task["file_id"], "size": file_size, "sha256": sha256}
+
+
+def _unlink(path) -> None:
+    path.unlink(missing_ok=True)
 
 
 async def _discard(app, partial: PartialUpload, task: dict) -> None:
@@ -137,11 +152,8 @@ async def send_download(ctx: "Context", task: dict, offset: int) -> dict:
                          f"not beyond the file size {size}")
     key, prefix = new_session()
     path = app.paths.resolve(task["file_path"])
-    try:
-        reader = await trio.to_thread.run_sync(SealedReader, path, chunk_size, key, prefix)
-    except FileNotFoundError:
-        log.error("file %s is missing from disk", task["file_id"])
-        raise BadRequest(f"file '{task['file_id']}' is missing on the server") from None
+    # A stored file missing from disk is the server's fault: the error boundary answers 500.
+    reader = await trio.to_thread.run_sync(SealedReader, path, chunk_size, key, prefix)
     try:
         with trio.CancelScope(deadline=_deadline_for(task["end_time"])) as scope:
             await conn.send_json(event("transfer_file", {

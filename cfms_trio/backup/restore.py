@@ -1,0 +1,150 @@
+"""The blocking stages of a restore; `importer` runs them in worker threads.
+
+Stage 1, `unpack`: check the key file, decrypt and extract the archive into a private staging
+folder, verifying every file's size and sha256 and every reference between the listings.
+Stage 2, `commit_restore`: inside one write transaction, check ids against the store, insert
+every row, and move the staged files into `restore/files/`. Nothing outside the staging folder
+is touched before stage 2, and stage 2 records every file it moved so a failure can take them
+back.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+from ..config import ArchiveLimits
+from ..errors import ArchiveError, ArchiveLimitExceeded, CfmsError, Conflict
+from ..storage import restore_rows
+from .archive import BackupContents, read_backup_archive, validate_references
+from .keyfile import parse_key_file
+
+StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
+
+
+class ImportAborted(CfmsError):
+    """The server is shutting down; the import is abandoned and rolled back."""
+
+    code = 503
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A message for a failed disk operation that names the cause, never a server path."""
+    if exc.errno == errno.ENOSPC:
+        return "the server ran out of disk space while restoring"
+    if exc.errno == errno.EDQUOT:
+        return "the server's disk quota was exceeded while restoring"
+    return f"disk error while restoring ({os.strerror(exc.errno) if exc.errno else 'I/O error'})"
+
+
+def read_key_file(path: Path, limits: ArchiveLimits):
+    size = path.stat().st_size
+    if size > limits.key_file_bytes:
+        raise ArchiveLimitExceeded(
+            f"key file is {size} bytes; the limit is {limits.key_file_bytes} bytes")
+    return parse_key_file(path.read_bytes(), limits)
+
+
+def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: ArchiveLimits,
+           report: StepReporter, abort: threading.Event) -> BackupContents:
+    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet)."""
+    report("Decrypting archive", 0.0)
+    key_info = read_key_file(key_path, limits)
+    archive_size = archive_path.stat().st_size
+
+    def on_bytes(consumed: int, total: int) -> None:
+        _check_abort(abort)
+        if consumed:
+            report("Extracting archive", consumed / total if total else 0.0)
+
+    with open(archive_path, "rb") as archive:
+        contents = read_backup_archive(archive, key_info, staging_dir, limits,
+                                       progress=on_bytes, archive_size=archive_size)
+    report("Loading metadata", 0.0)
+    validate_references(contents)
+    _check_abort(abort)
+    return contents
+
+
+class FileMover:
+    """Moves staged files into the restore folder, remembering each one it placed."""
+
+    def __init__(self, staging_dir: Path, restore_dir: Path):
+        self.staging_dir = staging_dir
+        self.restore_dir = restore_dir
+        self.moved: list[Path] = []
+
+    def move_all(self, file_ids: list[str], report: StepReporter, abort: threading.Event) -> None:
+        self.restore_dir.mkdir(parents=True, exist_ok=True)
+        for index, file_id in enumerate(file_ids):
+            _check_abort(abort)
+            target = self.restore_dir / file_id
+            os.rename(self.staging_dir / file_id, target)
+            self.moved.append(target)
+            report("Importing files", (index + 1) / max(1, len(file_ids)))
+
+    def take_back(self) -> None:
+        """Remove every file this mover placed (after a failed commit)."""
+        for path in self.moved:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.moved.clear()
+
+
+def commit_restore(m, contents: BackupContents, mover: FileMover, restore_prefix: str,
+                   report: StepReporter, abort: threading.Event) -> None:
+    """Stage 2, run inside one write transaction: rows in, files into place.
+
+    Raises Conflict naming an id that already exists. The transaction commits when this
+    returns; if anything here or in the commit fails, the caller calls `mover.take_back()`.
+    """
+    collision = restore_rows.find_collision(m, contents)
+    if collision:
+        raise Conflict(collision)
+    report("Importing files", 0.0)
+    restore_rows.insert_files(m, contents.files, lambda file_id: f"{restore_prefix}/{file_id}")
+    mover.move_all([f["id"] for f in contents.files], report, abort)
+    report("Importing folders", 0.0)
+    restore_rows.insert_folders(m, contents.folders,
+                                lambda frac: report("Importing folders", frac))
+    _check_abort(abort)
+    report("Importing documents", 0.0)
+    restore_rows.insert_documents(m, contents.documents,
+                                  lambda frac: report("Importing documents", frac))
+    _check_abort(abort)
+    report("Finalizing import", 0.0)
+
+
+def _check_abort(abort: threading.Event) -> None:
+    if abort.is_set():
+        raise ImportAborted("the server shut down during the import")
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_orphans(restore_dir: Path, known_ids: set[str]) -> int:
+    """Remove files in the restore folder that no File row owns (left by a crash between
+    moving files and committing). Returns how many were removed."""
+    removed = 0
+    if not restore_dir.is_dir():
+        return 0
+    for entry in os.scandir(restore_dir):
+        if entry.name not in known_ids:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+    return removed
+
+
+__all__ = ["ArchiveError", "FileMover", "ImportAborted", "commit_restore", "unpack",
+           "sweep_orphans", "remove_tree", "describe_os_error"]
