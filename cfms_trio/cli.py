@@ -12,13 +12,11 @@ from pathlib import Path
 
 import trio
 
+from . import cli_backup, cli_client
 from .config import Settings
 
 log = logging.getLogger("cfms_trio")
 
-# Subcommand registrars: each takes the subparsers object and adds its commands, setting
-# `func` on its parser. Modules that own a command group append themselves here.
-COMMAND_GROUPS = []
 
 
 def _setup_logging(log_dir: Path | None, verbose: bool) -> None:
@@ -98,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--keyfile", help="PEM private key for --certfile")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
-    for register in COMMAND_GROUPS:
-        register(sub)
+    cli_backup.register(sub)
+    cli_client.register(sub)
     return parser
 
 

@@ -1,0 +1,137 @@
+"""`cfms-trio backup ...`: offline export, verification and inspection of backup archives."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .backup.archive import read_backup_archive, validate_references
+from .backup.export import default_backup_name, export_store
+from .backup.restore import read_key_file
+from .config import ArchiveLimits
+from .errors import CfmsError
+from .storage import Store
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    database = root / "content" / "cfms.db"
+    if not database.exists():
+        return _fail(f"no cfms-trio store at {root} (missing content/cfms.db)")
+    store = Store(database)
+    name = args.name or default_backup_name(time.time())
+    try:
+        result = export_store(store, root / "content", Path(args.out), name, args.compression)
+    except CfmsError as err:
+        return _fail(err.message)
+    finally:
+        store.close()
+    meta = result.metadata
+    print(f"archive: {result.archive_path}")
+    print(f"key:     {result.key_path}")
+    print(f"size:    {result.archive_size} bytes, sha256 {result.archive_sha256}")
+    print(f"content: {meta['folders_count']} folders, {meta['documents_count']} documents, "
+          f"{meta['files_count']} files, {meta['total_file_bytes']} file bytes")
+    return 0
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_archive(archive: Path, key: Path):
+    """Read and fully verify an archive into a throwaway staging folder."""
+    limits = ArchiveLimits()
+    key_info = read_key_file(key, limits)
+    if key_info.archive_sha256 and _sha256_file(archive) != key_info.archive_sha256:
+        raise CfmsError("archive sha256 does not match the one recorded in the key file")
+    with tempfile.TemporaryDirectory(prefix="cfms-verify-") as tmp:
+        with open(archive, "rb") as f:
+            contents = read_backup_archive(f, key_info, Path(tmp) / "files", limits,
+                                           archive_size=archive.stat().st_size)
+        validate_references(contents)
+    return contents
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        contents = _read_archive(Path(args.archive), Path(args.key))
+    except CfmsError as err:
+        return _fail(err.message)
+    except OSError as err:
+        return _fail(f"{err.strerror}: {err.filename}")
+    total = sum(f["size"] for f in contents.files)
+    print(f"OK: format {contents.format_version}, {len(contents.folders)} folders, "
+          f"{len(contents.documents)} documents, {len(contents.files)} files, {total} file bytes; "
+          "every segment and every file's sha256 verified")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        contents = _read_archive(Path(args.archive), Path(args.key))
+    except CfmsError as err:
+        return _fail(err.message)
+    except OSError as err:
+        return _fail(f"{err.strerror}: {err.filename}")
+    if args.json:
+        json.dump({"metadata": contents.metadata, "folders": contents.folders,
+                   "documents": contents.documents, "files": contents.files}, sys.stdout,
+                  indent=2)
+        print()
+        return 0
+    print(json.dumps(contents.metadata, indent=2, sort_keys=True))
+    files = {f["id"]: f for f in contents.files}
+    children: dict = {}
+    for folder in contents.folders:
+        children.setdefault(folder["parent_id"], []).append(folder)
+    docs: dict = {}
+    for document in contents.documents:
+        docs.setdefault(document["folder_id"], []).append(document)
+
+    def show(parent, depth):
+        for document in sorted(docs.get(parent, []), key=lambda d: d["title"]):
+            sizes = [files[r["file_id"]]["size"] for r in document["revisions"]]
+            print(f"{'  ' * depth}{document['title']}  ({len(sizes)} revisions, "
+                  f"{sizes[-1] if sizes else 0} bytes)")
+        for folder in sorted(children.get(parent, []), key=lambda f: f["name"]):
+            print(f"{'  ' * depth}{folder['name']}/")
+            show(folder["id"], depth + 1)
+
+    print("/")
+    show(None, 1)
+    return 0
+
+
+def register(sub) -> None:
+    backup = sub.add_parser("backup", help="offline backup tools")
+    commands = backup.add_subparsers(dest="backup_command", required=True)
+    export = commands.add_parser("export", help="export a store to an encrypted archive")
+    export.add_argument("--root", default=".", help="server root (holds content/cfms.db)")
+    export.add_argument("--out", required=True, help="folder for NAME.cfms.enc and NAME.key")
+    export.add_argument("--name", help="backup name (default: backup-<time>-<random>)")
+    export.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    export.set_defaults(func=cmd_export)
+    verify = commands.add_parser("verify", help="check every segment and file of an archive")
+    verify.add_argument("archive")
+    verify.add_argument("key")
+    verify.set_defaults(func=cmd_verify)
+    inspect = commands.add_parser("inspect", help="show an archive's metadata and contents")
+    inspect.add_argument("archive")
+    inspect.add_argument("key")
+    inspect.add_argument("--json", action="store_true", help="print the listings as JSON")
+    inspect.set_defaults(func=cmd_inspect)
