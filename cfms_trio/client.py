@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from .transfer.crypto import chunk_count, open_chunk, seal_chunk
+from .transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 HASH_READ_BYTES = 1024 * 1024
@@ -31,6 +31,7 @@ HASH_READ_BYTES = 1024 * 1024
 TRANSFER_ACTIONS = ("transfer_file", "ready")
 CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 EVENT_QUEUE = 1024
+WS_RECEIVE_BYTES = 256 * 1024  # per TLS read; the library default of 4 KiB slows transfers
 
 
 class ClientError(Exception):
@@ -135,17 +136,36 @@ class Client:
             raise ClientError(0, f"protocol error: expected '{action}', got {reply.get('action')!r}")
         return reply["data"]
 
-    async def _final(self) -> dict:
-        reply = await self.receive_reply()
+    @staticmethod
+    def _final_data(reply: dict | bytes) -> dict:
         if isinstance(reply, bytes) or "code" not in reply:
             raise ClientError(0, "protocol error: expected the final response")
         if reply["code"] != 200:
             raise ClientError(reply["code"], reply["message"], reply.get("data"))
         return reply["data"]
 
+    async def _resync(self) -> None:
+        """Skip what is left of a transfer that ended half-way, so the next request reads its
+        own answer.
+
+        When an upload fails early the server answers at once and then rejects each chunk still
+        in flight with a 400; when a download is abandoned the server still sends its chunks
+        and final response. The server answers in order, so everything up to the answer of a
+        fresh `server_info` belongs to the failed transfer.
+        """
+        marker = self.envelope("server_info")
+        await self.ws.send_message(json.dumps(marker))
+        while True:
+            reply = await self.receive_reply()
+            if isinstance(reply, dict) and reply.get("request_id") == marker["request_id"]:
+                return
+
     async def upload_file(self, task_id: str, path: str | Path,
                           progress: Progress | None = None) -> dict:
-        """Upload a local file for `task_id`; resumes where the server kept verified bytes."""
+        """Upload a local file for `task_id`; resumes where the server kept verified bytes.
+
+        `progress(done, total)` is called once with the starting offset, then after each chunk.
+        """
         path = Path(path)
         size = path.stat().st_size
         sha256 = await trio.to_thread.run_sync(file_sha256, path)
@@ -159,20 +179,39 @@ class Client:
             key = base64.b64decode(ready["key"])
             prefix = base64.b64decode(ready["nonce_prefix"])
             chunk_size, offset = ready["chunk_size"], ready["offset"]
+            if progress:
+                progress(offset, size)
+            reply = None
+            first = offset // chunk_size
+            last = chunk_count(size, chunk_size)
             with open(path, "rb") as f:
                 f.seek(offset)
-                for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
+                for index in range(first, last):
                     sealed = await trio.to_thread.run_sync(_read_and_seal, f, chunk_size, key,
                                                            prefix, index)
                     await self.ws.send_message(sealed)
                     if progress:
                         progress(min(size, (index + 1) * chunk_size), size)
-            return await self._final()
+                    try:
+                        # The server only answers before the last chunk when it gave up:
+                        # stop sending what it would reject anyway.
+                        reply = self._replies.receive_nowait()
+                        break
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        pass
+            if reply is None:
+                reply = await self.receive_reply()
+            if last > first and (isinstance(reply, bytes) or reply.get("code") != 200):
+                await self._resync()
+            return self._final_data(reply)
 
     async def download_file(self, task_id: str, path: str | Path, offset: int = 0,
                             progress: Progress | None = None) -> dict:
         """Download `task_id` into `path` (appending from `offset` when resuming) and check
-        the file's sha256 when it is complete."""
+        the file's sha256 when it is complete.
+
+        `progress(done, total)` is called once with the starting offset, then after each chunk.
+        """
         path = Path(path)
         async with self._call_lock:
             await self.ws.send_message(json.dumps(self.envelope(
@@ -182,6 +221,8 @@ class Client:
             prefix = base64.b64decode(header["nonce_prefix"])
             size, chunk_size = header["file_size"], header["chunk_size"]
             await self.ws.send_message(json.dumps({"action": "ready"}))
+            if progress:
+                progress(offset, size)
             mode = "r+b" if offset and path.exists() else "wb"
             with open(path, mode) as f:
                 f.seek(offset)
@@ -189,14 +230,18 @@ class Client:
                 for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
                     sealed = await self.receive_reply()
                     if not isinstance(sealed, bytes):
-                        if "code" in sealed and sealed["code"] != 200:
-                            raise ClientError(sealed["code"], sealed["message"])
+                        # only an error can come instead of a chunk; it ends the download
+                        self._final_data(sealed)
                         raise ClientError(0, "protocol error: expected a binary chunk")
-                    plaintext = open_chunk(key, prefix, index, sealed)
+                    try:
+                        plaintext = open_chunk(key, prefix, index, sealed)
+                    except ChunkTagError as err:
+                        await self._resync()
+                        raise ClientError(0, f"download failed: {err}") from None
                     await trio.to_thread.run_sync(f.write, plaintext)
                     if progress:
                         progress(min(size, (index + 1) * chunk_size), size)
-            result = await self._final()
+            result = self._final_data(await self.receive_reply())
         actual = await trio.to_thread.run_sync(file_sha256, path)
         if actual != header["sha256"]:
             raise ClientError(0, "downloaded file does not match its sha256")
@@ -238,7 +283,8 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
     if url.startswith("wss://") and ssl_context is None:
         ssl_context = client_ssl_context(cafile, insecure)
     async with open_websocket_url(url, ssl_context=ssl_context,
-                                  max_message_size=max_message_size) as ws:
+                                  max_message_size=max_message_size,
+                                  receive_buffer_size=WS_RECEIVE_BYTES) as ws:
         client = Client(ws)
         try:
             async with trio.open_nursery() as nursery:
