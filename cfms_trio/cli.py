@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import logging.handlers
 import os
@@ -59,14 +60,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         certfile=Path(args.certfile) if args.certfile else None,
                         keyfile=Path(args.keyfile) if args.keyfile else None,
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None)
-    _setup_logging(settings.content / "logs", args.verbose)
     try:
+        _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
     except (OSError, BaseExceptionGroup) as exc:
         os_error = _find_os_error(exc)
         if os_error is None:
             raise
-        print(f"error: {os_error}", file=sys.stderr)
+        if os_error.errno == errno.EADDRINUSE:
+            print(f"error: cannot listen on {settings.host}:{settings.port}: address already "
+                  f"in use", file=sys.stderr)
+        else:
+            print(f"error: {os_error}", file=sys.stderr)
         return 1
     return 0
 

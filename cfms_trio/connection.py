@@ -44,7 +44,7 @@ class Connection:
         # the limit needs encoding to be measured.
         if len(text) > self.message_bytes or (
                 len(text) * 4 > self.message_bytes
-                and len(text.encode("utf-8", "surrogatepass")) > self.message_bytes):
+                and len(text.encode()) > self.message_bytes):
             raise TooLarge(f"message larger than {self.message_bytes} bytes")
 
     async def receive_json(self) -> dict:
