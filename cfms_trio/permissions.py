@@ -23,23 +23,25 @@ def _matches(mode: str, results: list[bool]) -> bool:
     return all(results)
 
 
-def _requirement_met(spec: dict | None, held: set[str]) -> bool:
-    if not spec:
+def _entry_allows(entry: dict, permissions: set[str], groups: set[str]) -> bool:
+    """One `match_groups` entry. Only the requirements it states take part: an absent or
+    empty `rights`/`groups` must not satisfy an entry whose `match` is "any" by itself (that
+    would open an object its author meant to restrict to a group). No requirement: satisfied.
+    """
+    results = []
+    for key, held in (("rights", permissions), ("groups", groups)):
+        spec = entry.get(key)
+        required = spec.get("require", []) if spec else []
+        if required:
+            results.append(_matches(spec.get("match", "all"), [r in held for r in required]))
+    if not results:
         return True
-    required = spec.get("require", [])
-    if not required:
-        return True
-    return _matches(spec.get("match", "all"), [r in held for r in required])
+    return _matches(entry.get("match", "all"), results)
 
 
 def rule_allows(rule: dict, permissions: set[str], groups: set[str]) -> bool:
     """Evaluate one access rule against the caller's permissions and groups."""
-    results = []
-    for group_spec in rule.get("match_groups", []):
-        results.append(_matches(group_spec.get("match", "all"), [
-            _requirement_met(group_spec.get("rights"), permissions),
-            _requirement_met(group_spec.get("groups"), groups),
-        ]))
+    results = [_entry_allows(entry, permissions, groups) for entry in rule.get("match_groups", [])]
     if not results:
         return True
     return _matches(rule.get("match", "all"), results)
