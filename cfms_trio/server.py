@@ -14,6 +14,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from . import protocol
 from .actions import ROUTES
 from .backup import supervisor as backup_supervisor
+from .transfer import sweeper as upload_sweeper
 from .app import App, prepare_root
 from .config import Settings
 from .connection import Connection
@@ -36,7 +37,7 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 0.2
 
 # Coroutines run once at start-up with the App, before the listener opens (recovery work).
 StartupHook = Callable[[App], Awaitable[None]]
-STARTUP_HOOKS: list[StartupHook] = [backup_supervisor.startup]
+STARTUP_HOOKS: list[StartupHook] = [backup_supervisor.startup, upload_sweeper.startup]
 
 
 @dataclasses.dataclass

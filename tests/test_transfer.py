@@ -564,3 +564,37 @@ async def test_client_recovers_after_a_failed_upload(small, client, tmp_path, mo
         assert info_reply["current_revision"] is None
         await client.upload_file(created["task_id"], write_file(tmp_path, content))
         assert stored_path(small, created["file_id"]).read_bytes() == content
+
+
+async def test_abandoned_partial_upload_is_swept_after_expiry(start_server, tmp_path):
+    """An interrupted upload keeps its verified chunks while the task lives; once the task
+    has expired the sweep closes it and removes the partial file."""
+    from cfms_trio.transfer import sweeper
+
+    srv = await start_server("sweep", transfer_task_ttl_s=1.0,
+                             limits=Limits(transfer_chunk_bytes=CHUNK))
+    uploads = srv.root / "content" / "tmp" / "uploads"
+    async with srv.connect("admin") as client:
+        created = await client.call("create_document", {"title": "abandoned"})
+        task_id = created["task_id"]
+    payload = os.urandom(3 * CHUNK)
+    async with srv.connect("admin") as client:
+        await client.send_raw(json.dumps(client.envelope("upload_file", {"task_id": task_id})))
+        await client.receive_reply()
+        await client.send_raw(json.dumps({"action": "transfer_file", "data": {
+            "file_size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}))
+        ready = (await client.receive_reply())["data"]
+        key, prefix = base64.b64decode(ready["key"]), base64.b64decode(ready["nonce_prefix"])
+        await client.send_raw(seal_chunk(key, prefix, 0, payload[:CHUNK]))
+        with trio.fail_after(10):
+            while not (uploads / f"{task_id}.part").exists() or \
+                    (uploads / f"{task_id}.part").stat().st_size < CHUNK:
+                await trio.sleep(0.02)
+    assert await sweeper.sweep_once(srv.app) == 0, "a live task's partial upload must be kept"
+    assert (uploads / f"{task_id}.part").exists()
+    await trio.sleep(1.2)
+    assert await sweeper.sweep_once(srv.app) == 1
+    assert not (uploads / f"{task_id}.part").exists()
+    async with srv.connect("admin") as client:
+        reply = await client.request("upload_file", {"task_id": task_id})
+    assert reply["code"] == 409 and "closed" in reply["message"]

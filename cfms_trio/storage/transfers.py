@@ -61,3 +61,16 @@ def close_tasks(m, task_ids: list[str]) -> None:
 def task_status(m, task_id: str) -> str | None:
     row = m.FileTask.get_or_none(m.FileTask.id == task_id)
     return row.status if row else None
+
+
+def open_upload_task_ids(m, now: float) -> set[str]:
+    """Upload tasks that may still receive bytes (open and not expired)."""
+    return {t.id for t in m.FileTask.select(m.FileTask.id).where(
+        (m.FileTask.mode == "upload") & (m.FileTask.status == "open")
+        & (m.FileTask.end_time > now))}
+
+
+def close_expired_tasks(m, now: float) -> int:
+    """Mark every open task past its expiry closed; returns how many."""
+    return (m.FileTask.update(status="closed")
+            .where((m.FileTask.status == "open") & (m.FileTask.end_time <= now)).execute())

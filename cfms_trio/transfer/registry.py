@@ -42,3 +42,6 @@ class TransferRegistry:
 
     def is_active(self, task_id: str) -> bool:
         return task_id in self._active
+
+    def active_task_ids(self) -> set[str]:
+        return set(self._active)
