@@ -55,7 +55,7 @@ class Connection:
         self.check_text_size(message)
         try:
             obj = json.loads(message)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             raise BadRequest("malformed JSON message") from None
         if not isinstance(obj, dict):
             raise BadRequest("message must be a JSON object")

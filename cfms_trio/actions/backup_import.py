@@ -57,25 +57,28 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
     app = ctx.app
     task_id = data["backup_task_id"]
     ctx.audit_target = task_id
-    task = await _own_import_task(ctx, task_id)
-    if task["status"] == "timeout":
-        raise DeadlinePassed(f"backup task '{task_id}' timed out; initiate a new import")
-    if task["status"] == "pending" and task["timeout_time"] <= app.now():
-        raise DeadlinePassed(f"the deadline of backup task '{task_id}' has passed")
-    if task["status"] == "pending":
-        uploads = await app.store.read(backup_rows.import_upload_tasks,
-                                       task["archive_file_id"], task["key_file_id"])
-        missing = sorted(u["purpose"].replace("backup_", "") for u in uploads
-                         if u["status"] != "completed")
-        if missing:
-            raise BadRequest(f"the {' and '.join(missing)} upload{'s are' if len(missing) > 1 else ' is'}"
-                             " not complete; upload them with upload_file first")
-    # Compare-and-set: of two concurrent starts exactly one moves the task on; the other
-    # gets 409 here.
-    task = await app.store.write(backup_rows.transition_backup_task, task_id, "pending",
-                                 status="processing", started_time=app.now(),
-                                 current_step="Queued", progress_percent=0)
-    app.supervisor.start(task)
+    # A start and the deadline's timeout of the same task never interleave.
+    async with app.supervisor.deciding(task_id):
+        task = await _own_import_task(ctx, task_id)
+        if task["status"] == "timeout":
+            raise DeadlinePassed(f"backup task '{task_id}' timed out; initiate a new import")
+        if task["status"] == "pending" and task["timeout_time"] <= app.now():
+            raise DeadlinePassed(f"the deadline of backup task '{task_id}' has passed")
+        if task["status"] == "pending":
+            uploads = await app.store.read(backup_rows.import_upload_tasks,
+                                           task["archive_file_id"], task["key_file_id"])
+            missing = sorted(u["purpose"].replace("backup_", "") for u in uploads
+                             if u["status"] != "completed")
+            if missing:
+                verb = "uploads are" if len(missing) > 1 else "upload is"
+                raise BadRequest(f"the {' and '.join(missing)} {verb} not complete; "
+                                 "upload them with upload_file first")
+        # Compare-and-set: a task that is no longer pending (started already) gets 409 here.
+        task = await app.store.write(backup_rows.transition_backup_task, task_id, "pending",
+                                     status="processing", started_time=app.now(),
+                                     current_step="Decrypting archive",
+                                     progress_percent=10)
+        app.supervisor.start(task)
     return {"backup_task_id": task_id, "status": "processing", "message": START_MESSAGE}
 
 

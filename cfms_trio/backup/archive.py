@@ -236,9 +236,9 @@ def _parse_access_rules(owner: dict, where: str, legacy: bool) -> list[dict]:
 def _parse_metadata(value, container_version: str) -> dict:
     """Validate metadata.json; its version must match the container that carried it."""
     metadata = _as_object(value, METADATA_MEMBER)
-    version = metadata.get("version")
+    version = _require(metadata, "version", METADATA_MEMBER)
     if version not in (VERSION_V2, VERSION_LEGACY):
-        shown = _show(version) if isinstance(version, str) else repr(type(version).__name__)
+        shown = _show(version) if isinstance(version, str) else f"of type {type(version).__name__}"
         raise ArchiveError(f"unsupported backup version {shown} in {METADATA_MEMBER}")
     if version != container_version:
         raise ArchiveError(

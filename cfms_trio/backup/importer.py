@@ -8,6 +8,7 @@ to the BackupTask row at stage boundaries and at the end.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from typing import TYPE_CHECKING
@@ -37,14 +38,19 @@ STEP_PERCENT = {
 }
 RESTORE_PREFIX = "restore/files"
 COMPLETED_EVENT = "backup_import_completed"
+# Crash tests only: an import reaching the step named here holds still (until the server shuts
+# down, at most PAUSE_LIMIT_S), so a test can kill the process at exactly that point.
+PAUSE_AT_STEP_ENV = "CFMS_TEST_PAUSE_AT_STEP"
+PAUSE_LIMIT_S = 600
 
 
 class ImportProgress:
     """Monotonic progress, written from worker threads and read by status requests."""
 
     def __init__(self) -> None:
-        self.step = "Queued"
-        self.percent = 0
+        # Where start_backup_import leaves the task: the first step of SPEC §8.
+        self.step = "Decrypting archive"
+        self.percent = STEP_PERCENT[self.step][0]
         self._lock = threading.Lock()
 
     def report(self, step: str, fraction: float) -> None:
@@ -61,6 +67,24 @@ class ImportJob:
         self.task_id = task["backup_task_id"]
         self.progress = ImportProgress()
         self.abort = threading.Event()
+
+    def stage_reporter(self):
+        """The progress callback for the worker threads running the stages.
+
+        Honours $CFMS_TEST_PAUSE_AT_STEP; it never runs on the event loop's thread.
+        """
+        pause_at = os.environ.get(PAUSE_AT_STEP_ENV)
+        if not pause_at:
+            return self.progress.report
+
+        def report(step: str, fraction: float) -> None:
+            self.progress.report(step, fraction)
+            if step == pause_at:
+                log.warning("import %s paused at %r ($%s)", self.task_id, step,
+                            PAUSE_AT_STEP_ENV)
+                self.abort.wait(PAUSE_LIMIT_S)
+
+        return report
 
 
 def backup_event_audience(owner: str):
@@ -115,18 +139,19 @@ async def run_import(app: "App", job: ImportJob) -> None:
     key_path = app.paths.backup_imports / f"{task['key_file_id']}.key"
     mover = FileMover(staging, app.paths.restore_files)
     limits = app.settings.limits.archive
+    report = job.stage_reporter()
     outcome: dict = {}
     try:
         contents = await trio.to_thread.run_sync(
-            unpack, archive_path, key_path, staging, limits, job.progress.report, job.abort,
+            unpack, archive_path, key_path, staging, limits, report, job.abort,
             limiter=app.io_limiter)
         counts = {"documents_count": len(contents.documents),
                   "folders_count": len(contents.folders), "files_count": len(contents.files)}
         await app.store.write(backup_rows.update_backup_task, task_id,
                               current_step=job.progress.step,
                               progress_percent=job.progress.percent, **counts)
-        await app.store.write(commit_restore, contents, mover, RESTORE_PREFIX,
-                              job.progress.report, job.abort)
+        await app.store.write(commit_restore, contents, mover, RESTORE_PREFIX, report,
+                              job.abort)
         job.progress.report("Restore completed", 1.0)
         outcome = {"status": "completed", "current_step": "Restore completed",
                    "progress_percent": 100, "error_message": None, **counts}
@@ -151,13 +176,20 @@ async def run_import(app: "App", job: ImportJob) -> None:
 
 
 async def _finish(app: "App", job: ImportJob, staging, outcome: dict) -> None:
-    """Record the outcome, remove staging and uploads, tell the listeners."""
+    """Remove staging and uploads, record the outcome, tell the listeners.
+
+    Clean-up comes first, so a client that sees the final status never finds the uploads
+    still there; a crash in between is failed and cleaned up again by the restart recovery.
+    """
     try:
         await trio.to_thread.run_sync(remove_tree, staging)
+        await discard_uploads(app, job.task)
+    except Exception:
+        log.exception("could not clean up after import %s", job.task_id)
+    try:
         await app.store.write(backup_rows.update_backup_task, job.task_id,
                               completed_time=app.now(), **outcome)
         final = await app.store.read(backup_rows.get_backup_task, job.task_id)
-        await discard_uploads(app, final)
         publish_outcome(app, final)
     except Exception:
         log.exception("could not record the outcome of import %s", job.task_id)

@@ -20,6 +20,7 @@ from typing import Callable
 from ..config import ArchiveLimits
 from ..errors import ArchiveError, ArchiveLimitExceeded, CfmsError, Conflict
 from ..storage import restore_rows
+from ..storage.documents import MAX_TREE_DEPTH
 from .archive import BackupContents, read_backup_archive, validate_references
 from .keyfile import parse_key_file
 
@@ -66,8 +67,29 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
                                        progress=on_bytes, archive_size=archive_size)
     report("Loading metadata", 0.0)
     validate_references(contents)
+    check_folder_depth(contents.folders)
     _check_abort(abort)
     return contents
+
+
+def check_folder_depth(folders: list[dict]) -> None:
+    """Refuse a folder tree deeper than this server serves (MAX_TREE_DEPTH levels): its deepest
+    folders would answer "folder tree is corrupt" to everyone. Runs after validate_references,
+    so every parent is in the backup and there is no cycle."""
+    parent_of = {folder["id"]: folder["parent_id"] for folder in folders}
+    depth: dict[str, int] = {}
+    for start in parent_of:
+        path, node = [], start
+        while node is not None and node not in depth:
+            path.append(node)
+            node = parent_of[node]
+        level = 0 if node is None else depth[node]
+        for folder_id in reversed(path):
+            level += 1
+            depth[folder_id] = level
+            if level > MAX_TREE_DEPTH:
+                raise ArchiveError(f"folder {folder_id!r} is nested {level} levels deep; "
+                                   f"this server allows at most {MAX_TREE_DEPTH}")
 
 
 class FileMover:

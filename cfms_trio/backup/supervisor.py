@@ -9,9 +9,10 @@ ones get their watchers back with their original deadlines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, AsyncIterator
 
 import trio
 
@@ -37,6 +38,20 @@ class ImportSupervisor:
     def __init__(self, app: "App"):
         self.app = app
         self._watchers: dict[str, trio.CancelScope] = {}
+        self._deciding: dict[str, trio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def deciding(self, task_id: str) -> AsyncIterator[None]:
+        """Held while a pending import is being started or timed out, so the two never
+        interleave: a timeout removes the uploads before the status says `timeout`, and a
+        start that had to wait finds the task timed out."""
+        lock = self._deciding.setdefault(task_id, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._deciding.pop(task_id, None)
 
     # -- deadlines ------------------------------------------------------------------------------
 
@@ -60,33 +75,41 @@ class ImportSupervisor:
             await self.expire(task_id)
 
     async def expire(self, task_id: str) -> None:
-        """Time out a task that is still pending; do nothing if it has moved on."""
+        """Time out a task that is still pending; do nothing if it has moved on.
+
+        The uploads are aborted and removed before the status becomes `timeout`, so a client
+        that sees `timeout` never finds them still there.
+        """
         app = self.app
-        task = await app.store.read(backup_rows.get_backup_task, task_id)
-        if task["status"] != "pending":
-            return
-        uploads = await app.store.read(backup_rows.import_upload_tasks,
-                                       task["archive_file_id"], task["key_file_id"])
-        for upload in uploads:
-            app.transfers.abort(upload["task_id"],
-                                "the backup import timed out; the upload was aborted")
-        missing = [u["purpose"].replace("backup_", "") for u in uploads
-                   if u["status"] != "completed"]
-        message = (f"upload deadline passed before the {' and '.join(sorted(missing))} "
-                   f"upload{'s were' if len(missing) > 1 else ' was'} completed"
-                   if missing else TIMEOUT_MESSAGE)
-        try:
-            task = await app.store.write(backup_rows.transition_backup_task, task_id, "pending",
-                                         status="timeout", error_message=message,
-                                         completed_time=app.now())
-        except Conflict:
-            return  # started at the last moment: the import owns it now
-        # Let aborted uploads unwind (they close their partial files) before removing data.
-        for _ in range(100):
-            if not any(app.transfers.is_active(u["task_id"]) for u in uploads):
-                break
-            await trio.sleep(0.01)
-        await discard_uploads(app, task)
+        async with self.deciding(task_id):
+            task = await app.store.read(backup_rows.get_backup_task, task_id)
+            if task["status"] != "pending":
+                return
+            uploads = await app.store.read(backup_rows.import_upload_tasks,
+                                           task["archive_file_id"], task["key_file_id"])
+            for upload in uploads:
+                app.transfers.abort(upload["task_id"],
+                                    "the backup import timed out; the upload was aborted")
+            missing = [u["purpose"].replace("backup_", "") for u in uploads
+                       if u["status"] != "completed"]
+            message = (f"upload deadline passed before the {' and '.join(sorted(missing))} "
+                       f"upload{'s were' if len(missing) > 1 else ' was'} completed"
+                       if missing else TIMEOUT_MESSAGE)
+            # Let aborted uploads unwind (they close their partial files) before removing data.
+            for _ in range(100):
+                if not any(app.transfers.is_active(u["task_id"]) for u in uploads):
+                    break
+                await trio.sleep(0.01)
+            try:
+                await discard_uploads(app, task)
+            except Exception:
+                log.exception("could not remove the uploads of timed-out import %s", task_id)
+            try:
+                task = await app.store.write(backup_rows.transition_backup_task, task_id,
+                                             "pending", status="timeout", error_message=message,
+                                             completed_time=app.now())
+            except Conflict:
+                return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
         publish_outcome(app, task)
 

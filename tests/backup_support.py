@@ -1,0 +1,380 @@
+"""Support for the backup test modules (test_backup_export, test_backup_import,
+test_backup_cli): an independent reader of the archive format written from SPEC §7 alone, a
+builder of a legacy 1.0 archive, a store builder, dumps of the data tables, and runners for
+`cfms-trio` subprocesses.
+
+Nothing here uses cfms_trio's backup code: the format is decoded with the `cryptography`
+package, `tarfile` and `zstandard`, so a test that compares the two catches a writer and a
+reader that agree with each other but not with the spec.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import trio
+import zstandard
+from cryptography.hazmat.primitives import hashes, hmac, padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from cfms_trio.client_flows import FINAL_STATUSES, export_backup, import_backup
+
+from helpers import ADMIN_PASSWORD, snapshot_tree
+
+# SPEC §8: the steps of a running import and the progress each one starts at.
+SPEC_STEPS = {
+    "Decrypting archive": 10, "Extracting archive": 30, "Loading metadata": 40,
+    "Importing files": 50, "Importing folders": 60, "Importing documents": 80,
+    "Finalizing import": 95, "Restore completed": 100,
+}
+IMPORT_DEADLINE_S = 30  # bound on any one import in these tests
+SUBPROCESS_TIMEOUT_S = 60
+POLL_INTERVAL_S = 0.02
+
+
+# -- SPEC §7, format 2, decoded independently --------------------------------------------------
+
+V2_MAGIC = b"CFMSBAK2"
+V2_HEADER_BYTES = 8 + 1 + 1 + 2 + 32 + 7 + 32
+V2_TAG_BYTES = 16
+V2_MEMBER_ORDER = ("metadata.json", "folders.json", "documents.json", "files.json")
+
+
+class SpecDecodeError(Exception):
+    """The archive does not follow SPEC §7."""
+
+
+@dataclasses.dataclass
+class DecodedArchive:
+    compression: int
+    chunk_log2: int
+    segment_count: int
+    members: list[tuple[str, bytes]]  # in archive order
+
+    def listing(self, name: str):
+        return json.loads(dict(self.members)[name])
+
+    def file_bytes(self) -> dict[str, bytes]:
+        return {name.removeprefix("files/"): data for name, data in self.members
+                if name.startswith("files/")}
+
+
+def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(key)
+
+
+def spec_decode(archive: bytes, key_file: dict) -> DecodedArchive:
+    """Decrypt and untar a format 2 archive exactly as SPEC §7 describes it."""
+    header = archive[:V2_HEADER_BYTES]
+    if len(header) < V2_HEADER_BYTES or header[:8] != V2_MAGIC:
+        raise SpecDecodeError("bad magic or short header")
+    compression, chunk_log2 = header[8], header[9]
+    reserved, salt = header[10:12], header[12:44]
+    nonce_prefix, key_check = header[44:51], header[51:83]
+    if reserved != b"\0\0" or compression not in (0, 1) or not 16 <= chunk_log2 <= 24:
+        raise SpecDecodeError("bad header field")
+    key = bytes.fromhex(key_file["key"])
+    payload_key = _hkdf(key, salt, b"cfms-backup-v2 payload")
+    commit_key = _hkdf(key, salt, b"cfms-backup-v2 commit")
+    check = hmac.HMAC(commit_key, hashes.SHA256())
+    check.update(header[:51])
+    check.verify(key_check)  # raises InvalidSignature for a wrong key
+
+    sealed_bytes = 2 ** chunk_log2 + V2_TAG_BYTES
+    body = archive[V2_HEADER_BYTES:]
+    if len(body) < V2_TAG_BYTES or 0 < len(body) % sealed_bytes < V2_TAG_BYTES:
+        raise SpecDecodeError("body is not a whole number of segments")
+    count = -(-len(body) // sealed_bytes)
+    aead = AESGCM(payload_key)
+    plaintext = bytearray()
+    for index in range(count):
+        last = index == count - 1
+        sealed = body[index * sealed_bytes:(index + 1) * sealed_bytes]
+        if not last and len(sealed) != sealed_bytes:
+            raise SpecDecodeError(f"segment {index} is short")
+        nonce = nonce_prefix + struct.pack(">I", index) + (b"\x01" if last else b"\x00")
+        plaintext += aead.decrypt(nonce, sealed, header)
+    data = bytes(plaintext)
+    if compression == 1:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data),
+                                                             read_across_frames=True)
+        data = reader.read()
+    members = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            if not member.isreg():
+                raise SpecDecodeError(f"member {member.name!r} is not a regular file")
+            members.append((member.name, tar.extractfile(member).read()))
+    return DecodedArchive(compression, chunk_log2, count, members)
+
+
+# -- SPEC §7, legacy format 1.0, built independently ------------------------------------------
+
+def build_legacy_archive(listings: dict[str, object], files: dict[str, bytes],
+                         order: list[str], key: bytes) -> bytes:
+    """16-byte IV ‖ AES-256-CBC (PKCS#7) over an uncompressed tar whose members are named
+    './<name>' and come in `order` (names without the './')."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        directory = tarfile.TarInfo("./files")
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(directory)
+        for name in order:
+            if name.startswith("files/"):
+                data = files[name.removeprefix("files/")]
+            else:
+                data = json.dumps(listings[name]).encode()
+            info = tarfile.TarInfo("./" + name)
+            info.size, info.mtime = len(data), int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    padder = padding.PKCS7(128).padder()
+    padded = padder.update(raw.getvalue()) + padder.finalize()
+    iv = os.urandom(16)
+    encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
+    return iv + encryptor.update(padded) + encryptor.finalize()
+
+
+def legacy_key_file(key: bytes, name: str) -> bytes:
+    return json.dumps({"key": key.hex(), "algorithm": "AES-256-CBC", "created_at": time.time(),
+                       "backup_name": name}).encode()
+
+
+# -- a store with a bit of everything -----------------------------------------------------------
+
+def rule(*, groups=(), rights=(), match="all") -> dict:
+    return {"match": match, "match_groups": [
+        {"match": "all", "groups": {"match": "any", "require": list(groups)},
+         "rights": {"match": "all", "require": list(rights)}}]}
+
+
+@dataclasses.dataclass
+class BuiltStore:
+    folders: dict[str, str]  # name -> id
+    documents: dict[str, str]  # title -> id
+    revisions: dict[str, list[str]]  # document id -> file ids, oldest first
+    contents: dict[str, bytes]  # file id -> bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(len(b) for b in self.contents.values())
+
+
+async def upload_bytes(client, task_id: str, folder: Path, content: bytes) -> None:
+    path = folder / f"upload-{os.urandom(6).hex()}"
+    path.write_bytes(content)
+    await client.upload_file(task_id, path)
+    path.unlink()
+
+
+async def build_store(client, folder: Path, *, big_bytes: int = 2_300_000,
+                      prefix: str = "") -> BuiltStore:
+    """Nested folders, several revisions, access rules, and empty, small, multi-chunk and
+    multi-segment files (segments are 1 MiB, so `big_bytes` spans several)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    store = BuiltStore({}, {}, {}, {})
+
+    async def make_folder(name, parent=None, rules=None):
+        data = {"name": prefix + name, "parent_id": store.folders.get(parent)}
+        if rules:
+            data["access_rules"] = rules
+        store.folders[name] = (await client.call("create_directory", data))["id"]
+
+    async def make_document(title, parent, revisions, rules=None):
+        data = {"title": prefix + title, "folder_id": store.folders.get(parent)}
+        if rules:
+            data["access_rules"] = rules
+        created = await client.call("create_document", data)
+        document_id = created["document_id"]
+        store.documents[title] = document_id
+        store.revisions[document_id] = []
+        for index, content in enumerate(revisions):
+            if index:
+                created = await client.call("upload_document", {"document_id": document_id})
+            await upload_bytes(client, created["task_id"], folder, content)
+            store.revisions[document_id].append(created["file_id"])
+            store.contents[created["file_id"]] = content
+
+    await make_folder("projects", rules={
+        "read": [rule(groups=["user", "sysop"])],
+        "manage": [rule(groups=["sysop"]), rule(rights=["set_access_rules"], match="any")]})
+    await make_folder("alpha", "projects")
+    await make_folder("deep", "alpha", rules={"write": [rule(groups=["sysop"])]})
+    await make_folder("beta", "projects")
+    await make_folder("archive")
+    await make_document("readme", None, [b"hello, restore\n"])
+    await make_document("empty", "projects", [b""])
+    await make_document("spec", "alpha", [b"v1", os.urandom(150_000), b"v3 final"],
+                        rules={"read": [rule(groups=["sysop", "user"])],
+                               "write": [rule(rights=["create_document"])]})
+    await make_document("big", "deep", [os.urandom(big_bytes)])
+    await make_document("notes", "beta", [os.urandom(70_000), b""])
+    await make_document("old", "archive", [os.urandom(1000)],
+                        rules={"move": [rule(groups=["sysop"])]})
+    return store
+
+
+# -- what the store holds ------------------------------------------------------------------------
+
+def dump_data_tables(m) -> dict:
+    """Every row of the tables a backup touches, comparable with ==."""
+    def rows(model):
+        return sorted((dict(r) for r in model.select().dicts()), key=lambda r: str(r["id"]))
+
+    rules = rows(m.AccessRule)
+    for r in rules:
+        r["rule_data"] = json.loads(r["rule_data"])
+    return {"folders": rows(m.Folder), "documents": rows(m.Document),
+            "revisions": rows(m.Revision), "files": rows(m.File), "access_rules": rules,
+            "file_tasks": rows(m.FileTask)}
+
+
+async def dump_store(server) -> dict:
+    return await server.app.store.read(dump_data_tables)
+
+
+IGNORED_CONTENT = re.compile(r"^(cfms\.db(-wal|-shm|-journal)?|logs/.*|backups/import/.*)$")
+
+
+def content_files(server) -> dict[str, str]:
+    """snapshot_tree of content/ without the database, its WAL, the logs and uploaded imports."""
+    return {path: digest for path, digest in snapshot_tree(server.root / "content").items()
+            if not IGNORED_CONTENT.match(path)}
+
+
+def import_dir_files(server) -> list[str]:
+    return sorted(p.name for p in (server.root / "content" / "backups" / "import").iterdir())
+
+
+# -- flows ---------------------------------------------------------------------------------------
+
+async def export_to(client, folder: Path, name: str | None = None, compression: str = "zstd"):
+    """generate_backup and download archive and key into `folder`."""
+    return await export_backup(client, folder, name, compression)
+
+
+async def import_from(client, archive: Path, key: Path, timeout_seconds: int = 120):
+    """The whole import flow; returns (final status, every status seen while polling)."""
+    seen: list[dict] = []
+    with trio.fail_after(IMPORT_DEADLINE_S):
+        final = await import_backup(client, archive, key, timeout_seconds=timeout_seconds,
+                                    poll_interval_s=POLL_INTERVAL_S, on_status=seen.append)
+    return final, seen
+
+
+async def wait_final(client, task_id: str, timeout_s: float = IMPORT_DEADLINE_S,
+                     seen: list | None = None) -> dict:
+    with trio.fail_after(timeout_s):
+        while True:
+            status = await client.call("get_backup_import_status", {"backup_task_id": task_id})
+            if seen is not None:
+                seen.append(status)
+            if status["status"] in FINAL_STATUSES:
+                return status
+            await trio.sleep(POLL_INTERVAL_S)
+
+
+async def start_only(client, archive: Path, key: Path, timeout_seconds: int = 120) -> str:
+    """Initiate, upload both files and start; return the backup task id."""
+    init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
+    await client.upload_file(init["archive_task_id"], archive)
+    await client.upload_file(init["key_task_id"], key)
+    await client.call("start_backup_import", {"backup_task_id": init["backup_task_id"]})
+    return init["backup_task_id"]
+
+
+def assert_progress_monotonic(seen: list[dict]) -> None:
+    percents = [s["progress_percent"] for s in seen]
+    assert percents == sorted(percents), percents
+    for status in seen:
+        assert 0 <= status["progress_percent"] <= 100
+        if status["status"] == "processing":
+            assert status["current_step"] in SPEC_STEPS, status
+            assert status["progress_percent"] >= SPEC_STEPS[status["current_step"]], status
+
+
+# -- subprocesses --------------------------------------------------------------------------------
+
+def cli_command(*args: str) -> list[str]:
+    """`cfms-trio ARGS` through the installed entry point (python -m as a fallback)."""
+    script = Path(sys.executable).with_name("cfms-trio")
+    if script.exists():
+        return [str(script), *args]
+    return [sys.executable, "-m", "cfms_trio", *args]
+
+
+async def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    with trio.fail_after(SUBPROCESS_TIMEOUT_S):
+        return await trio.run_process(list(args), capture_stdout=True, capture_stderr=True,
+                                      check=False, env=full_env)
+
+
+LISTENING = re.compile(r"^listening on (wss?://\S+)$")
+
+
+@dataclasses.dataclass
+class ServedProcess:
+    url: str
+    cafile: Path
+    password_file: Path
+
+
+@contextlib.asynccontextmanager
+async def serve_subprocess(root: Path):
+    """`python -m cfms_trio serve --root ROOT --port 0`; yields once it printed its
+    `listening on` line; always stopped at the end."""
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    stderr_path = root.parent / f"{root.name}-serve-stderr.txt"
+    with open(stderr_path, "wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0"],
+            stdout=subprocess.PIPE, stderr=stderr, env=env)
+    try:
+        buffer = b""
+        url = None
+        with trio.fail_after(SUBPROCESS_TIMEOUT_S):
+            while url is None:
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    await process.wait()
+                    pytest.fail(f"serve exited before listening:\n{stderr_path.read_text()}")
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    match = LISTENING.match(line.decode().strip())
+                    if match:
+                        url = match.group(1)
+        password_file = root.parent / f"{root.name}-password.txt"
+        password_file.write_text(ADMIN_PASSWORD + "\n")
+        yield ServedProcess(url, root / "content" / "tls" / "cert.pem", password_file)
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.terminate()
+                with trio.move_on_after(10):
+                    await process.wait()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            await process.stdout.aclose()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
