@@ -69,9 +69,10 @@ class ImportJob:
         self.abort = threading.Event()
 
     def stage_reporter(self):
-        """The progress callback for the worker threads running the stages.
+        """The progress callback handed to the stages, which run in worker threads.
 
-        Honours $CFMS_TEST_PAUSE_AT_STEP; it never runs on the event loop's thread.
+        With $CFMS_TEST_PAUSE_AT_STEP set it blocks its caller at that step, which is why it
+        must never be called on the event loop's thread.
         """
         pause_at = os.environ.get(PAUSE_AT_STEP_ENV)
         if not pause_at:
