@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import logging.handlers
@@ -14,7 +15,7 @@ from pathlib import Path
 import trio
 
 from . import cli_backup, cli_client
-from .config import Settings
+from .config import Limits, Settings, parse_size
 
 log = logging.getLogger("cfms_trio")
 
@@ -56,10 +57,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.certfile and not args.keyfile:
         print("error: --certfile needs --keyfile", file=sys.stderr)
         return 2
+    defaults = Limits()
+    archive = dataclasses.replace(
+        defaults.archive,
+        archive_bytes=args.max_archive_bytes or defaults.archive.archive_bytes,
+        extracted_bytes=args.max_extracted_bytes or defaults.archive.extracted_bytes)
+    limits = dataclasses.replace(
+        defaults, archive=archive, upload_bytes=args.max_upload_bytes or defaults.upload_bytes)
     settings = Settings(root=root, host=args.host, port=args.port, tls=not args.no_tls,
                         certfile=Path(args.certfile) if args.certfile else None,
                         keyfile=Path(args.keyfile) if args.keyfile else None,
-                        initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None)
+                        initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
+                        limits=limits)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
@@ -89,6 +98,13 @@ def _find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cfms-trio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-tls", action="store_true", help="plain ws:// (only behind a TLS proxy)")
     serve.add_argument("--certfile", help="PEM certificate (default: self-signed, made on first start)")
     serve.add_argument("--keyfile", help="PEM private key for --certfile")
+    serve.add_argument("--max-upload-bytes", type=_size, metavar="SIZE",
+                       help="largest file a client may upload (default 64G; e.g. 512M)")
+    serve.add_argument("--max-archive-bytes", type=_size, metavar="SIZE",
+                       help="largest backup archive an import accepts (default 64G)")
+    serve.add_argument("--max-extracted-bytes", type=_size, metavar="SIZE",
+                       help="most bytes one import may unpack (default 256G)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
     cli_backup.register(sub)

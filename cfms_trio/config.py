@@ -35,6 +35,8 @@ class Limits:
     upload_bytes: int = 64 * GiB
     transfer_chunk_bytes: int = 1 * MiB
     listener_queue_events: int = 256
+    # Pending imports one user may hold at once (each may receive an archive_bytes upload).
+    pending_imports_per_user: int = 4
     archive: ArchiveLimits = dataclasses.field(default_factory=ArchiveLimits)
 
 
@@ -58,3 +60,21 @@ class Settings:
     @property
     def content(self) -> Path:
         return self.root / "content"
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": MiB, "G": GiB, "T": 1024 * GiB}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '64G', '1048576' -> bytes (binary units; a trailing 'B' or 'iB' is allowed)."""
+    cleaned = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = cleaned, ""
+    if cleaned and cleaned[-1] in _SIZE_UNITS:
+        number, unit = cleaned[:-1], cleaned[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 64G)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value * _SIZE_UNITS[unit])

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
 from cfms_trio.storage import backup_rows, restore_rows
 from cfms_trio.transfer.crypto import seal_chunk
@@ -644,3 +645,14 @@ async def test_client_backup_import_command(source, tmp_path):
         failed = await run_cli(*base, "--archive", str(archive), "--key", str(bad_key))
         assert failed.returncode == 1, failed
         assert "import failed: wrong key for this archive" in failed.stderr.decode()
+
+
+async def test_pending_imports_per_user_are_capped(start_server):
+    srv = await start_server("capped", limits=Limits(pending_imports_per_user=2))
+    async with srv.connect("admin") as client:
+        for _ in range(2):
+            await client.call("initiate_backup_import", {"timeout_seconds": 60})
+        with pytest.raises(ClientError) as info:
+            await client.call("initiate_backup_import", {"timeout_seconds": 60})
+        assert info.value.code == 409
+        assert "2 pending imports" in info.value.message

@@ -17,7 +17,7 @@ import trio
 
 from trio_websocket import ConnectionClosed
 
-from cfms_trio.client import open_client
+from cfms_trio.client import ClientError, open_client
 
 # A hard bound on every test, on top of the fail_after around each wait.
 pytestmark = pytest.mark.timeout(90)
@@ -183,3 +183,45 @@ async def test_unusable_root_is_a_one_line_error(tmp_path):
     stderr = served.stderr()
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("error:")], stderr
+
+
+def test_size_limits_parse_with_units():
+    from cfms_trio.config import GiB, MiB, parse_size
+
+    assert parse_size("512M") == 512 * MiB
+    assert parse_size("64G") == 64 * GiB
+    assert parse_size("1.5GiB") == int(1.5 * GiB)
+    assert parse_size("4096") == 4096
+    for bad in ("", "12X", "-1G", "G"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_serve_refuses_a_malformed_size_limit(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cfms_trio", "serve", "--root", str(tmp_path),
+                             "--max-upload-bytes", "12X"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert "not a size: '12X'" in result.stderr
+    assert not (tmp_path / "content").exists()
+
+
+async def test_size_limit_flags_reach_the_server(tmp_path):
+    """`--max-upload-bytes 1K`: a 2 KiB upload is refused with 413 before any byte is sent,
+    and `--max-archive-bytes` caps what an import's archive upload may announce."""
+    root = tmp_path / "root"
+    async with run_serve(root, "--no-tls", "--max-upload-bytes", "1K",
+                         "--max-archive-bytes", "4K", admin_password="pw-for-limits") as served:
+        url = await served.wait_listening()
+        with trio.fail_after(START_TIMEOUT_S):
+            async with open_client(url) as client:
+                await client.login("admin", "pw-for-limits")
+                created = await client.call("create_document", {"title": "big"})
+                (tmp_path / "two-k").write_bytes(b"x" * 2048)
+                with pytest.raises(ClientError) as info:
+                    await client.upload_file(created["task_id"], tmp_path / "two-k")
+                assert info.value.code == 413
+                assert "limit of 1024 bytes" in info.value.message
+                (tmp_path / "one-k").write_bytes(b"y" * 1024)
+                assert (await client.upload_file(created["task_id"], tmp_path / "one-k"))["size"] == 1024
+        assert await served.stop(signal.SIGTERM) == 0

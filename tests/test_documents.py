@@ -605,3 +605,25 @@ async def test_every_state_change_is_audited(server, admin, tmp_path):
         assert revision["task_id"] not in {e["target"] for e in entries}
         for entry in entries:
             assert isinstance(entry["time"], float) and entry["address"]
+
+
+async def test_folders_nest_at_most_max_tree_depth(admin, monkeypatch):
+    """Creating or moving folders beyond MAX_TREE_DEPTH levels is refused with 400, so the
+    server never holds a tree it would refuse to serve or to restore from a backup."""
+    from cfms_trio.storage import documents as storage_documents
+
+    monkeypatch.setattr(storage_documents, "MAX_TREE_DEPTH", 3)
+    a = await admin.call("create_directory", {"name": "a"})
+    b = await admin.call("create_directory", {"name": "b", "parent_id": a["id"]})
+    c = await admin.call("create_directory", {"name": "c", "parent_id": b["id"]})
+    message = await expect_error(admin, 400, "create_directory", {"name": "d", "parent_id": c["id"]})
+    assert "at most 3 levels deep" in message
+    # A two-level subtree fits at the root and one level down, not two levels down.
+    x = await admin.call("create_directory", {"name": "x"})
+    await admin.call("create_directory", {"name": "y", "parent_id": x["id"]})
+    await admin.call("move_directory", {"folder_id": x["id"], "parent_id": a["id"]})
+    message = await expect_error(admin, 400, "move_directory",
+                                 {"folder_id": x["id"], "parent_id": b["id"]})
+    assert "this would make 4" in message
+    info = await admin.call("get_directory_info", {"folder_id": x["id"]})
+    assert info["parent_id"] == a["id"]

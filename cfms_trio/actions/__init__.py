@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
+from ..storage.documents import NAME_MAX_CHARS
 from . import accounts, backup_export, backup_import, documents, session, transfer
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)
@@ -13,7 +14,7 @@ FOLDER = object_id()
 PARENT = object_id(required=False, nullable=True)  # null or absent: the root
 DOCUMENT = object_id()
 RULES = optional(dict, default={})
-OBJECT_NAME = name_field(255)
+OBJECT_NAME = name_field(NAME_MAX_CHARS)
 
 ROUTES: list[Route] = [
     # sessions and events

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import auth
 from ..dispatch import Context
-from ..errors import BadRequest, DeadlinePassed, Forbidden
+from ..errors import BadRequest, Conflict, DeadlinePassed, Forbidden
 from ..storage import backup_rows, transfers
 
 START_MESSAGE = "Import started. Use get_backup_import_status to check progress."
@@ -22,6 +22,10 @@ async def initiate_backup_import(ctx: Context, data: dict) -> dict:
     ctx.audit_target = task_id
 
     def create(m):
+        pending = backup_rows.pending_imports_of(m, owner)
+        if pending >= app.settings.limits.pending_imports_per_user:
+            raise Conflict(f"you already have {pending} pending imports (the limit); start "
+                           "or let them time out before initiating another")
         archive_file_id, key_file_id = auth.new_id(), auth.new_id()
         m.File.create(id=archive_file_id, path=f"{IMPORT_DIR}/{archive_file_id}.cfms.enc",
                       created_time=now, active=False)

@@ -20,7 +20,7 @@ from typing import Callable
 from ..config import ArchiveLimits
 from ..errors import ArchiveError, ArchiveLimitExceeded, CfmsError, Conflict
 from ..storage import restore_rows
-from ..storage.documents import MAX_TREE_DEPTH
+from ..storage.documents import MAX_TREE_DEPTH, NAME_MAX_CHARS
 from .archive import BackupContents, read_backup_archive, validate_references
 from .keyfile import parse_key_file
 
@@ -68,6 +68,7 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
     report("Loading metadata", 0.0)
     validate_references(contents)
     check_folder_depth(contents.folders)
+    check_names(contents)
     _check_abort(abort)
     return contents
 
@@ -90,6 +91,26 @@ def check_folder_depth(folders: list[dict]) -> None:
             if level > MAX_TREE_DEPTH:
                 raise ArchiveError(f"folder {folder_id!r} is nested {level} levels deep; "
                                    f"this server allows at most {MAX_TREE_DEPTH}")
+
+
+def check_names(contents: BackupContents) -> None:
+    """Hold restored objects to the rules the API keeps: names and titles of 1 to
+    NAME_MAX_CHARS characters, unique among siblings. A backup that breaks them (possible only
+    from an old or hand-made archive) would leave objects no client can rename or tell apart."""
+    seen: set[tuple] = set()
+    for kind, items, name_field, parent_field in (
+            ("folder", contents.folders, "name", "parent_id"),
+            ("document", contents.documents, "title", "folder_id")):
+        for item in items:
+            name = item[name_field]
+            if not 1 <= len(name) <= NAME_MAX_CHARS:
+                raise ArchiveError(f"{kind} {item['id']!r}: {name_field} must be 1 to "
+                                   f"{NAME_MAX_CHARS} characters long")
+            key = (kind, item[parent_field], name)
+            if key in seen:
+                where = f"folder {item[parent_field]!r}" if item[parent_field] else "the root"
+                raise ArchiveError(f"two {kind}s named {name!r} in {where}")
+            seen.add(key)
 
 
 class FileMover:
@@ -126,7 +147,8 @@ def commit_restore(m, contents: BackupContents, mover: FileMover, restore_prefix
     Raises Conflict naming an id that already exists. The transaction commits when this
     returns; if anything here or in the commit fails, the caller calls `mover.take_back()`.
     """
-    collision = restore_rows.find_collision(m, contents)
+    collision = (restore_rows.find_collision(m, contents)
+                 or restore_rows.find_root_name_clash(m, contents))
     if collision:
         raise Conflict(collision)
     report("Importing files", 0.0)

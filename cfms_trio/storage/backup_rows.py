@@ -7,13 +7,21 @@ import json
 from ..errors import Conflict, NotFound
 
 
+def _raw_rows(m, query):
+    """The rows of `query` straight from the sqlite3 cursor: plain tuples, without peewee's
+    per-value conversions (these columns already come back as the right Python types)."""
+    return m.db.execute(query)
+
+
 def _rules_by_object(m, object_type: str) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
-    rows = (m.AccessRule.select().where(m.AccessRule.object_type == object_type)
+    rows = (m.AccessRule.select(m.AccessRule.object_id, m.AccessRule.id,
+                                m.AccessRule.access_type, m.AccessRule.rule_data)
+            .where(m.AccessRule.object_type == object_type)
             .order_by(m.AccessRule.object_id, m.AccessRule.access_type, m.AccessRule.seq))
-    for row in rows.iterator():
-        out.setdefault(row.object_id, []).append(
-            {"id": row.id, "access_type": row.access_type, "rule_data": json.loads(row.rule_data)})
+    for object_id, rule_id, access_type, rule_data in _raw_rows(m, rows):
+        out.setdefault(object_id, []).append(
+            {"id": rule_id, "access_type": access_type, "rule_data": json.loads(rule_data)})
     return out
 
 
@@ -22,43 +30,54 @@ def snapshot(m) -> dict:
 
     Revisions whose content was never uploaded are left out: they hold nothing to restore.
     Folders come parents first; revisions oldest first. Files carry relative paths for the
-    exporter only; the archive never contains them.
+    exporter only; the archive never contains them. Rows are read as plain tuples: a model
+    instance per row took most of the time of an export of 100,000 small documents.
     """
     with m.db.atomic():
         folder_rules = _rules_by_object(m, "folder")
         document_rules = _rules_by_object(m, "document")
         children: dict[str | None, list] = {}
-        for f in m.Folder.select().order_by(m.Folder.created_time, m.Folder.id).iterator():
-            children.setdefault(f.parent_id, []).append(f)
+        folder_rows = (m.Folder.select(m.Folder.id, m.Folder.name, m.Folder.parent,
+                                       m.Folder.created_time)
+                       .order_by(m.Folder.created_time, m.Folder.id))
+        for row in _raw_rows(m, folder_rows):
+            children.setdefault(row[2], []).append(row)
         folders, frontier = [], [None]
         while frontier:
             next_frontier = []
             for parent_id in frontier:
-                for f in children.get(parent_id, []):
-                    folders.append({"id": f.id, "name": f.name, "parent_id": f.parent_id,
-                                    "created_time": f.created_time,
-                                    "access_rules": folder_rules.get(f.id, [])})
-                    next_frontier.append(f.id)
+                for folder_id, name, parent, created_time in children.get(parent_id, []):
+                    folders.append({"id": folder_id, "name": name, "parent_id": parent,
+                                    "created_time": created_time,
+                                    "access_rules": folder_rules.get(folder_id, [])})
+                    next_frontier.append(folder_id)
             frontier = next_frontier
 
         revisions: dict[str, list] = {}
         files, file_paths = [], {}
-        query = (m.Revision.select(m.Revision, m.File).join(m.File)
+        query = (m.Revision.select(m.Revision.document, m.Revision.id, m.Revision.created_time,
+                                   m.File.id, m.File.sha256, m.File.size, m.File.created_time,
+                                   m.File.path)
+                 .join(m.File)
                  .where(m.File.active == True)  # noqa: E712
                  .order_by(m.Revision.document, m.Revision.seq))
-        for r in query.iterator():
-            revisions.setdefault(r.document_id, []).append(
-                {"id": r.id, "file_id": r.file.id, "created_time": r.created_time})
-            if r.file.id not in file_paths:
-                files.append({"id": r.file.id, "sha256": r.file.sha256, "size": r.file.size,
-                              "created_time": r.file.created_time})
-                file_paths[r.file.id] = r.file.path
-        documents = [{"id": d.id, "title": d.title, "folder_id": d.folder_id,
-                      "created_time": d.created_time,
-                      "access_rules": document_rules.get(d.id, []),
-                      "revisions": revisions.get(d.id, [])}
-                     for d in m.Document.select().order_by(m.Document.created_time,
-                                                           m.Document.id).iterator()]
+        for (document_id, revision_id, revision_time, file_id, sha256, size, file_time,
+             path) in _raw_rows(m, query):
+            revisions.setdefault(document_id, []).append(
+                {"id": revision_id, "file_id": file_id, "created_time": revision_time})
+            if file_id not in file_paths:
+                files.append({"id": file_id, "sha256": sha256, "size": size,
+                              "created_time": file_time})
+                file_paths[file_id] = path
+        document_rows = (m.Document.select(m.Document.id, m.Document.title, m.Document.folder,
+                                           m.Document.created_time)
+                         .order_by(m.Document.created_time, m.Document.id))
+        documents = [{"id": document_id, "title": title, "folder_id": folder_id,
+                      "created_time": created_time,
+                      "access_rules": document_rules.get(document_id, []),
+                      "revisions": revisions.get(document_id, [])}
+                     for document_id, title, folder_id, created_time
+                     in _raw_rows(m, document_rows)]
     return {"folders": folders, "documents": documents, "files": files,
             "file_paths": file_paths}
 
@@ -133,3 +152,9 @@ def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
 def tasks_in_status(m, operation: str, status: str) -> list[dict]:
     return [backup_task_dict(t) for t in m.BackupTask.select().where(
         (m.BackupTask.operation == operation) & (m.BackupTask.status == status))]
+
+
+def pending_imports_of(m, username: str) -> int:
+    return m.BackupTask.select().where((m.BackupTask.username == username)
+                                       & (m.BackupTask.operation == "import")
+                                       & (m.BackupTask.status == "pending")).count()

@@ -13,7 +13,8 @@ from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..permissions import Principal, rules_allow
 
 SYSOP_GROUP = "sysop"
-MAX_TREE_DEPTH = 1000
+MAX_TREE_DEPTH = 1000  # levels of folders; deeper trees are refused, by the API and by imports
+NAME_MAX_CHARS = 255  # folder names and document titles
 
 
 # -- access rules ------------------------------------------------------------------------------
@@ -162,8 +163,17 @@ def folder_dict(folder) -> dict:
             "created_time": folder.created_time}
 
 
+def _check_depth(m, parent_id: str | None, levels: int) -> None:
+    """Placing `levels` levels of folders under `parent_id` must stay within MAX_TREE_DEPTH."""
+    depth = len(folder_chain(m, parent_id)) + levels
+    if depth > MAX_TREE_DEPTH:
+        raise BadRequest(f"folders may be nested at most {MAX_TREE_DEPTH} levels deep "
+                         f"(this would make {depth})")
+
+
 def create_folder(m, principal, name: str, parent_id: str | None, rules: dict, now: float) -> dict:
     _check_container_write(m, principal, parent_id)
+    _check_depth(m, parent_id, 1)
     if _sibling_folder_exists(m, parent_id, name):
         raise Conflict(f"a folder named '{name}' already exists here")
     folder = m.Folder.create(id=auth.new_id(), name=name, parent=parent_id, created_time=now)
@@ -219,11 +229,21 @@ def move_folder(m, principal, folder_id: str, parent_id: str | None) -> dict:
         if folder.id in folder_chain(m, parent_id):
             raise BadRequest("a folder cannot be moved under itself or one of its descendants")
     _check_container_write(m, principal, parent_id)
+    _check_depth(m, parent_id, _subtree_levels(m, folder.id))
     if _sibling_folder_exists(m, parent_id, folder.name, exclude=folder.id):
         raise Conflict(f"a folder named '{folder.name}' already exists there")
     folder.parent = parent_id
     folder.save()
     return folder_dict(folder)
+
+
+def _subtree_levels(m, folder_id: str) -> int:
+    """How many levels the folder and its descendants span (1 for a folder with no subfolders)."""
+    levels, frontier = 0, [folder_id]
+    while frontier:
+        levels += 1
+        frontier = [f.id for f in m.Folder.select(m.Folder.id).where(m.Folder.parent.in_(frontier))]
+    return levels
 
 
 def _subtree(m, folder_id: str) -> list[str]:

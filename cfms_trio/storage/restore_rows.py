@@ -1,17 +1,20 @@
 """Writing a restored backup's rows: collision checks and bulk inserts (blocking).
 
 These run inside the restore's single write transaction, so either every row of the backup
-lands or none does.
+lands or none does. They speak SQL to the store's own sqlite3 connection (the one holding that
+transaction) rather than through peewee queries: for a backup of 100,000 documents, building
+each batch's SQL value by value in peewee took several times longer than SQLite's own work.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 from typing import Callable, Iterable
 
 
-INSERT_BATCH_ROWS = 500
-LOOKUP_BATCH_IDS = 900
+INSERT_BATCH_ROWS = 5000  # rows per executemany call (one progress report each)
+LOOKUP_BATCH_IDS = 900  # ids per IN (...) lookup; SQLite allows at least 999 parameters
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -20,9 +23,14 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def _existing_ids(model, ids: list[str]) -> list[str]:
+    meta = model._meta
+    cursor = meta.database.cursor()
     found = []
     for batch in _batches(ids, LOOKUP_BATCH_IDS):
-        found.extend(r.id for r in model.select(model.id).where(model.id.in_(batch)))
+        marks = ", ".join("?" * len(batch))
+        cursor.execute(f'SELECT "{meta.primary_key.column_name}" FROM "{meta.table_name}" '
+                       f'WHERE "{meta.primary_key.column_name}" IN ({marks})', batch)
+        found.extend(row[0] for row in cursor)
     return found
 
 
@@ -76,8 +84,17 @@ def _rule_rows(object_type: str, owner: dict) -> list[dict]:
 
 
 def _insert(model, rows: list[dict], progress: Callable[[int], None] | None = None) -> None:
+    """Insert `rows` (dicts keyed by field name, all with the same fields) with executemany."""
+    if not rows:
+        return
+    meta = model._meta
+    fields = list(rows[0])
+    columns = ", ".join(f'"{meta.fields[name].column_name}"' for name in fields)
+    sql = f'INSERT INTO "{meta.table_name}" ({columns}) VALUES ({", ".join("?" * len(fields))})'
+    values_of = operator.itemgetter(*fields)
+    cursor = meta.database.cursor()
     for batch in _batches(rows, INSERT_BATCH_ROWS):
-        model.insert_many(batch).execute()
+        cursor.executemany(sql, map(values_of, batch))
         if progress:
             progress(len(batch))
 
@@ -121,3 +138,22 @@ def insert_documents(m, documents: list[dict], progress: Callable[[float], None]
 def restored_file_ids(m, prefix: str) -> set[str]:
     """Ids of File rows whose content lives under `prefix` (for the orphan sweep)."""
     return {f.id for f in m.File.select(m.File.id).where(m.File.path.startswith(prefix))}
+
+
+def find_root_name_clash(m, contents) -> str | None:
+    """A description of a restored top-level folder or document whose name is already taken
+    at the root of this store, or None. (Below the root every parent is new, and the archive
+    itself was checked for duplicate sibling names.)"""
+    checks = (
+        (m.Folder, m.Folder.name, m.Folder.parent, "folder", "name",
+         [f["name"] for f in contents.folders if f["parent_id"] is None]),
+        (m.Document, m.Document.title, m.Document.folder, "document", "title",
+         [d["title"] for d in contents.documents if d["folder_id"] is None]),
+    )
+    for model, column, parent, kind, what, names in checks:
+        for batch in _batches(names, LOOKUP_BATCH_IDS):
+            row = model.select(column).where(parent.is_null() & column.in_(batch)).first()
+            if row is not None:
+                return (f"a {kind} with the {what} {getattr(row, what)!r} already exists at "
+                        "the root of this server")
+    return None

@@ -101,17 +101,17 @@ def _dataset(prefix: str, blobs: dict[str, bytes]) -> dict:
     p = prefix
     ids = list(blobs)
     folders = [
-        {"id": f"{p}f1", "name": "Top", "parent_id": None, "created_time": 1.5,
+        {"id": f"{p}f1", "name": f"{p}Top", "parent_id": None, "created_time": 1.5,
          "access_rules": [{"id": f"{p}r1", "access_type": "read", "rule_data": RULE}]},
-        {"id": f"{p}f2", "name": "Inner", "parent_id": f"{p}f1", "created_time": 2.5,
+        {"id": f"{p}f2", "name": f"{p}Inner", "parent_id": f"{p}f1", "created_time": 2.5,
          "access_rules": []},
     ]
     documents = [
-        {"id": f"{p}d1", "title": "Report", "folder_id": f"{p}f2", "created_time": 3.5,
+        {"id": f"{p}d1", "title": f"{p}Report", "folder_id": f"{p}f2", "created_time": 3.5,
          "access_rules": [{"id": f"{p}r2", "access_type": "write", "rule_data": RULE}],
          "revisions": [{"id": f"{p}v1", "file_id": ids[0], "created_time": 3.5},
                        {"id": f"{p}v2", "file_id": ids[1], "created_time": 4.5}]},
-        {"id": f"{p}d2", "title": "Note", "folder_id": None, "created_time": 5.5,
+        {"id": f"{p}d2", "title": f"{p}Note", "folder_id": None, "created_time": 5.5,
          "access_rules": [], "revisions": [{"id": f"{p}v3", "file_id": ids[2],
                                             "created_time": 5.5}]},
     ]
@@ -507,6 +507,47 @@ def folder_tree_too_deep() -> Case:
     """Deeper than the server's MAX_TREE_DEPTH: it would refuse to serve the deepest folders."""
     return v2_case(folder_chain_dataset(MAX_TREE_DEPTH + 1),
                    f"folder 'hc{MAX_TREE_DEPTH + 1}' is nested {MAX_TREE_DEPTH + 1} levels deep")
+
+
+@case
+def duplicate_sibling_folder_names() -> Case:
+    """Two folders of one name under one parent: the API never makes this, clients could not
+    tell them apart."""
+    dataset = base_dataset()
+    dataset["folders"].append({"id": "hf3", "name": "hInner", "parent_id": "hf1",
+                               "created_time": 2.5, "access_rules": []})
+    dataset["metadata"] = metadata_for(dataset)
+    return v2_case(dataset, "two folders named 'hInner' in folder 'hf1'")
+
+
+@case
+def duplicate_document_titles_at_root() -> Case:
+    dataset = base_dataset()
+    dataset["documents"][0]["folder_id"] = None
+    dataset["documents"][0]["title"] = "hNote"
+    return v2_case(dataset, "two documents named 'hNote' in the root")
+
+
+@case
+def document_title_too_long() -> Case:
+    dataset = base_dataset()
+    dataset["documents"][1]["title"] = "x" * 256
+    return v2_case(dataset, "document 'hd2': title must be 1 to 255 characters long")
+
+
+@case
+def root_folder_name_taken_on_server() -> Case:
+    """Ids are new but a top-level folder's name is taken at the server's root."""
+    dataset = base_dataset()
+    dataset["folders"][0]["name"] = "seed-Top"
+    return v2_case(dataset, "a folder with the name 'seed-Top' already exists at the root")
+
+
+@case
+def root_document_title_taken_on_server() -> Case:
+    dataset = base_dataset()
+    dataset["documents"][1]["title"] = "seed-Note"
+    return v2_case(dataset, "a document with the title 'seed-Note' already exists at the root")
 
 
 @case

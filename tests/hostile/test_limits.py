@@ -66,7 +66,7 @@ ARCHIVE_LIMITS = {
     "member_count_legacy": ("legacy", {"member_count": 5},
                             "archive has more than the limit of 5 members"),
     "json_member_bytes": ("v2", {"json_member_bytes": 300},
-                          "archive member folders.json is 384 bytes; the limit is 300 bytes"),
+                          "archive member folders.json is 386 bytes; the limit is 300 bytes"),
     "json_depth": ("v2", {"json_depth": 4},
                    "archive member folders.json nests deeper than the limit of 4"),
     "zstd_window_bytes": ("v2_zstd", {"zstd_window_bytes": 1024 * 1024},
