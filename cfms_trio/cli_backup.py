@@ -10,9 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from .backup.archive import read_backup_archive, validate_references
+from .backup.archive import BackupContents, read_backup_archive
 from .backup.export import default_backup_name, export_store
-from .backup.restore import read_key_file
+from .backup.restore import check_contents, read_key_file
 from .config import ArchiveLimits
 from .errors import CfmsError
 from .storage import Store
@@ -53,8 +53,9 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_archive(archive: Path, key: Path):
-    """Read and fully verify an archive into a throwaway staging folder."""
+def _read_archive(archive: Path, key: Path) -> BackupContents:
+    """Read and fully verify an archive into a throwaway staging folder, with every check an
+    import would make before touching a store."""
     limits = ArchiveLimits()
     key_info = read_key_file(key, limits)
     if key_info.archive_sha256 and _sha256_file(archive) != key_info.archive_sha256:
@@ -63,17 +64,24 @@ def _read_archive(archive: Path, key: Path):
         with open(archive, "rb") as f:
             contents = read_backup_archive(f, key_info, Path(tmp) / "files", limits,
                                            archive_size=archive.stat().st_size)
-        validate_references(contents)
+        check_contents(contents)
     return contents
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace) -> tuple[BackupContents | None, int]:
+    """The verified contents, or None and the exit code after printing why."""
     try:
-        contents = _read_archive(Path(args.archive), Path(args.key))
+        return _read_archive(Path(args.archive), Path(args.key)), 0
     except CfmsError as err:
-        return _fail(err.message)
+        return None, _fail(err.message)
     except OSError as err:
-        return _fail(f"{err.strerror}: {err.filename}")
+        return None, _fail(f"{err.strerror}: {err.filename}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    contents, failed = _load(args)
+    if contents is None:
+        return failed
     total = sum(f["size"] for f in contents.files)
     print(f"OK: format {contents.format_version}, {len(contents.folders)} folders, "
           f"{len(contents.documents)} documents, {len(contents.files)} files, {total} file bytes; "
@@ -82,12 +90,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    try:
-        contents = _read_archive(Path(args.archive), Path(args.key))
-    except CfmsError as err:
-        return _fail(err.message)
-    except OSError as err:
-        return _fail(f"{err.strerror}: {err.filename}")
+    contents, failed = _load(args)
+    if contents is None:
+        return failed
     if args.json:
         json.dump({"metadata": contents.metadata, "folders": contents.folders,
                    "documents": contents.documents, "files": contents.files}, sys.stdout,

@@ -220,3 +220,18 @@ async def test_demo_client_imports_a_backup_into_a_running_server(exported, tmp_
         assert again.returncode == 1
         assert "import failed" in again.stderr.decode()
         assert "already exists" in again.stderr.decode()
+
+
+async def test_backup_verify_makes_the_checks_an_import_makes(tmp_path):
+    """An archive whose segments and files are all intact but which an import would refuse
+    (two sibling folders of one name) fails `verify` too, with the import's message."""
+    from hostile import corpus
+
+    case = corpus.duplicate_sibling_folder_names()
+    archive, key = tmp_path / "dup.cfms.enc", tmp_path / "dup.key"
+    archive.write_bytes(case.archive)
+    key.write_bytes(case.key)
+    done = await run_cli(*cli_command("backup", "verify", str(archive), str(key)))
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, done
+    assert stderr == f"error: {case.expected}\n"

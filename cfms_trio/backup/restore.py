@@ -66,11 +66,17 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
         contents = read_backup_archive(archive, key_info, staging_dir, limits,
                                        progress=on_bytes, archive_size=archive_size)
     report("Loading metadata", 0.0)
+    check_contents(contents)
+    _check_abort(abort)
+    return contents
+
+
+def check_contents(contents: BackupContents) -> None:
+    """Every check of a backup's listings that needs no database: references and cycles, tree
+    depth, names. Shared by the import and `cfms-trio backup verify`."""
     validate_references(contents)
     check_folder_depth(contents.folders)
     check_names(contents)
-    _check_abort(abort)
-    return contents
 
 
 def check_folder_depth(folders: list[dict]) -> None:
