@@ -24,11 +24,15 @@ import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from .transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
+from .transfer.pipeline import send_ahead
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 HASH_READ_BYTES = 1024 * 1024
 
 TRANSFER_ACTIONS = ("transfer_file", "ready")
+# Chunks read and sealed ahead of the one being sent: disk and crypto work in a worker thread
+# overlaps with framing and sending on the event loop, at the cost of this many chunks of memory.
+UPLOAD_READ_AHEAD_CHUNKS = 2
 CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 EVENT_QUEUE = 1024
 WS_RECEIVE_BYTES = 256 * 1024  # per TLS read; the library default of 4 KiB slows transfers
@@ -184,21 +188,25 @@ class Client:
             reply = None
             first = offset // chunk_size
             last = chunk_count(size, chunk_size)
+
+            async def send(index: int, sealed: bytes) -> bool:
+                nonlocal reply
+                await self.ws.send_message(sealed)
+                if progress:
+                    progress(min(size, (index + 1) * chunk_size), size)
+                try:
+                    # The server only answers before the last chunk when it gave up:
+                    # stop sending what it would reject anyway.
+                    reply = self._replies.receive_nowait()
+                    return True
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    return False
+
             with open(path, "rb") as f:
                 f.seek(offset)
-                for index in range(first, last):
-                    sealed = await trio.to_thread.run_sync(_read_and_seal, f, chunk_size, key,
-                                                           prefix, index)
-                    await self.ws.send_message(sealed)
-                    if progress:
-                        progress(min(size, (index + 1) * chunk_size), size)
-                    try:
-                        # The server only answers before the last chunk when it gave up:
-                        # stop sending what it would reject anyway.
-                        reply = self._replies.receive_nowait()
-                        break
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        pass
+                await send_ahead(range(first, last),
+                                 lambda index: _read_and_seal(f, chunk_size, key, prefix, index),
+                                 send, depth=UPLOAD_READ_AHEAD_CHUNKS)
             if reply is None:
                 reply = await self.receive_reply()
             if last > first and (isinstance(reply, bytes) or reply.get("code") != 200):
@@ -224,6 +232,8 @@ class Client:
             if progress:
                 progress(offset, size)
             mode = "r+b" if offset and path.exists() else "wb"
+            # A whole download is hashed as it is written; a resumed one is read back at the end.
+            digest = None if offset else hashlib.sha256()
             with open(path, mode) as f:
                 f.seek(offset)
                 f.truncate(offset)
@@ -233,16 +243,20 @@ class Client:
                         # only an error can come instead of a chunk; it ends the download
                         self._final_data(sealed)
                         raise ClientError(0, "protocol error: expected a binary chunk")
+                    # Meanwhile the reader task keeps receiving the next chunks.
                     try:
-                        plaintext = open_chunk(key, prefix, index, sealed)
+                        await trio.to_thread.run_sync(_open_and_write, f, digest, key, prefix,
+                                                      index, sealed)
                     except ChunkTagError as err:
                         await self._resync()
                         raise ClientError(0, f"download failed: {err}") from None
-                    await trio.to_thread.run_sync(f.write, plaintext)
                     if progress:
                         progress(min(size, (index + 1) * chunk_size), size)
             result = self._final_data(await self.receive_reply())
-        actual = await trio.to_thread.run_sync(file_sha256, path)
+        if digest is not None:
+            actual = digest.hexdigest()
+        else:
+            actual = await trio.to_thread.run_sync(file_sha256, path)
         if actual != header["sha256"]:
             raise ClientError(0, "downloaded file does not match its sha256")
         return result
@@ -311,3 +325,11 @@ def file_sha256(path: str | Path) -> str:
 
 def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) -> bytes:
     return seal_chunk(key, prefix, index, f.read(chunk_size))
+
+
+def _open_and_write(f, digest, key: bytes, prefix: bytes, index: int, sealed: bytes) -> None:
+    """Verify and decrypt one downloaded chunk, append it to `f` and to `digest` (if any)."""
+    plaintext = open_chunk(key, prefix, index, sealed)
+    f.write(plaintext)
+    if digest is not None:
+        digest.update(plaintext)

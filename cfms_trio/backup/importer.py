@@ -18,6 +18,7 @@ import trio
 from ..errors import CfmsError
 from ..protocol import event
 from ..storage import backup_rows
+from .gc_pause import cyclic_gc_paused
 from .restore import FileMover, ImportAborted, commit_restore, describe_os_error, remove_tree, unpack
 
 if TYPE_CHECKING:
@@ -143,16 +144,20 @@ async def run_import(app: "App", job: ImportJob) -> None:
     report = job.stage_reporter()
     outcome: dict = {}
     try:
-        contents = await trio.to_thread.run_sync(
-            unpack, archive_path, key_path, staging, limits, report, job.abort,
-            limiter=app.io_limiter)
-        counts = {"documents_count": len(contents.documents),
-                  "folders_count": len(contents.folders), "files_count": len(contents.files)}
-        await app.store.write(backup_rows.update_backup_task, task_id,
-                              current_step=job.progress.step,
-                              progress_percent=job.progress.percent, **counts)
-        await app.store.write(commit_restore, contents, mover, RESTORE_PREFIX, report,
-                              job.abort)
+        # The listings of a large backup would make every full collection stall the event
+        # loop; they are dropped before collection resumes.
+        with cyclic_gc_paused():
+            contents = await trio.to_thread.run_sync(
+                unpack, archive_path, key_path, staging, limits, report, job.abort,
+                limiter=app.io_limiter)
+            counts = {"documents_count": len(contents.documents),
+                      "folders_count": len(contents.folders), "files_count": len(contents.files)}
+            await app.store.write(backup_rows.update_backup_task, task_id,
+                                  current_step=job.progress.step,
+                                  progress_percent=job.progress.percent, **counts)
+            await app.store.write(commit_restore, contents, mover, RESTORE_PREFIX, report,
+                                  job.abort)
+            del contents
         job.progress.report("Restore completed", 1.0)
         outcome = {"status": "completed", "current_step": "Restore completed",
                    "progress_percent": 100, "error_message": None, **counts}

@@ -20,12 +20,15 @@ from ..protocol import event
 from ..storage import transfers
 from .crypto import TAG_BYTES, ChunkTagError, chunk_count, new_session
 from .files import PartialUpload, SealedReader
+from .pipeline import send_ahead
 
 if TYPE_CHECKING:
     from ..dispatch import Context
 
 log = logging.getLogger(__name__)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# Chunks a download reads and seals ahead of the one being sent.
+DOWNLOAD_READ_AHEAD_CHUNKS = 2
 
 
 def _b64(data: bytes) -> str:
@@ -165,10 +168,13 @@ async def send_download(ctx: "Context", task: dict, offset: int) -> dict:
                 raise BadRequest("expected a 'ready' message")
             first = offset // chunk_size
             await trio.to_thread.run_sync(reader.seek_chunk, first)
-            for index in range(first, chunk_count(size, chunk_size)):
-                sealed = await trio.to_thread.run_sync(reader.read_sealed, index,
-                                                       limiter=app.io_limiter)
+
+            async def send(index: int, sealed: bytes) -> bool:
                 await conn.send_bytes(sealed)
+                return False
+
+            await send_ahead(range(first, chunk_count(size, chunk_size)), reader.read_sealed,
+                             send, depth=DOWNLOAD_READ_AHEAD_CHUNKS, limiter=app.io_limiter)
         if scope.cancelled_caught:
             raise DeadlinePassed(f"download task '{task['task_id']}' expired during the download")
     finally:
