@@ -21,7 +21,7 @@ from ..config import ArchiveLimits
 from ..errors import ArchiveError, ArchiveLimitExceeded, CfmsError, Conflict
 from ..storage import restore_rows
 from ..storage.documents import MAX_TREE_DEPTH, NAME_MAX_CHARS
-from .archive import BackupContents, read_backup_archive, validate_references
+from .archive import BackupContents, read_backup_archive
 from .keyfile import parse_key_file
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
@@ -72,9 +72,9 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
 
 
 def check_contents(contents: BackupContents) -> None:
-    """Every check of a backup's listings that needs no database: references and cycles, tree
-    depth, names. Shared by the import and `cfms-trio backup verify`."""
-    validate_references(contents)
+    """The checks of this server's own rules that need no database: tree depth and names.
+    Shared by the import and `cfms-trio backup verify`. References and cycles were already
+    checked by `read_backup_archive`, which returns only contents that passed them."""
     check_folder_depth(contents.folders)
     check_names(contents)
 
