@@ -27,14 +27,16 @@ def _run(args, flow) -> int:
     password = _password(args)
 
     async def main():
-        async with open_client(args.server, cafile=args.cafile, insecure=args.insecure) as client:
+        async with open_client(args.server, cafile=args.cafile, insecure=args.insecure,
+                               check_certificate_first=True) as client:
             await client.login(args.username, password)
             return await flow(client)
 
     try:
         return trio.run(main)
     except ClientError as err:
-        print(f"error: {err.message} (code {err.code})", file=sys.stderr)
+        code = f" (code {err.code})" if err.code else ""  # 0: found by the client itself
+        print(f"error: {err.message}{code}", file=sys.stderr)
     except (OSError, HandshakeError, ConnectionClosed) as err:
         print(f"error: cannot talk to {args.server}: {err}", file=sys.stderr)
     return 1

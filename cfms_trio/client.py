@@ -19,6 +19,7 @@ import json
 import ssl
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
@@ -35,6 +36,8 @@ TRANSFER_ACTIONS = ("transfer_file", "ready")
 UPLOAD_READ_AHEAD_CHUNKS = 2
 CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 EVENT_QUEUE = 1024
+DEFAULT_PORT = 5104
+TLS_CHECK_TIMEOUT_S = 30
 WS_RECEIVE_BYTES = 256 * 1024  # per TLS read; the library default of 4 KiB slows transfers
 
 
@@ -289,13 +292,40 @@ class Client:
         await self.ws.aclose()
 
 
+async def check_tls(url: str, ssl_context: ssl.SSLContext) -> None:
+    """Complete one TLS handshake with the server of a wss:// URL, raising ClientError with
+    advice when its certificate is not trusted. (trio-websocket reports a failed certificate
+    check only as a connection timeout, after a minute; this answers at once.)"""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "localhost", parts.port or DEFAULT_PORT
+    with trio.fail_after(TLS_CHECK_TIMEOUT_S):
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
+        try:
+            await stream.do_handshake()
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                raise ClientError(0, f"the certificate of {host}:{port} is not trusted "
+                                     f"({exc.__cause__.verify_message}); trust the server's "
+                                     "certificate (its content/tls/cert.pem; --cafile on the "
+                                     "command line) or connect insecurely (--insecure)") from None
+            raise
+        finally:
+            await trio.aclose_forcefully(stream)
+
+
 @contextlib.asynccontextmanager
 async def open_client(url: str, *, cafile: str | Path | None = None, insecure: bool = False,
                       ssl_context: ssl.SSLContext | None = None,
-                      max_message_size: int = CLIENT_FRAME_LIMIT_BYTES) -> AsyncIterator[Client]:
-    """Connect to a server; the connection closes when the block ends."""
+                      max_message_size: int = CLIENT_FRAME_LIMIT_BYTES,
+                      check_certificate_first: bool = False) -> AsyncIterator[Client]:
+    """Connect to a server; the connection closes when the block ends.
+
+    `check_certificate_first` makes one extra TLS handshake so that an untrusted certificate
+    is reported at once and clearly (the command-line tools use it)."""
     if url.startswith("wss://") and ssl_context is None:
         ssl_context = client_ssl_context(cafile, insecure)
+    if check_certificate_first and url.startswith("wss://"):
+        await check_tls(url, ssl_context)
     async with open_websocket_url(url, ssl_context=ssl_context,
                                   max_message_size=max_message_size,
                                   receive_buffer_size=WS_RECEIVE_BYTES) as ws:

@@ -79,7 +79,7 @@ def step(text: str) -> None:
 async def fetch_from_source(args, out_dir: Path) -> tuple[Path, Path]:
     password = read_password(args.source_password_file, f"{args.source_username} on source")
     async with open_client(args.export_from, cafile=args.source_cafile or args.cafile,
-                           insecure=args.insecure) as source:
+                           insecure=args.insecure, check_certificate_first=True) as source:
         step(f"logging in to source {args.export_from}")
         await source.login(args.source_username, password)
         step("generating a backup on the source and downloading it")
@@ -99,7 +99,8 @@ async def run(args) -> int:
         else:
             archive, key = Path(args.archive), Path(args.key)
         password = read_password(args.password_file, args.username)
-        async with open_client(args.server, cafile=args.cafile, insecure=args.insecure) as client:
+        async with open_client(args.server, cafile=args.cafile, insecure=args.insecure,
+                               check_certificate_first=True) as client:
             step(f"logging in to {args.server} as {args.username}")
             await client.login(args.username, password)
             if args.listen:

@@ -225,3 +225,25 @@ async def test_size_limit_flags_reach_the_server(tmp_path):
                 (tmp_path / "one-k").write_bytes(b"y" * 1024)
                 assert (await client.upload_file(created["task_id"], tmp_path / "one-k"))["size"] == 1024
         assert await served.stop(signal.SIGTERM) == 0
+
+
+async def test_client_command_reports_an_untrusted_certificate_at_once(tmp_path):
+    """Without --cafile the self-signed certificate is refused with advice, in seconds
+    rather than after the WebSocket library's one-minute connection timeout."""
+    root = tmp_path / "root"
+    (tmp_path / "a.cfms.enc").write_bytes(b"x")
+    (tmp_path / "a.key").write_bytes(b"{}")
+    (tmp_path / "pw").write_text("pw-for-tls")
+    async with run_serve(root, admin_password="pw-for-tls") as served:
+        url = await served.wait_listening()
+        with trio.fail_after(20):
+            done = await trio.run_process(
+                [sys.executable, "-m", "cfms_trio", "client", "backup-import", "--server", url,
+                 "--password-file", str(tmp_path / "pw"), "--archive",
+                 str(tmp_path / "a.cfms.enc"), "--key", str(tmp_path / "a.key")],
+                capture_stdout=True, capture_stderr=True, check=False)
+        stderr = done.stderr.decode()
+        assert done.returncode == 1
+        assert stderr.startswith("error: the certificate of 127.0.0.1:")
+        assert "is not trusted" in stderr and "--cafile" in stderr
+        assert "Traceback" not in stderr
