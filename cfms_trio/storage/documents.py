@@ -140,22 +140,27 @@ def set_rules(m, principal, object_type: str, object_id: str, rules: dict) -> di
 
 # -- folders ------------------------------------------------------------------------------------
 
-def _sibling_folder_exists(m, parent_id, name, exclude=None) -> bool:
-    query = m.Folder.select().where((m.Folder.parent == parent_id) if parent_id
-                                    else m.Folder.parent.is_null())
-    query = query.where(m.Folder.name == name)
+def _in_folder(parent_field, folder_id: str | None):
+    """The condition "directly in `folder_id`" (None: at the root)."""
+    return (parent_field == folder_id) if folder_id else parent_field.is_null()
+
+
+def _sibling_exists(model, parent_field, name_field, folder_id, name, exclude=None) -> bool:
+    """Whether `folder_id` (None: the root) already holds an object of `model` named `name`,
+    other than `exclude`."""
+    query = model.select().where(_in_folder(parent_field, folder_id) & (name_field == name))
     if exclude:
-        query = query.where(m.Folder.id != exclude)
+        query = query.where(model.id != exclude)
     return query.exists()
+
+
+def _sibling_folder_exists(m, parent_id, name, exclude=None) -> bool:
+    return _sibling_exists(m.Folder, m.Folder.parent, m.Folder.name, parent_id, name, exclude)
 
 
 def _sibling_document_exists(m, folder_id, title, exclude=None) -> bool:
-    query = m.Document.select().where((m.Document.folder == folder_id) if folder_id
-                                      else m.Document.folder.is_null())
-    query = query.where(m.Document.title == title)
-    if exclude:
-        query = query.where(m.Document.id != exclude)
-    return query.exists()
+    return _sibling_exists(m.Document, m.Document.folder, m.Document.title, folder_id, title,
+                           exclude)
 
 
 def folder_dict(folder) -> dict:
@@ -195,10 +200,10 @@ def list_folder(m, principal, folder_id: str | None) -> dict:
     """Children of a folder (None: the root) that the caller may read."""
     if folder_id is not None:
         _check_folder_access(m, principal, folder_id, "read")
-    folders_q = m.Folder.select().where((m.Folder.parent == folder_id) if folder_id
-                                        else m.Folder.parent.is_null()).order_by(m.Folder.name)
-    docs_q = m.Document.select().where((m.Document.folder == folder_id) if folder_id
-                                       else m.Document.folder.is_null()).order_by(m.Document.title)
+    folders_q = (m.Folder.select().where(_in_folder(m.Folder.parent, folder_id))
+                 .order_by(m.Folder.name))
+    docs_q = (m.Document.select().where(_in_folder(m.Document.folder, folder_id))
+              .order_by(m.Document.title))
     folders = [folder_dict(f) for f in folders_q
                if _allowed(m, principal, "folder", f.id, None, "read")]
     documents = []
