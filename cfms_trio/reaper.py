@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -48,3 +49,21 @@ def unlink_all(paths: list[Path]) -> None:
             pass
         except OSError:
             log.exception("could not remove %s", path)
+
+
+def remove_unclaimed(directory: Path, claimed: set[str], suffix: str = "") -> int:
+    """Remove the files in `directory` named `<key><suffix>` whose key is not in `claimed`
+    (left-overs nothing refers to any more); return how many. A missing folder holds none."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        if entry.name.endswith(suffix) and entry.name.removesuffix(suffix) not in claimed:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except (FileNotFoundError, IsADirectoryError):
+                pass
+    return removed

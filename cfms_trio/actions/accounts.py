@@ -15,9 +15,9 @@ PASSWORD_MIN = 8
 PASSWORD_MAX = 1024
 
 
-def check_password_strength(password: str) -> None:
+def check_password_strength(password: str, field: str) -> None:
     if len(password) < PASSWORD_MIN:
-        raise BadRequest(f"field 'data.new_password' must be at least {PASSWORD_MIN} characters")
+        raise BadRequest(f"field 'data.{field}' must be at least {PASSWORD_MIN} characters")
 
 
 def check_permission_names(permissions: list) -> list[str]:
@@ -48,8 +48,7 @@ async def get_user_info(ctx: Context, data: dict) -> dict:
 async def create_user(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["username"]
     password = data["password"]
-    if len(password) < PASSWORD_MIN:
-        raise BadRequest(f"field 'data.password' must be at least {PASSWORD_MIN} characters")
+    check_password_strength(password, "password")
     groups = check_names(data["groups"], "groups")
     permissions = check_permission_names(data["permissions"])
     password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
@@ -71,7 +70,7 @@ async def set_passwd(ctx: Context, data: dict) -> dict:
     """Change a password: your own with the old password, anyone's with super_set_passwd."""
     username = data["username"] or ctx.user.username
     ctx.audit_target = username
-    check_password_strength(data["new_password"])
+    check_password_strength(data["new_password"], "new_password")
     if username == ctx.user.username and data["old_password"] is not None:
         ctx.require("set_passwd")
         stored = await ctx.app.store.read(accounts.password_hash_of, username)

@@ -182,21 +182,5 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def sweep_orphans(restore_dir: Path, known_ids: set[str]) -> int:
-    """Remove files in the restore folder that no File row owns (left by a crash between
-    moving files and committing). Returns how many were removed."""
-    removed = 0
-    if not restore_dir.is_dir():
-        return 0
-    for entry in os.scandir(restore_dir):
-        if entry.name not in known_ids:
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except (FileNotFoundError, IsADirectoryError):
-                pass
-    return removed
-
-
 __all__ = ["ArchiveError", "FileMover", "ImportAborted", "commit_restore", "unpack",
-           "sweep_orphans", "remove_tree", "describe_os_error"]
+           "remove_tree", "describe_os_error"]

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, AsyncIterator
 import trio
 
 from ..errors import Conflict
+from ..reaper import remove_unclaimed
 from ..storage import backup_rows, restore_rows
 from .importer import ImportJob, discard_uploads, publish_outcome, run_import
-from .restore import remove_tree, sweep_orphans
+from .restore import remove_tree
 
 if TYPE_CHECKING:
     from ..app import App
@@ -152,7 +153,7 @@ class ImportSupervisor:
         await trio.to_thread.run_sync(remove_tree, app.paths.staging)
         await trio.to_thread.run_sync(lambda: app.paths.staging.mkdir(parents=True, exist_ok=True))
         known = await app.store.read(restore_rows.restored_file_ids, "restore/files/")
-        removed = await trio.to_thread.run_sync(sweep_orphans, app.paths.restore_files, known)
+        removed = await trio.to_thread.run_sync(remove_unclaimed, app.paths.restore_files, known)
         if removed:
             log.warning("removed %d restored files left by an interrupted import", removed)
         await trio.to_thread.run_sync(_remove_partial_exports, app.paths.backups)

@@ -53,16 +53,6 @@ def complete_upload(m, task_id: str, file_id: str, size: int, sha256: str) -> No
     m.File.update(size=size, sha256=sha256, active=True).where(m.File.id == file_id).execute()
 
 
-def close_tasks(m, task_ids: list[str]) -> None:
-    m.FileTask.update(status="closed").where(
-        m.FileTask.id.in_(task_ids) & (m.FileTask.status != "completed")).execute()
-
-
-def task_status(m, task_id: str) -> str | None:
-    row = m.FileTask.get_or_none(m.FileTask.id == task_id)
-    return row.status if row else None
-
-
 def open_upload_task_ids(m, now: float) -> set[str]:
     """Upload tasks that may still receive bytes (open and not expired)."""
     return {t.id for t in m.FileTask.select(m.FileTask.id).where(

@@ -8,12 +8,11 @@ expired tasks and removes their partial files.
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..reaper import remove_unclaimed
 from ..storage import transfers
 
 if TYPE_CHECKING:
@@ -25,25 +24,13 @@ SWEEP_INTERVAL_S = 600.0
 PART_SUFFIX = ".part"
 
 
-def remove_stale_parts(uploads_dir: Path, keep_task_ids: set[str]) -> int:
-    removed = 0
-    for entry in os.scandir(uploads_dir):
-        task_id = entry.name.removesuffix(PART_SUFFIX)
-        if entry.name.endswith(PART_SUFFIX) and task_id not in keep_task_ids:
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except FileNotFoundError:
-                pass
-    return removed
-
-
 async def sweep_once(app: "App") -> int:
     now = app.now()
     await app.store.write(transfers.close_expired_tasks, now)
     keep = await app.store.read(transfers.open_upload_task_ids, now)
     keep |= app.transfers.active_task_ids()
-    removed = await trio.to_thread.run_sync(remove_stale_parts, app.paths.uploads, keep)
+    removed = await trio.to_thread.run_sync(remove_unclaimed, app.paths.uploads, keep,
+                                            PART_SUFFIX)
     if removed:
         log.info("removed %d abandoned partial uploads", removed)
     return removed
