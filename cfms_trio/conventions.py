@@ -1,0 +1,61 @@
+"""The shared vocabulary of the server, its archives and its client: the one home of each name.
+
+Group and permission names, access types, the shape of object ids, backup task states and the
+file suffixes of a backup pair. Nothing here imports anything: every layer may use it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+# -- accounts (SPEC §2, §4) ---------------------------------------------------------------------
+ADMIN_USERNAME = "admin"
+SYSOP_GROUP = "sysop"  # every permission; its members bypass access rules
+USER_GROUP = "user"
+
+ALL_PERMISSIONS = (
+    "import_backup", "export_backup", "create_document", "create_directory",
+    "delete_document", "delete_directory", "rename_document", "rename_directory", "move",
+    "set_access_rules", "view_access_rules", "list_users", "create_user", "delete_user",
+    "set_passwd", "super_set_passwd", "list_groups", "create_group", "delete_group",
+    "change_user_groups", "set_group_permissions", "view_audit_logs",
+)
+# Granted to the `user` group on first start: what an ordinary member needs to work with documents.
+DEFAULT_USER_PERMISSIONS = (
+    "create_document", "create_directory", "delete_document", "delete_directory",
+    "rename_document", "rename_directory", "move", "set_passwd",
+)
+
+# -- objects (SPEC §4, §5) ----------------------------------------------------------------------
+ACCESS_TYPES = ("read", "write", "move", "manage")
+RULE_MATCH_VALUES = ("all", "any")
+ID_MAX_CHARS = 64
+# Ids we accept from clients and archives; ids we make are `new_id()` hex strings.
+ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{1,64}")
+SHA256_HEX_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
+ID_BYTES = 16
+
+
+def new_id() -> str:
+    """A random hex object id (SPEC §5)."""
+    return secrets.token_hex(ID_BYTES)
+
+
+def is_id(value: object) -> bool:
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
+# -- backup tasks (SPEC §8) ---------------------------------------------------------------------
+OPERATION_IMPORT = "import"
+OPERATION_EXPORT = "export"
+STATUS_PENDING = "pending"
+STATUS_PROCESSING = "processing"
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_TIMEOUT = "timeout"
+FINAL_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMEOUT)
+
+# -- backup files (SPEC §7) ---------------------------------------------------------------------
+ARCHIVE_SUFFIX = ".cfms.enc"
+KEY_SUFFIX = ".key"
