@@ -52,7 +52,3 @@ def new_token() -> str:
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
-
-def new_id() -> str:
-    """A random hex object id (SPEC §5)."""
-    return secrets.token_hex(16)

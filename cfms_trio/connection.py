@@ -1,17 +1,80 @@
-"""One client's WebSocket connection: ordered sends, bounded receives, event pump."""
+"""One client's WebSocket connection: its life from handshake to close, ordered sends,
+bounded receives, and the event pump of a listener."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from typing import Awaitable, Callable
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from . import protocol
 from .errors import BadRequest, TooLarge
+from .events import EventHub
 from .protocol import encode
 
 log = logging.getLogger(__name__)
+
+# Closing a connection is best effort: a peer that stopped reading cannot delay it longer.
+CLOSE_TIMEOUT_S = 2
+SHUTDOWN_CLOSE_TIMEOUT_S = 0.2
+
+
+# Answers one text message: the dispatcher's `handle_text`.
+TextHandler = Callable[["Connection", str], Awaitable[dict]]
+
+
+async def serve_connection(request: WebSocketRequest, handle_text: TextHandler,
+                           hub: EventHub, message_bytes: int) -> None:
+    """One connection's life. Nothing escapes: an escaped exception would take the whole
+    listener, and every other connection, down with it."""
+    try:
+        ws = await request.accept()
+    except ConnectionClosed:
+        return
+    remote = ws.remote
+    address = f"{getattr(remote, 'address', remote)}"
+    conn = Connection(ws, address, message_bytes)
+    try:
+        async with trio.open_nursery() as nursery:
+            conn.nursery = nursery
+            await _answer_requests(conn, handle_text)
+            nursery.cancel_scope.cancel()
+    except Exception:
+        log.exception("connection from %s failed", address)
+    finally:
+        code, reason, close_timeout = 1000, None, CLOSE_TIMEOUT_S
+        if conn.listener is not None:
+            hub.unregister(conn.listener)
+            if conn.listener.dropped:
+                code, reason = 1008, "event queue overflow"
+        if trio.current_effective_deadline() == -math.inf:
+            # The server is shutting down: trio-websocket's reader task is cancelled along
+            # with this handler, so the peer's close reply can never be read. Send the close
+            # frame; do not wait out the handshake.
+            code, reason = 1001, "server shutting down"
+            close_timeout = SHUTDOWN_CLOSE_TIMEOUT_S
+        with trio.move_on_after(close_timeout) as scope:
+            scope.shield = True
+            await ws.aclose(code, reason)
+
+
+async def _answer_requests(conn: "Connection", handle_text: TextHandler) -> None:
+    """Answer requests in order until the peer goes away (a normal end, not an error)."""
+    try:
+        while True:
+            message = await conn.receive()
+            if isinstance(message, bytes):
+                reply = protocol.error_response(
+                    BadRequest("binary message outside a file transfer"))
+            else:
+                reply = await handle_text(conn, message)
+            await conn.send_json(reply)
+    except ConnectionClosed:
+        return
 
 
 class Connection:

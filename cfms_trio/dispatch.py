@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
 from trio_websocket import ConnectionClosed
 
 from . import auth, protocol
-from .errors import BadRequest, CfmsError, Forbidden, InternalError, Unauthorized
+from .errors import BadRequest, CfmsError, Forbidden, Unauthorized, internal_error
 from .permissions import Principal
 from .schema import Field, validate
 from .storage import accounts
@@ -85,12 +84,9 @@ class Dispatcher:
             return protocol.error_response(err, request)
         except (trio.Cancelled, ConnectionClosed):
             raise
-        except Exception:
-            reference = secrets.token_hex(6)
-            log.exception("internal error [ref %s] handling %s", reference,
-                          request.action if request else "message")
-            err = InternalError(f"internal server error (log reference {reference})")
-            return protocol.error_response(err, request)
+        except Exception as exc:
+            doing = f"handling {request.action!r}" if request else "reading a message"
+            return protocol.error_response(internal_error(log, doing, exc), request)
 
     async def _authenticate(self, request: protocol.Request) -> Principal:
         if not request.username or not request.token:

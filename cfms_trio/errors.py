@@ -5,6 +5,13 @@ in exactly one place. Messages are written for the person reading the client's o
 the offending field or object and never include a server path or a stack trace.
 """
 
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+
 
 class CfmsError(Exception):
     """Base of every error that is reported to a client with a code and a message."""
@@ -65,6 +72,12 @@ class InternalError(CfmsError):
     code = 500
 
 
+class ImportAborted(CfmsError):
+    """The server is shutting down; an import is abandoned and rolled back."""
+
+    code = 503
+
+
 class ArchiveError(BadRequest):
     """A backup archive or key file is unreadable, tampered with, or breaks the format.
 
@@ -77,3 +90,22 @@ class ArchiveLimitExceeded(ArchiveError):
     """A backup archive exceeds a configured limit (size, members, extracted bytes, JSON)."""
 
     code = 413
+
+
+def internal_error(log: logging.Logger, doing: str, exc: BaseException | None = None
+                   ) -> InternalError:
+    """Log an unexpected failure with a fresh reference and return the error a client sees:
+    "internal error while <doing> (log reference R)", never a stack trace or a path."""
+    reference = secrets.token_hex(6)
+    log.error("internal error while %s [ref %s]", doing, reference,
+              exc_info=exc if exc is not None else True)
+    return InternalError(f"internal error while {doing} (log reference {reference})")
+
+
+def describe_os_error(exc: OSError, doing: str) -> str:
+    """A message for a failed disk operation that names the cause, never a server path."""
+    if exc.errno == errno.ENOSPC:
+        return f"the server ran out of disk space while {doing}"
+    if exc.errno == errno.EDQUOT:
+        return f"the server's disk quota was exceeded while {doing}"
+    return f"disk error while {doing} ({os.strerror(exc.errno) if exc.errno else 'I/O error'})"

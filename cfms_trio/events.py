@@ -57,10 +57,6 @@ class EventHub:
     def unregister(self, listener: Listener) -> None:
         self._listeners.discard(listener)
 
-    @property
-    def listener_count(self) -> int:
-        return len(self._listeners)
-
     def publish(self, message: dict, visible_to: Callable[[Principal], bool]) -> int:
         """Queue `message` for every listener allowed to see it; return how many got it."""
         delivered = 0

@@ -2,19 +2,7 @@
 
 from __future__ import annotations
 
-ALL_PERMISSIONS = (
-    "import_backup", "export_backup", "create_document", "create_directory",
-    "delete_document", "delete_directory", "rename_document", "rename_directory", "move",
-    "set_access_rules", "view_access_rules", "list_users", "create_user", "delete_user",
-    "set_passwd", "super_set_passwd", "list_groups", "create_group", "delete_group",
-    "change_user_groups", "set_group_permissions", "view_audit_logs",
-)
-# Granted to the `user` group on first start: what an ordinary member needs to work with documents.
-DEFAULT_USER_PERMISSIONS = (
-    "create_document", "create_directory", "delete_document", "delete_directory",
-    "rename_document", "rename_directory", "move", "set_passwd",
-)
-ACCESS_TYPES = ("read", "write", "move", "manage")
+from .conventions import ACCESS_TYPES, SYSOP_GROUP
 
 
 def _matches(mode: str, results: list[bool]) -> bool:
@@ -116,3 +104,8 @@ class Principal:
 
     def has(self, permission: str) -> bool:
         return permission in self.permissions
+
+    @property
+    def is_sysop(self) -> bool:
+        """A member of `sysop`: passes every access rule and sees every backup task."""
+        return SYSOP_GROUP in self.groups

@@ -1,9 +1,10 @@
-"""Removal of deleted files' content, deferred while an export reads the store.
+"""Removing files from disk: deleted content (deferred while an export reads the store) and
+the helpers every other clean-up uses.
 
 An export snapshots the rows in one transaction and then streams file contents; a document
-deleted meanwhile must not pull its file out from under the export. Deletions therefore go
-through the reaper, which unlinks at once when no export runs and otherwise after the last one
-ends.
+deleted meanwhile must not pull its file out from under the export. Deletions of stored
+content therefore go through the `FileReaper`, which unlinks at once when no export runs and
+otherwise after the last one ends.
 """
 
 from __future__ import annotations
@@ -11,44 +12,53 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+import trio
 
 log = logging.getLogger(__name__)
 
 
-class Reaper:
-    def __init__(self) -> None:
+class FileReaper:
+    def __init__(self, io_limiter: trio.CapacityLimiter) -> None:
+        self._io_limiter = io_limiter
         self._holds = 0
         self._deferred: list[Path] = []
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
-        """While held, `take` only queues paths."""
+        """While held (an export is reading stored files), removals are only queued."""
         self._holds += 1
         try:
             yield
         finally:
             self._holds -= 1
 
-    def take(self, paths: list[Path]) -> list[Path]:
-        """Queue `paths` for removal; return what may be unlinked now (blocking work the
-        caller runs off the event loop with `unlink_all`)."""
+    async def remove(self, paths: Iterable[Path] = ()) -> None:
+        """Remove `paths` now, or once no hold remains; with no paths, remove what was queued
+        if nothing holds any more (called when an export ends)."""
         self._deferred.extend(paths)
-        if self._holds:
-            return []
+        if self._holds or not self._deferred:
+            return
         ready, self._deferred = self._deferred, []
-        return ready
+        await trio.to_thread.run_sync(unlink_all, ready, limiter=self._io_limiter)
 
 
-def unlink_all(paths: list[Path]) -> None:
+def unlink_all(paths: Iterable[Path]) -> None:
+    """Remove each file; a missing one is fine, any other failure is logged, not raised."""
     for path in paths:
         try:
-            path.unlink()
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError:
             log.exception("could not remove %s", path)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_unclaimed(directory: Path, claimed: set[str], suffix: str = "") -> int:

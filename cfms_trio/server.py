@@ -1,26 +1,38 @@
-"""The WebSocket server: one nursery holding the listener, per-connection nurseries inside it."""
+"""The composition root: build every service of one server and run them in one nursery.
+
+`serve` prepares the root (folders, database, first accounts), builds the store, event hub,
+transfer registry, file reaper, import supervisor and upload sweeper into an `App`, starts each
+long-lived service with `await nursery.start(service.run)` (so recovery has finished before the
+first connection is accepted), then opens the WebSocket listener. Cancelling `serve` stops
+them all; the database is closed last.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import logging
-import math
-from typing import Awaitable, Callable
+import os
+import secrets
+import time
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import serve_websocket
 
-from . import protocol
+from . import auth
 from .actions import ROUTES
-from .backup import supervisor as backup_supervisor
-from .transfer import sweeper as upload_sweeper
-from .app import App, prepare_root
+from .app import App
+from .backup.supervisor import ImportSupervisor
 from .config import Settings
-from .connection import Connection
+from .connection import serve_connection
 from .dispatch import Dispatcher
-from .errors import BadRequest
+from .events import EventHub
+from .paths import Paths
+from .reaper import FileReaper
+from .storage import Store, accounts
 from .tls import ensure_self_signed, server_context
+from .transfer.registry import TransferRegistry
+from .transfer.sweeper import UploadSweeper
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +43,7 @@ HANDSHAKE_TIMEOUT_S = 30
 # Bytes asked of the TLS stream per read. trio-websocket's default (4 KiB) turns every 1 MiB
 # chunk into hundreds of reads and parser passes; larger reads keep transfers at disk speed.
 WS_RECEIVE_BYTES = 256 * 1024
-# Closing a connection is best effort: a peer that stopped reading cannot delay it longer.
-CLOSE_TIMEOUT_S = 2
-SHUTDOWN_CLOSE_TIMEOUT_S = 0.2
-
-# Coroutines run once at start-up with the App, before the listener opens (recovery work).
-StartupHook = Callable[[App], Awaitable[None]]
-STARTUP_HOOKS: list[StartupHook] = [backup_supervisor.startup, upload_sweeper.startup]
+IO_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -50,83 +56,68 @@ class Running:
     generated_admin_password: str | None
 
 
-class Server:
-    def __init__(self, app: App):
-        self.app = app
-        self.dispatcher = Dispatcher(app, ROUTES)
+def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
+    """Blocking first-start work: folders, database, bootstrap accounts.
 
-    async def handle(self, request: WebSocketRequest) -> None:
-        """One connection's life. Nothing escapes: an escaped exception would take the whole
-        listener, and every other connection, down with it."""
-        try:
-            ws = await request.accept()
-        except ConnectionClosed:
-            return
-        remote = ws.remote
-        address = f"{getattr(remote, 'address', remote)}"
-        conn = Connection(ws, address, self.app.settings.limits.message_bytes)
-        try:
-            async with trio.open_nursery() as nursery:
-                conn.nursery = nursery
-                await self._serve_messages(conn)
-                nursery.cancel_scope.cancel()
-        except Exception:
-            log.exception("connection from %s failed", address)
-        finally:
-            code, reason, close_timeout = 1000, None, CLOSE_TIMEOUT_S
-            if conn.listener is not None:
-                self.app.hub.unregister(conn.listener)
-                if conn.listener.dropped:
-                    code, reason = 1008, "event queue overflow"
-            if trio.current_effective_deadline() == -math.inf:
-                # The server is shutting down: trio-websocket's reader task is cancelled along
-                # with this handler, so the peer's close reply can never be read. Send the close
-                # frame; do not wait out the handshake.
-                code, reason = 1001, "server shutting down"
-                close_timeout = SHUTDOWN_CLOSE_TIMEOUT_S
-            with trio.move_on_after(close_timeout) as scope:
-                scope.shield = True
-                await ws.aclose(code, reason)
-
-    async def _serve_messages(self, conn: Connection) -> None:
-        """Answer requests in order until the peer goes away (a normal end, not an error)."""
-        try:
-            while True:
-                message = await conn.receive()
-                if isinstance(message, bytes):
-                    reply = protocol.error_response(
-                        BadRequest("binary message outside a file transfer"))
-                else:
-                    reply = await self.dispatcher.handle_text(conn, message)
-                await conn.send_json(reply)
-        except ConnectionClosed:
-            return
+    Returns the generated admin password when one was generated on this start, else None.
+    """
+    paths = Paths(settings.content)
+    for directory in paths.all_dirs():
+        directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.content, 0o700)
+    store = Store(paths.database)
+    store.create_tables()
+    generated = None
+    if not store.run_read(accounts.is_initialized):
+        password = settings.initial_admin_password
+        if not password:
+            password = generated = secrets.token_urlsafe(18)
+            fd = os.open(paths.admin_password, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            os.chmod(paths.admin_password, 0o600)
+        store.run_write(accounts.bootstrap, auth.hash_password(password), time.time())
+    return store, paths, generated
 
 
-def _tls_context(settings: Settings, app: App):
+def build_app(settings: Settings, store: Store, paths: Paths) -> App:
+    """Every service of one server, wired together (inside `trio.run`: limiters need it)."""
+    hub = EventHub(settings.limits.listener_queue_events)
+    transfers = TransferRegistry()
+    io_limiter = trio.CapacityLimiter(IO_THREADS)
+    return App(
+        settings=settings, paths=paths, store=store, hub=hub, transfers=transfers,
+        io_limiter=io_limiter, reaper=FileReaper(io_limiter),
+        imports=ImportSupervisor(store, paths, hub, transfers, io_limiter,
+                                 settings.limits.archive),
+        sweeper=UploadSweeper(store, paths, transfers))
+
+
+def _tls_context(settings: Settings, paths: Paths):
     if not settings.tls:
         return None
     if settings.certfile:
         return server_context(settings.certfile, settings.keyfile or settings.certfile)
-    certfile, keyfile = ensure_self_signed(app.paths.tls, settings.host)
+    certfile, keyfile = ensure_self_signed(paths.tls, settings.host)
     return server_context(certfile, keyfile)
 
 
 async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the server until cancelled; reports a `Running` once it accepts connections."""
     store, paths, generated = await trio.to_thread.run_sync(prepare_root, settings)
-    app = App(settings, store, paths)
     try:
-        ssl_context = await trio.to_thread.run_sync(_tls_context, settings, app)
-        server = Server(app)
+        app = build_app(settings, store, paths)
+        ssl_context = await trio.to_thread.run_sync(_tls_context, settings, paths)
+        dispatcher = Dispatcher(app, ROUTES)
+        handler = functools.partial(serve_connection, handle_text=dispatcher.handle_text,
+                                    hub=app.hub, message_bytes=settings.limits.message_bytes)
         frame_limit = max(settings.limits.message_bytes,
                           settings.limits.transfer_chunk_bytes + 16) + FRAME_SLACK_BYTES
         async with trio.open_nursery() as nursery:
-            app.nursery = nursery
-            for hook in STARTUP_HOOKS:
-                await hook(app)
+            await nursery.start(app.imports.run)
+            await nursery.start(app.sweeper.run)
             ws_server = await nursery.start(functools.partial(
-                serve_websocket, server.handle, settings.host, settings.port, ssl_context,
+                serve_websocket, handler, settings.host, settings.port, ssl_context,
                 handler_nursery=nursery, max_message_size=frame_limit,
                 receive_buffer_size=WS_RECEIVE_BYTES,
                 connect_timeout=HANDSHAKE_TIMEOUT_S, disconnect_timeout=HANDSHAKE_TIMEOUT_S))

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from cfms_trio.app import prepare_root  # noqa: E402
+from cfms_trio.server import prepare_root  # noqa: E402
 from cfms_trio.config import Settings  # noqa: E402
 
 MiB = 1024 * 1024

@@ -16,7 +16,7 @@ from cfms_trio import __version__
 from cfms_trio.backup import export as export_module
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
-from cfms_trio.storage.backup_rows import get_backup_task
+from cfms_trio.storage.backup_tasks import get_backup_task
 
 from backup_support import (
     V2_MEMBER_ORDER, build_store, dump_store, export_to, sha256_hex, spec_decode, upload_bytes,

@@ -17,7 +17,7 @@ import trio
 
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
-from cfms_trio.storage import backup_rows, restore_rows
+from cfms_trio.storage import backup_tasks, restore_rows
 from cfms_trio.transfer.crypto import seal_chunk
 
 from backup_support import (
@@ -569,7 +569,7 @@ async def test_a_restart_fails_the_import_that_was_running(start_server, tmp_pat
         await client.upload_file(init["key_task_id"], key2)
     task_id = init["backup_task_id"]
     before = await dump_store(server)
-    await server.app.store.write(backup_rows.update_backup_task, task_id, status="processing",
+    await server.app.store.write(backup_tasks.update_backup_task, task_id, status="processing",
                                  started_time=time.time(), current_step="Importing files",
                                  progress_percent=50)
     content = server.root / "content"

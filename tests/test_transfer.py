@@ -569,8 +569,6 @@ async def test_client_recovers_after_a_failed_upload(small, client, tmp_path, mo
 async def test_abandoned_partial_upload_is_swept_after_expiry(start_server, tmp_path):
     """An interrupted upload keeps its verified chunks while the task lives; once the task
     has expired the sweep closes it and removes the partial file."""
-    from cfms_trio.transfer import sweeper
-
     srv = await start_server("sweep", transfer_task_ttl_s=1.0,
                              limits=Limits(transfer_chunk_bytes=CHUNK))
     uploads = srv.root / "content" / "tmp" / "uploads"
@@ -590,10 +588,10 @@ async def test_abandoned_partial_upload_is_swept_after_expiry(start_server, tmp_
             while not (uploads / f"{task_id}.part").exists() or \
                     (uploads / f"{task_id}.part").stat().st_size < CHUNK:
                 await trio.sleep(0.02)
-    assert await sweeper.sweep_once(srv.app) == 0, "a live task's partial upload must be kept"
+    assert await srv.app.sweeper.sweep_once() == 0, "a live task's partial upload must be kept"
     assert (uploads / f"{task_id}.part").exists()
     await trio.sleep(1.2)
-    assert await sweeper.sweep_once(srv.app) == 1
+    assert await srv.app.sweeper.sweep_once() == 1
     assert not (uploads / f"{task_id}.part").exists()
     async with srv.connect("admin") as client:
         reply = await client.request("upload_file", {"task_id": task_id})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
-from ..storage.documents import NAME_MAX_CHARS
+from ..conventions import NAME_MAX_CHARS
 from . import accounts, backup_export, backup_import, documents, session, transfer
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)

@@ -7,7 +7,7 @@ import trio
 from .. import auth
 from ..dispatch import Context
 from ..errors import BadRequest, Forbidden, Unauthorized
-from ..permissions import ALL_PERMISSIONS
+from ..conventions import ALL_PERMISSIONS
 from ..storage import accounts
 
 USERNAME_MAX = 64

@@ -30,11 +30,12 @@ async def _remove_deleted(ctx: Context, removed: dict) -> None:
     A partial upload still being written belongs to its running transfer, which fails when it
     finds its task gone and cleans up after itself.
     """
-    await ctx.app.remove_files(removed["paths"])
-    parts = [ctx.app.paths.uploads / f"{task_id}.part" for task_id in removed["task_ids"]
-             if not ctx.app.transfers.is_active(task_id)]
+    app = ctx.app
+    await app.reaper.remove(app.paths.resolve(rel) for rel in removed["paths"])
+    parts = [app.paths.partial_upload(task_id) for task_id in removed["task_ids"]
+             if not app.transfers.is_active(task_id)]
     if parts:
-        await trio.to_thread.run_sync(unlink_all, parts, limiter=ctx.app.io_limiter)
+        await trio.to_thread.run_sync(unlink_all, parts, limiter=app.io_limiter)
 
 
 # -- folders -----------------------------------------------------------------------------------

@@ -19,14 +19,13 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadRequest, Conflict
 from ..storage import Store
-from ..storage.backup_rows import snapshot
+from ..paths import backup_pair, partial_backup_pair
+from ..storage.snapshot import snapshot
 from .archive import HashingWriter, WriteBehind, write_backup_archive
 from .gc_pause import cyclic_gc_paused
 from .keyfile import make_key_file
 
 BACKUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ARCHIVE_SUFFIX = ".cfms.enc"
-KEY_SUFFIX = ".key"
 KEY_BYTES = 32
 
 
@@ -55,10 +54,6 @@ def check_backup_name(name: str) -> str:
     return name
 
 
-def backup_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
-    return out_dir / f"{name}{ARCHIVE_SUFFIX}", out_dir / f"{name}{KEY_SUFFIX}"
-
-
 def _publish(temp: Path, final: Path) -> None:
     """Link `temp` to `final` without ever replacing an existing file, then drop `temp`."""
     try:
@@ -83,7 +78,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     check_backup_name(name)
     now = time.time() if now is None else now
     out_dir.mkdir(parents=True, exist_ok=True)
-    archive_path, key_path = backup_paths(out_dir, name)
+    archive_path, key_path = backup_pair(out_dir, name)
     if archive_path.exists() or key_path.exists():
         raise Conflict(f"a backup named '{name}' already exists")
 
@@ -116,9 +111,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
             return open(path, "rb")
 
         key = secrets.token_bytes(KEY_BYTES)
-        tag = secrets.token_hex(4)
-        temp_archive = out_dir / f".{name}{ARCHIVE_SUFFIX}.partial-{tag}"
-        temp_key = out_dir / f".{name}{KEY_SUFFIX}.partial-{tag}"
+        temp_archive, temp_key = partial_backup_pair(out_dir, name)
         try:
             fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as raw:

@@ -1,28 +1,28 @@
-"""Running one backup import in the background: stages, progress, outcome, cleanup, event.
+"""Running one backup import: its stages in worker threads, its progress, its outcome.
 
-A job's progress lives in memory while it runs (the restore's write transaction holds
-SQLite's single writer, so progress cannot be written to the database meanwhile) and is written
-to the BackupTask row at stage boundaries and at the end.
+The supervisor decides when an import runs and tells the listeners how it ended; this module
+is what happens in between. A job's progress lives in memory while it runs (the restore's write
+transaction holds SQLite's single writer, so progress cannot be written to the database
+meanwhile) and is written to the BackupTask row at stage boundaries and at the end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import secrets
 import threading
-from typing import TYPE_CHECKING
+import time
 
 import trio
 
-from ..errors import CfmsError
-from ..protocol import event
-from ..storage import backup_rows
+from ..config import ArchiveLimits
+from ..conventions import STATUS_COMPLETED, STATUS_FAILED
+from ..errors import CfmsError, ImportAborted, describe_os_error, internal_error
+from ..paths import Paths
+from ..reaper import remove_tree, unlink_all
+from ..storage import Store, backup_tasks
 from .gc_pause import cyclic_gc_paused
-from .restore import FileMover, ImportAborted, commit_restore, describe_os_error, remove_tree, unpack
-
-if TYPE_CHECKING:
-    from ..app import App
+from .restore import FileMover, commit_restore, unpack
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,15 @@ STEP_PERCENT = {
     "Finalizing import": (95, 99),
     "Restore completed": (100, 100),
 }
-RESTORE_PREFIX = "restore/files"
-COMPLETED_EVENT = "backup_import_completed"
-# Crash tests only: an import reaching the step named here holds still (until the server shuts
-# down, at most PAUSE_LIMIT_S), so a test can kill the process at exactly that point.
-PAUSE_AT_STEP_ENV = "CFMS_TEST_PAUSE_AT_STEP"
-PAUSE_LIMIT_S = 600
+FIRST_STEP = "Decrypting archive"  # where start_backup_import leaves a task (SPEC §8)
+SHUTDOWN_MESSAGE = "the server shut down during the import"
 
 
 class ImportProgress:
     """Monotonic progress, written from worker threads and read by status requests."""
 
     def __init__(self) -> None:
-        # Where start_backup_import leaves the task: the first step of SPEC §8.
-        self.step = "Decrypting archive"
+        self.step = FIRST_STEP
         self.percent = STEP_PERCENT[self.step][0]
         self._lock = threading.Lock()
 
@@ -63,141 +58,103 @@ class ImportProgress:
 
 
 class ImportJob:
+    """One running import: its task row as started, its progress and its abort flag (set when
+    the server shuts down; the stages check it between pieces of work)."""
+
     def __init__(self, task: dict):
         self.task = task
         self.task_id = task["backup_task_id"]
         self.progress = ImportProgress()
         self.abort = threading.Event()
 
-    def stage_reporter(self):
-        """The progress callback handed to the stages, which run in worker threads.
 
-        With $CFMS_TEST_PAUSE_AT_STEP set it blocks its caller at that step, which is why it
-        must never be called on the event loop's thread.
-        """
-        pause_at = os.environ.get(PAUSE_AT_STEP_ENV)
-        if not pause_at:
-            return self.progress.report
+@dataclasses.dataclass(frozen=True)
+class ImportEnvironment:
+    """What an import needs from the server."""
 
-        def report(step: str, fraction: float) -> None:
-            self.progress.report(step, fraction)
-            if step == pause_at:
-                log.warning("import %s paused at %r ($%s)", self.task_id, step,
-                            PAUSE_AT_STEP_ENV)
-                self.abort.wait(PAUSE_LIMIT_S)
-
-        return report
+    store: Store
+    paths: Paths
+    limits: ArchiveLimits
+    io_limiter: trio.CapacityLimiter
 
 
-def backup_event_audience(owner: str):
-    """Who may see a backup task's events: its owner and backup administrators."""
-    def visible(principal) -> bool:
-        return (principal.username == owner or principal.has("import_backup")
-                or principal.has("export_backup"))
-    return visible
-
-
-def publish_outcome(app: "App", task: dict) -> None:
-    app.hub.publish(event(COMPLETED_EVENT, {
-        "backup_task_id": task["backup_task_id"], "status": task["status"],
-        "documents_imported": task["documents_count"] if task["status"] == "completed" else 0,
-        "folders_imported": task["folders_count"] if task["status"] == "completed" else 0,
-        "files_imported": task["files_count"] if task["status"] == "completed" else 0,
-        "error": task["error_message"]}), backup_event_audience(task["username"]))
-
-
-async def discard_uploads(app: "App", task: dict) -> None:
+async def discard_uploads(env: ImportEnvironment, task: dict) -> None:
     """Delete an import's uploaded archive and key (and any partial uploads of them)."""
     if not task["archive_file_id"]:
         return
-    gone = await app.store.write(backup_rows.discard_import_uploads, task["archive_file_id"],
+    gone = await env.store.write(backup_tasks.discard_import_uploads, task["archive_file_id"],
                                  task["key_file_id"])
-    paths = [app.paths.resolve(rel) for rel in gone["paths"]]
-    paths += [app.paths.uploads / f"{task_id}.part" for task_id in gone["task_ids"]]
-
-    def unlink_all():
-        for path in paths:
-            path.unlink(missing_ok=True)
-
-    await trio.to_thread.run_sync(unlink_all)
+    paths = [env.paths.resolve(rel) for rel in gone["paths"]]
+    paths += [env.paths.partial_upload(task_id) for task_id in gone["task_ids"]]
+    await trio.to_thread.run_sync(unlink_all, paths)
 
 
 def failure_message(exc: BaseException) -> str:
     if isinstance(exc, CfmsError):
         return exc.message
     if isinstance(exc, OSError):
-        return describe_os_error(exc)
-    reference = secrets.token_hex(6)
-    log.error("import failed [ref %s]", reference, exc_info=exc)
-    return f"internal error while restoring (log reference {reference})"
+        return describe_os_error(exc, "restoring")
+    return internal_error(log, "restoring", exc).message
 
 
-async def run_import(app: "App", job: ImportJob) -> None:
-    """Restore `job`'s uploaded backup; always ends in `completed` or `failed`."""
+async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
+    """Restore `job`'s uploaded backup; always ends in `completed` or `failed`, and returns the
+    task's final row (on cancellation, records the failure and re-raises)."""
     task = job.task
     task_id = job.task_id
-    staging = app.paths.staging / task_id
-    archive_path = app.paths.backup_imports / f"{task['archive_file_id']}.cfms.enc"
-    key_path = app.paths.backup_imports / f"{task['key_file_id']}.key"
-    mover = FileMover(staging, app.paths.restore_files)
-    limits = app.settings.limits.archive
-    report = job.stage_reporter()
-    outcome: dict = {}
+    staging = env.paths.import_staging(task_id)
+    archive_path = env.paths.import_archive(task["archive_file_id"])
+    key_path = env.paths.import_key(task["key_file_id"])
+    mover = FileMover(staging, env.paths.restore_files)
+    report = job.progress.report
     try:
         # The listings of a large backup would make every full collection stall the event
         # loop; they are dropped before collection resumes.
         with cyclic_gc_paused():
             contents = await trio.to_thread.run_sync(
-                unpack, archive_path, key_path, staging, limits, report, job.abort,
-                limiter=app.io_limiter)
+                unpack, archive_path, key_path, staging, env.limits, report, job.abort,
+                limiter=env.io_limiter)
             counts = {"documents_count": len(contents.documents),
                       "folders_count": len(contents.folders), "files_count": len(contents.files)}
-            await app.store.write(backup_rows.update_backup_task, task_id,
+            await env.store.write(backup_tasks.update_backup_task, task_id,
                                   current_step=job.progress.step,
                                   progress_percent=job.progress.percent, **counts)
-            await app.store.write(commit_restore, contents, mover, RESTORE_PREFIX, report,
-                                  job.abort)
+            await env.store.write(commit_restore, contents, mover, report, job.abort)
             del contents
         job.progress.report("Restore completed", 1.0)
-        outcome = {"status": "completed", "current_step": "Restore completed",
+        outcome = {"status": STATUS_COMPLETED, "current_step": "Restore completed",
                    "progress_percent": 100, "error_message": None, **counts}
         log.info("import %s completed: %s", task_id, counts)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(mover.take_back)
         message = failure_message(exc)
-        if isinstance(exc, ImportAborted) or isinstance(exc, trio.Cancelled):
-            message = "the server shut down during the import"
+        if isinstance(exc, (ImportAborted, trio.Cancelled)):
+            message = SHUTDOWN_MESSAGE
         log.warning("import %s failed: %s", task_id, message)
         # Nothing was imported, so the counts say so; the step shows where it stopped.
-        outcome = {"status": "failed", "current_step": job.progress.step,
+        outcome = {"status": STATUS_FAILED, "current_step": job.progress.step,
                    "progress_percent": job.progress.percent, "error_message": message,
                    "documents_count": 0, "folders_count": 0, "files_count": 0}
         if not isinstance(exc, Exception):
             with trio.CancelScope(shield=True):
-                await _finish(app, job, staging, outcome)
+                await _finish(env, job, staging, outcome)
             raise
     with trio.CancelScope(shield=True):
-        await _finish(app, job, staging, outcome)
+        return await _finish(env, job, staging, outcome)
 
 
-async def _finish(app: "App", job: ImportJob, staging, outcome: dict) -> None:
-    """Remove staging and uploads, record the outcome, tell the listeners.
+async def _finish(env: ImportEnvironment, job: ImportJob, staging, outcome: dict) -> dict:
+    """Remove staging and uploads, record the outcome; return the final row.
 
     Clean-up comes first, so a client that sees the final status never finds the uploads
     still there; a crash in between is failed and cleaned up again by the restart recovery.
     """
     try:
         await trio.to_thread.run_sync(remove_tree, staging)
-        await discard_uploads(app, job.task)
+        await discard_uploads(env, job.task)
     except Exception:
         log.exception("could not clean up after import %s", job.task_id)
-    try:
-        await app.store.write(backup_rows.update_backup_task, job.task_id,
-                              completed_time=app.now(), **outcome)
-        final = await app.store.read(backup_rows.get_backup_task, job.task_id)
-        publish_outcome(app, final)
-    except Exception:
-        log.exception("could not record the outcome of import %s", job.task_id)
-    finally:
-        app.imports.pop(job.task_id, None)
+    await env.store.write(backup_tasks.update_backup_task, job.task_id,
+                          completed_time=time.time(), **outcome)
+    return await env.store.read(backup_tasks.get_backup_task, job.task_id)

@@ -3,43 +3,27 @@
 Stage 1, `unpack`: check the key file, decrypt and extract the archive into a private staging
 folder, verifying every file's size and sha256 and every reference between the listings.
 Stage 2, `commit_restore`: inside one write transaction, check ids against the store, insert
-every row, and move the staged files into `restore/files/`. Nothing outside the staging folder
+every row, and move the staged files into the restore folder. Nothing outside the staging folder
 is touched before stage 2, and stage 2 records every file it moved so a failure can take them
 back.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import threading
 from pathlib import Path
 from typing import Callable
 
 from ..config import ArchiveLimits
-from ..errors import ArchiveError, ArchiveLimitExceeded, CfmsError, Conflict
+from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
+from ..paths import restore_file_relative
 from ..storage import restore_rows
-from ..storage.documents import MAX_TREE_DEPTH, NAME_MAX_CHARS
+from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
 from .archive import BackupContents, read_backup_archive
 from .keyfile import parse_key_file
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
-
-
-class ImportAborted(CfmsError):
-    """The server is shutting down; the import is abandoned and rolled back."""
-
-    code = 503
-
-
-def describe_os_error(exc: OSError) -> str:
-    """A message for a failed disk operation that names the cause, never a server path."""
-    if exc.errno == errno.ENOSPC:
-        return "the server ran out of disk space while restoring"
-    if exc.errno == errno.EDQUOT:
-        return "the server's disk quota was exceeded while restoring"
-    return f"disk error while restoring ({os.strerror(exc.errno) if exc.errno else 'I/O error'})"
 
 
 def read_key_file(path: Path, limits: ArchiveLimits):
@@ -148,8 +132,8 @@ class FileMover:
         self.moved.clear()
 
 
-def commit_restore(m, contents: BackupContents, mover: FileMover, restore_prefix: str,
-                   report: StepReporter, abort: threading.Event) -> None:
+def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepReporter,
+                   abort: threading.Event) -> None:
     """Stage 2, run inside one write transaction: rows in, files into place.
 
     Raises Conflict naming an id that already exists. The transaction commits when this
@@ -160,7 +144,7 @@ def commit_restore(m, contents: BackupContents, mover: FileMover, restore_prefix
     if collision:
         raise Conflict(collision)
     report("Importing files", 0.0)
-    restore_rows.insert_files(m, contents.files, lambda file_id: f"{restore_prefix}/{file_id}")
+    restore_rows.insert_files(m, contents.files, restore_file_relative)
     mover.move_all([f["id"] for f in contents.files], report, abort)
     report("Importing folders", 0.0)
     restore_rows.insert_folders(m, contents.folders,
@@ -177,10 +161,3 @@ def _check_abort(abort: threading.Event) -> None:
     if abort.is_set():
         raise ImportAborted("the server shut down during the import")
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-
-
-__all__ = ["ArchiveError", "FileMover", "ImportAborted", "commit_restore", "unpack",
-           "remove_tree", "describe_os_error"]

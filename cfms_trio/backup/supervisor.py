@@ -1,10 +1,18 @@
-"""Deadlines and restarts for backup imports.
+"""The import supervisor: the one owner of backup imports, from deadline to outcome.
 
-Every pending import has a watcher task in the server's nursery that sleeps until the task's
-deadline. If the task is still pending then, it becomes `timeout` by itself: uploads in flight
-are aborted, its upload tasks are closed and whatever was uploaded is removed. At start-up,
-imports that were processing when the server stopped are failed and cleaned up, and pending
-ones get their watchers back with their original deadlines.
+It is a long-lived service (`await nursery.start(supervisor.run)`). Started, it first recovers
+what a previous run left: imports that were processing are failed and cleaned up, and pending
+ones get their deadline watchers back. Then it runs, in its own nursery:
+
+- a watcher per pending import that sleeps until the task's deadline; if the task is still
+  pending then, it becomes `timeout` by itself: uploads in flight are aborted, its upload tasks
+  are closed and whatever was uploaded is removed;
+- a job per started import (`importer.run_import`), whose live progress it alone holds and
+  reports through `progress_of`;
+- the `backup_import_completed` event when an import ends, whichever way.
+
+When the server shuts down, every running job is told to stop, so its threads end and it rolls
+back.
 """
 
 from __future__ import annotations
@@ -12,34 +20,80 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 import trio
 
+from ..config import ArchiveLimits
+from ..conventions import (
+    OPERATION_EXPORT,
+    OPERATION_IMPORT,
+    STATUS_COMPLETED,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    STATUS_PROCESSING,
+    STATUS_TIMEOUT,
+)
+from ..deadlines import trio_deadline
 from ..errors import Conflict
-from ..reaper import remove_unclaimed
-from ..storage import backup_rows, restore_rows
-from .importer import ImportJob, discard_uploads, publish_outcome, run_import
-from .restore import remove_tree
-
-if TYPE_CHECKING:
-    from ..app import App
+from ..events import EventHub
+from ..paths import Paths, partial_backups
+from ..protocol import event
+from ..reaper import remove_tree, remove_unclaimed, unlink_all
+from ..storage import Store, backup_tasks, restore_rows
+from ..transfer.registry import TransferRegistry
+from .importer import ImportEnvironment, ImportJob, discard_uploads, run_import
 
 log = logging.getLogger(__name__)
 
 TIMEOUT_MESSAGE = "the uploads were not completed and the import not started before the deadline"
 RESTART_MESSAGE = "server restarted during the import"
+EXPORT_RESTART_MESSAGE = "server restarted during the export"
+COMPLETED_EVENT = "backup_import_completed"
+# How long a timed-out import waits for its aborted uploads to unwind before removing them.
+UPLOAD_UNWIND_TIMEOUT_S = 5.0
 
 
-def trio_deadline(wall_time: float) -> float:
-    return trio.current_time() + max(0.0, wall_time - time.time())
+def backup_event_audience(owner: str):
+    """Who may see a backup task's events: its owner and backup administrators."""
+    def visible(principal) -> bool:
+        return (principal.username == owner or principal.has("import_backup")
+                or principal.has("export_backup"))
+    return visible
 
 
 class ImportSupervisor:
-    def __init__(self, app: "App"):
-        self.app = app
+    def __init__(self, store: Store, paths: Paths, hub: EventHub,
+                 transfers: TransferRegistry, io_limiter: trio.CapacityLimiter,
+                 limits: ArchiveLimits):
+        self._store = store
+        self._paths = paths
+        self._hub = hub
+        self._transfers = transfers
+        self._env = ImportEnvironment(store, paths, limits, io_limiter)
+        self._nursery: trio.Nursery | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._deciding: dict[str, trio.Lock] = {}
+        self._jobs: dict[str, ImportJob] = {}
+
+    # -- life -------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Recover, report readiness, then supervise until cancelled (server shutdown)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._recover()
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                for job in self._jobs.values():
+                    job.abort.set()
+
+    def progress_of(self, task_id: str) -> tuple[str, int] | None:
+        """(step, percent) of an import running now, or None."""
+        job = self._jobs.get(task_id)
+        return None if job is None else (job.progress.step, job.progress.percent)
 
     @contextlib.asynccontextmanager
     async def deciding(self, task_id: str) -> AsyncIterator[None]:
@@ -54,18 +108,17 @@ class ImportSupervisor:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._deciding.pop(task_id, None)
 
-    # -- deadlines ------------------------------------------------------------------------------
+    # -- deadlines --------------------------------------------------------------------------------
 
     def watch(self, task_id: str, timeout_time: float) -> None:
         """Start the deadline watcher of a pending import."""
         scope = trio.CancelScope(deadline=trio_deadline(timeout_time))
         self._watchers[task_id] = scope
-        self.app.nursery.start_soon(self._watch, task_id, scope)
+        self._nursery.start_soon(self._watch, task_id, scope)
 
-    def stop_watching(self, task_id: str) -> None:
+    def _stop_watching(self, task_id: str) -> None:
         scope = self._watchers.pop(task_id, None)
         if scope is not None:
-            scope.deadline = -float("inf")
             scope.cancel()
 
     async def _watch(self, task_id: str, scope: trio.CancelScope) -> None:
@@ -73,100 +126,98 @@ class ImportSupervisor:
             await trio.sleep_forever()
         if self._watchers.get(task_id) is scope:
             del self._watchers[task_id]
-            await self.expire(task_id)
+            await self._expire(task_id)
 
-    async def expire(self, task_id: str) -> None:
+    async def _expire(self, task_id: str) -> None:
         """Time out a task that is still pending; do nothing if it has moved on.
 
         The uploads are aborted and removed before the status becomes `timeout`, so a client
         that sees `timeout` never finds them still there.
         """
-        app = self.app
         async with self.deciding(task_id):
-            task = await app.store.read(backup_rows.get_backup_task, task_id)
-            if task["status"] != "pending":
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] != STATUS_PENDING:
                 return
-            uploads = await app.store.read(backup_rows.import_upload_tasks,
-                                           task["archive_file_id"], task["key_file_id"])
+            uploads = await self._store.read(backup_tasks.import_upload_tasks,
+                                             task["archive_file_id"], task["key_file_id"])
             for upload in uploads:
-                app.transfers.abort(upload["task_id"],
-                                    "the backup import timed out; the upload was aborted")
-            missing = [u["purpose"].replace("backup_", "") for u in uploads
-                       if u["status"] != "completed"]
-            message = (f"upload deadline passed before the {' and '.join(sorted(missing))} "
+                self._transfers.abort(upload["task_id"],
+                                      "the backup import timed out; the upload was aborted")
+            missing = sorted(u["what"] for u in uploads if u["status"] != "completed")
+            message = (f"upload deadline passed before the {' and '.join(missing)} "
                        f"upload{'s were' if len(missing) > 1 else ' was'} completed"
                        if missing else TIMEOUT_MESSAGE)
             # Let aborted uploads unwind (they close their partial files) before removing data.
-            for _ in range(100):
-                if not any(app.transfers.is_active(u["task_id"]) for u in uploads):
-                    break
-                await trio.sleep(0.01)
+            with trio.move_on_after(UPLOAD_UNWIND_TIMEOUT_S):
+                await self._transfers.wait_ended([u["task_id"] for u in uploads])
             try:
-                await discard_uploads(app, task)
+                await discard_uploads(self._env, task)
             except Exception:
                 log.exception("could not remove the uploads of timed-out import %s", task_id)
             try:
-                task = await app.store.write(backup_rows.transition_backup_task, task_id,
-                                             "pending", status="timeout", error_message=message,
-                                             completed_time=app.now())
+                task = await self._store.write(
+                    backup_tasks.transition_backup_task, task_id, STATUS_PENDING,
+                    status=STATUS_TIMEOUT, error_message=message, completed_time=time.time())
             except Conflict:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
-        publish_outcome(app, task)
+        self._publish_outcome(task)
 
     # -- running ----------------------------------------------------------------------------------
 
     def start(self, task: dict) -> None:
-        """Hand a task that just became `processing` to a background import."""
-        self.stop_watching(task["backup_task_id"])
+        """Run a task that just became `processing` in the background."""
+        self._stop_watching(task["backup_task_id"])
         job = ImportJob(task)
-        self.app.imports[job.task_id] = job
-        self.app.nursery.start_soon(run_import, self.app, job)
+        self._jobs[job.task_id] = job
+        self._nursery.start_soon(self._run_job, job)
 
-    async def abort_all_on_shutdown(self) -> None:
-        """Runs for the server's lifetime; when the server shuts down, tells every running
-        import to stop, so their threads end and they roll back."""
+    async def _run_job(self, job: ImportJob) -> None:
         try:
-            await trio.sleep_forever()
+            final = await run_import(self._env, job)
+        except Exception:
+            log.exception("could not record the outcome of import %s", job.task_id)
+            return
         finally:
-            for job in list(self.app.imports.values()):
-                job.abort.set()
+            del self._jobs[job.task_id]
+        self._publish_outcome(final)
+
+    def _publish_outcome(self, task: dict) -> None:
+        completed = task["status"] == STATUS_COMPLETED
+        self._hub.publish(event(COMPLETED_EVENT, {
+            "backup_task_id": task["backup_task_id"], "status": task["status"],
+            "documents_imported": task["documents_count"] if completed else 0,
+            "folders_imported": task["folders_count"] if completed else 0,
+            "files_imported": task["files_count"] if completed else 0,
+            "error": task["error_message"]}), backup_event_audience(task["username"]))
 
     # -- start-up ---------------------------------------------------------------------------------
 
-    async def recover(self) -> None:
+    async def _recover(self) -> None:
         """Fail what a previous run left half done, remove its traces, re-arm deadlines."""
-        app = self.app
-        for task in await app.store.read(backup_rows.tasks_in_status, "import", "processing"):
-            await app.store.write(backup_rows.update_backup_task, task["backup_task_id"],
-                                  status="failed", error_message=RESTART_MESSAGE,
-                                  completed_time=app.now())
-            await discard_uploads(app, task)
+        store, paths = self._store, self._paths
+        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
+                                     STATUS_PROCESSING):
+            await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
+                              status=STATUS_FAILED, error_message=RESTART_MESSAGE,
+                              completed_time=time.time())
+            await discard_uploads(self._env, task)
             log.warning("import %s was interrupted by a restart; marked failed",
                         task["backup_task_id"])
-        for task in await app.store.read(backup_rows.tasks_in_status, "export", "processing"):
-            await app.store.write(backup_rows.update_backup_task, task["backup_task_id"],
-                                  status="failed", error_message="server restarted during the export",
-                                  completed_time=app.now())
+        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_EXPORT,
+                                     STATUS_PROCESSING):
+            await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
+                              status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
+                              completed_time=time.time())
         # No import runs yet: everything in staging is left over, and a restored file with no
         # row is from an import that never committed.
-        await trio.to_thread.run_sync(remove_tree, app.paths.staging)
-        await trio.to_thread.run_sync(lambda: app.paths.staging.mkdir(parents=True, exist_ok=True))
-        known = await app.store.read(restore_rows.restored_file_ids, "restore/files/")
-        removed = await trio.to_thread.run_sync(remove_unclaimed, app.paths.restore_files, known)
+        await trio.to_thread.run_sync(remove_tree, paths.staging)
+        await trio.to_thread.run_sync(lambda: paths.staging.mkdir(parents=True, exist_ok=True))
+        known = await store.read(restore_rows.restored_file_ids)
+        removed = await trio.to_thread.run_sync(remove_unclaimed, paths.restore_files, known)
         if removed:
             log.warning("removed %d restored files left by an interrupted import", removed)
-        await trio.to_thread.run_sync(_remove_partial_exports, app.paths.backups)
-        for task in await app.store.read(backup_rows.tasks_in_status, "import", "pending"):
+        await trio.to_thread.run_sync(lambda: unlink_all(partial_backups(paths.backups)))
+        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
+                                     STATUS_PENDING):
             self.watch(task["backup_task_id"], task["timeout_time"])
-
-
-def _remove_partial_exports(backups_dir) -> None:
-    for path in backups_dir.glob(".*.partial-*"):
-        path.unlink(missing_ok=True)
-
-
-async def startup(app: "App") -> None:
-    """Server start-up hook: recovery, then the shutdown watcher."""
-    await app.supervisor.recover()
-    app.nursery.start_soon(app.supervisor.abort_all_on_shutdown)

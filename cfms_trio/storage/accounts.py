@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 from ..errors import Conflict, NotFound
-from ..permissions import ALL_PERMISSIONS, DEFAULT_USER_PERMISSIONS, Principal
-
-ADMIN_USERNAME = "admin"
-SYSOP_GROUP = "sysop"
-USER_GROUP = "user"
+from ..conventions import (
+    ADMIN_USERNAME,
+    ALL_PERMISSIONS,
+    DEFAULT_USER_PERMISSIONS,
+    SYSOP_GROUP,
+    USER_GROUP,
+)
+from ..permissions import Principal
 
 
 def is_initialized(m) -> bool:

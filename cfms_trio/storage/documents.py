@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 
-from .. import auth
+from ..conventions import MAX_TREE_DEPTH, new_id
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..permissions import Principal, rules_allow
 
-SYSOP_GROUP = "sysop"
-MAX_TREE_DEPTH = 1000  # levels of folders; deeper trees are refused, by the API and by imports
-NAME_MAX_CHARS = 255  # folder names and document titles
 
 
 # -- access rules ------------------------------------------------------------------------------
@@ -49,7 +46,7 @@ def _allowed(m, principal: Principal, object_type: str, object_id: str,
     Members of the `sysop` group pass every rule: an administrator can always repair rules
     that locked everybody else out.
     """
-    if SYSOP_GROUP in principal.groups:
+    if principal.is_sysop:
         return True
     perms, groups = set(principal.permissions), set(principal.groups)
     if not rules_allow(_rules_of(m, object_type, object_id, access_type), perms, groups):
@@ -106,7 +103,7 @@ def _replace_rules(m, object_type: str, object_id: str, rules: dict[str, list]) 
                                 & (m.AccessRule.object_id == object_id)).execute()
     for access_type, items in rules.items():
         for seq, rule in enumerate(items):
-            m.AccessRule.create(id=auth.new_id(), object_type=object_type, object_id=object_id,
+            m.AccessRule.create(id=new_id(), object_type=object_type, object_id=object_id,
                                 access_type=access_type, rule_data=json.dumps(rule), seq=seq)
 
 
@@ -181,7 +178,7 @@ def create_folder(m, principal, name: str, parent_id: str | None, rules: dict, n
     _check_depth(m, parent_id, 1)
     if _sibling_folder_exists(m, parent_id, name):
         raise Conflict(f"a folder named '{name}' already exists here")
-    folder = m.Folder.create(id=auth.new_id(), name=name, parent=parent_id, created_time=now)
+    folder = m.Folder.create(id=new_id(), name=name, parent=parent_id, created_time=now)
     _replace_rules(m, "folder", folder.id, rules)
     return folder_dict(folder)
 
@@ -337,7 +334,7 @@ def document_dict(m, document) -> dict:
 
 def new_file(m, now: float) -> str:
     """A File row for content still to be uploaded (inactive until verified)."""
-    file_id = auth.new_id()
+    file_id = new_id()
     m.File.create(id=file_id, path=f"files/{file_id[:2]}/{file_id}", created_time=now,
                   active=False)
     return file_id
@@ -347,7 +344,7 @@ def _new_revision(m, document_id: str, now: float) -> tuple[str, str]:
     file_id = new_file(m, now)
     last = (m.Revision.select(m.Revision.seq).where(m.Revision.document == document_id)
             .order_by(m.Revision.seq.desc()).first())
-    revision_id = auth.new_id()
+    revision_id = new_id()
     m.Revision.create(id=revision_id, document=document_id, file=file_id, created_time=now,
                       seq=(last.seq + 1) if last else 0)
     return revision_id, file_id
@@ -358,7 +355,7 @@ def create_document(m, principal, title: str, folder_id: str | None, rules: dict
     _check_container_write(m, principal, folder_id)
     if _sibling_document_exists(m, folder_id, title):
         raise Conflict(f"a document titled '{title}' already exists here")
-    document = m.Document.create(id=auth.new_id(), title=title, folder=folder_id, created_time=now)
+    document = m.Document.create(id=new_id(), title=title, folder=folder_id, created_time=now)
     _replace_rules(m, "document", document.id, rules)
     revision_id, file_id = _new_revision(m, document.id, now)
     return {"document_id": document.id, "revision_id": revision_id, "file_id": file_id}

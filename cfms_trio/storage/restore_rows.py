@@ -12,6 +12,9 @@ import json
 import operator
 from typing import Callable, Iterable
 
+from ..paths import RESTORE_FILES_RELATIVE
+from ..tree import parents_first
+
 
 INSERT_BATCH_ROWS = 5000  # rows per executemany call (one progress report each)
 LOOKUP_BATCH_IDS = 900  # ids per IN (...) lookup; SQLite allows at least 999 parameters
@@ -55,23 +58,6 @@ def find_collision(m, contents) -> str | None:
     return None
 
 
-def folders_parents_first(folders: list[dict]) -> list[dict]:
-    """Order folders so every parent precedes its children, whatever the archive order
-    (the archive was already checked for orphans and cycles)."""
-    by_parent: dict[str | None, list[dict]] = {}
-    for folder in folders:
-        by_parent.setdefault(folder["parent_id"], []).append(folder)
-    ordered, frontier = [], [None]
-    while frontier:
-        next_frontier = []
-        for parent in frontier:
-            for folder in by_parent.get(parent, []):
-                ordered.append(folder)
-                next_frontier.append(folder["id"])
-        frontier = next_frontier
-    return ordered
-
-
 def _rule_rows(object_type: str, owner: dict) -> list[dict]:
     rows, seq_of = [], {}
     for rule in owner["access_rules"]:
@@ -107,7 +93,7 @@ def insert_files(m, files: list[dict], file_path_of: Callable[[str], str]) -> No
 
 def insert_folders(m, folders: list[dict], progress: Callable[[float], None]) -> None:
     """Insert folders parents first, then their access rules."""
-    ordered = folders_parents_first(folders)
+    ordered = parents_first(folders, operator.itemgetter("id"), operator.itemgetter("parent_id"))
     done = [0]
 
     def step(n: int) -> None:
@@ -135,9 +121,10 @@ def insert_documents(m, documents: list[dict], progress: Callable[[float], None]
     _insert(m.AccessRule, [row for d in documents for row in _rule_rows("document", d)])
 
 
-def restored_file_ids(m, prefix: str) -> set[str]:
-    """Ids of File rows whose content lives under `prefix` (for the orphan sweep)."""
-    return {f.id for f in m.File.select(m.File.id).where(m.File.path.startswith(prefix))}
+def restored_file_ids(m) -> set[str]:
+    """Ids of File rows whose content lives in the restore folder (for the orphan sweep)."""
+    return {f.id for f in m.File.select(m.File.id)
+            .where(m.File.path.startswith(RESTORE_FILES_RELATIVE + "/"))}
 
 
 def find_root_name_clash(m, contents) -> str | None:

@@ -1,22 +1,40 @@
-"""Owns the database, its models and the threads that may use it."""
+"""Owns the database, its models and the threads that may use it.
+
+Driver errors are translated here, once, into the project's error hierarchy: a constraint the
+database enforces (a duplicate id or name written by two requests at once) is a 409 Conflict for
+the client, never a 500.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import peewee as pw
 import trio
 
-from .. import models as models_module
+from ..errors import Conflict
+from . import models as models_module
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READER_THREADS = 4
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+@contextlib.contextmanager
+def translated_driver_errors() -> Iterator[None]:
+    """Constraint violations become Conflict; other driver errors stay internal (500)."""
+    try:
+        yield
+    except pw.IntegrityError as exc:
+        log.info("write refused by a database constraint: %s", exc)
+        raise Conflict("the change conflicts with an object that already exists "
+                       "(same id or name); reload and try again") from None
 
 
 class Store:
@@ -65,13 +83,15 @@ class Store:
     def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread with a connection open."""
         self.database.connect(reuse_if_open=True)
-        return fn(self.m, *args, **kwargs)
+        with translated_driver_errors():
+            return fn(self.m, *args, **kwargs)
 
     def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread inside one write transaction."""
         self.database.connect(reuse_if_open=True)
-        with self.database.atomic("IMMEDIATE"):
-            return fn(self.m, *args, **kwargs)
+        with translated_driver_errors():
+            with self.database.atomic("IMMEDIATE"):
+                return fn(self.m, *args, **kwargs)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking read function in a worker thread and return its plain result."""

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from .. import auth
+from ..conventions import new_id
 from ..errors import Conflict, DeadlinePassed, Forbidden, NotFound
 
 
 def create_task(m, file_id: str, mode: str, username: str, now: float, expires: float,
                 purpose: str = "document", max_size: int | None = None) -> str:
-    task_id = auth.new_id()
+    task_id = new_id()
     m.FileTask.create(id=task_id, file=file_id, mode=mode, user=username, start_time=now,
                       end_time=expires, purpose=purpose, max_size=max_size)
     return task_id
+
+
+def register_file(m, file_id: str, path: str, size: int, sha256: str, now: float) -> None:
+    """A File row for server-made content (an export archive or key), ready to download."""
+    m.File.create(id=file_id, path=path, size=size, sha256=sha256, created_time=now, active=True)
 
 
 def task_dict(task, file) -> dict:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import base64
 import logging
 import re
-import time
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..deadlines import trio_deadline
 from ..errors import BadRequest, DeadlinePassed, TooLarge
 from ..protocol import event
+from ..reaper import unlink_all
 from ..storage import transfers
 from .crypto import TAG_BYTES, ChunkTagError, chunk_count, new_session
 from .files import PartialUpload, SealedReader
@@ -33,11 +34,6 @@ DOWNLOAD_READ_AHEAD_CHUNKS = 2
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-def _deadline_for(end_time: float) -> float:
-    """A wall-clock expiry as a trio deadline."""
-    return trio.current_time() + max(0.0, end_time - time.time())
 
 
 async def _announcement(ctx: "Context", max_size: int) -> tuple[int, str]:
@@ -64,9 +60,9 @@ async def receive_upload(ctx: "Context", task: dict) -> dict:
     chunk_size = app.settings.limits.transfer_chunk_bytes
     max_size = min(task["max_size"] or app.settings.limits.upload_bytes,
                    app.settings.limits.upload_bytes)
-    partial = PartialUpload(app.paths.uploads / f"{task['task_id']}.part")
+    partial = PartialUpload(app.paths.partial_upload(task["task_id"]))
     with app.transfers.claim(task["task_id"]) as active:
-        active.scope.deadline = _deadline_for(task["end_time"])
+        active.scope.deadline = trio_deadline(task["end_time"])
         with active.scope:
             return await _upload(ctx, task, partial, chunk_size, max_size)
         # The task is dead (expired or aborted): nothing it received can ever be resumed.
@@ -123,7 +119,7 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
                                       task["file_id"], file_size, sha256)
             except BaseException:
                 # e.g. the document was deleted meanwhile: its content must not linger.
-                await trio.to_thread.run_sync(_unlink, final)
+                await trio.to_thread.run_sync(unlink_all, [final])
                 raise
     finally:
         if not committed:
@@ -131,10 +127,6 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
                 await trio.to_thread.run_sync(partial.close)
     log.info("upload %s complete: %d bytes", task["task_id"], file_size)
     return {"file_id": task["file_id"], "size": file_size, "sha256": sha256}
-
-
-def _unlink(path) -> None:
-    path.unlink(missing_ok=True)
 
 
 async def _discard(app, partial: PartialUpload, task: dict) -> None:
@@ -158,7 +150,7 @@ async def send_download(ctx: "Context", task: dict, offset: int) -> dict:
     # A stored file missing from disk is the server's fault: the error boundary answers 500.
     reader = await trio.to_thread.run_sync(SealedReader, path, chunk_size, key, prefix)
     try:
-        with trio.CancelScope(deadline=_deadline_for(task["end_time"])) as scope:
+        with trio.CancelScope(deadline=trio_deadline(task["end_time"])) as scope:
             await conn.send_json(event("transfer_file", {
                 "task_id": task["task_id"], "file_size": size, "sha256": task["file_sha256"],
                 "chunk_size": chunk_size, "key": _b64(key), "nonce_prefix": _b64(prefix),

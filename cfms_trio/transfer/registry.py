@@ -15,6 +15,7 @@ class ActiveTransfer:
     def __init__(self) -> None:
         self.scope = trio.CancelScope()
         self.abort_reason: str | None = None
+        self.ended = trio.Event()  # set once the transfer has unwound (its files closed)
 
 
 class TransferRegistry:
@@ -30,6 +31,7 @@ class TransferRegistry:
             yield active
         finally:
             del self._active[task_id]
+            active.ended.set()
 
     def abort(self, task_id: str, reason: str) -> bool:
         """Cancel the transfer of `task_id`, if one runs; it answers the client with `reason`."""
@@ -39,6 +41,13 @@ class TransferRegistry:
         active.abort_reason = reason
         active.scope.cancel()
         return True
+
+    async def wait_ended(self, task_ids: list[str]) -> None:
+        """Return once none of `task_ids` has a transfer running."""
+        for task_id in task_ids:
+            active = self._active.get(task_id)
+            if active is not None:
+                await active.ended.wait()
 
     def is_active(self, task_id: str) -> bool:
         return task_id in self._active

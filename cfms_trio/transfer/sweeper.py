@@ -1,6 +1,6 @@
 """Housekeeping for abandoned uploads.
 
-An interrupted upload keeps its verified chunks in `tmp/uploads/<task>.part` so the client can
+An interrupted upload keeps its verified chunks in its partial-upload file so the client can
 resume. Once its task has expired (or is gone) nobody can resume it, so a periodic sweep closes
 expired tasks and removes their partial files.
 """
@@ -8,43 +8,46 @@ expired tasks and removes their partial files.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import time
 
 import trio
 
+from ..paths import PART_SUFFIX, Paths
 from ..reaper import remove_unclaimed
-from ..storage import transfers
-
-if TYPE_CHECKING:
-    from ..app import App
+from ..storage import Store, transfers
+from .registry import TransferRegistry
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 600.0
-PART_SUFFIX = ".part"
 
 
-async def sweep_once(app: "App") -> int:
-    now = app.now()
-    await app.store.write(transfers.close_expired_tasks, now)
-    keep = await app.store.read(transfers.open_upload_task_ids, now)
-    keep |= app.transfers.active_task_ids()
-    removed = await trio.to_thread.run_sync(remove_unclaimed, app.paths.uploads, keep,
-                                            PART_SUFFIX)
-    if removed:
-        log.info("removed %d abandoned partial uploads", removed)
-    return removed
+class UploadSweeper:
+    def __init__(self, store: Store, paths: Paths, transfers_running: TransferRegistry,
+                 interval_s: float = SWEEP_INTERVAL_S):
+        self._store = store
+        self._paths = paths
+        self._running = transfers_running
+        self._interval_s = interval_s
 
+    async def sweep_once(self) -> int:
+        """Close expired tasks and remove partial uploads no open task can resume."""
+        now = time.time()
+        await self._store.write(transfers.close_expired_tasks, now)
+        keep = await self._store.read(transfers.open_upload_task_ids, now)
+        keep |= self._running.active_task_ids()
+        removed = await trio.to_thread.run_sync(remove_unclaimed, self._paths.uploads, keep,
+                                                PART_SUFFIX)
+        if removed:
+            log.info("removed %d abandoned partial uploads", removed)
+        return removed
 
-async def sweep_forever(app: "App", interval_s: float = SWEEP_INTERVAL_S) -> None:
-    while True:
-        try:
-            await sweep_once(app)
-        except Exception:
-            log.exception("upload sweep failed")
-        await trio.sleep(interval_s)
-
-
-async def startup(app: "App") -> None:
-    """Server start-up hook: sweep now and then periodically."""
-    app.nursery.start_soon(sweep_forever, app)
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep now and then every interval, until cancelled."""
+        task_status.started()
+        while True:
+            try:
+                await self.sweep_once()
+            except Exception:
+                log.exception("upload sweep failed")
+            await trio.sleep(self._interval_s)

@@ -33,7 +33,7 @@ from Crypto.Util.Padding import pad
 from cfms_trio.backup import crypto_stream as cs
 from cfms_trio.backup.keyfile import make_key_file
 from cfms_trio.config import ArchiveLimits
-from cfms_trio.storage.documents import MAX_TREE_DEPTH
+from cfms_trio.conventions import MAX_TREE_DEPTH
 
 KiB = 1024
 MiB = 1024 * KiB

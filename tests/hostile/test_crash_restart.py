@@ -2,8 +2,8 @@
 root: the task is failed ("server restarted"), the store is exactly as before, nothing of the
 import remains, and the same backup then restores cleanly.
 
-The servers are real `python -m cfms_trio serve` processes. $CFMS_TEST_PAUSE_AT_STEP makes the
-import hold still at the step under test, so the kill lands exactly there.
+The servers are real `cfms-trio serve` processes; `paused_serve.py` makes the import hold still
+at the step under test, so the kill lands exactly there.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cfms_trio.backup.importer import PAUSE_AT_STEP_ENV, STEP_PERCENT
+from cfms_trio.backup.importer import STEP_PERCENT
 from cfms_trio.backup.supervisor import RESTART_MESSAGE
 from cfms_trio.client import open_client
 
@@ -37,6 +37,7 @@ from .support import (
     start_import,
 )
 
+PAUSED_SERVE = Path(__file__).with_name("paused_serve.py")
 START_TIMEOUT_S = 30
 EXIT_TIMEOUT_S = 15
 STEP_TIMEOUT_S = 30
@@ -63,13 +64,12 @@ class ServeProcess:
 
 @contextlib.asynccontextmanager
 async def serve_process(root: Path, pause_at: str | None = None):
-    """`python -m cfms_trio serve` on `root` (plain ws, port 0); killed at the end if alive."""
-    env = {k: v for k, v in os.environ.items() if k != PAUSE_AT_STEP_ENV}
-    env["CFMS_ADMIN_PASSWORD"] = ADMIN_PASSWORD
-    if pause_at is not None:
-        env[PAUSE_AT_STEP_ENV] = pause_at
-    command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0",
-               "--no-tls"]
+    """`cfms-trio serve` on `root` (plain ws, port 0), its imports paused at `pause_at` if
+    given; killed at the end if alive."""
+    env = dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD)
+    launcher = ([sys.executable, "-m", "cfms_trio"] if pause_at is None
+                else [sys.executable, str(PAUSED_SERVE), pause_at])
+    command = [*launcher, "serve", "--root", str(root), "--port", "0", "--no-tls"]
     with open(root.parent / "stderr.txt", "ab") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
                                                    stderr=stderr, env=env)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from cfms_trio.backup.archive import read_backup_archive
 from cfms_trio.backup.keyfile import parse_key_file
-from cfms_trio.storage.documents import MAX_TREE_DEPTH
+from cfms_trio.conventions import MAX_TREE_DEPTH
 
 from . import corpus
 from .support import (

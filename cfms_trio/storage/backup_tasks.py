@@ -1,0 +1,144 @@
+"""BackupTask rows and the file tasks that belong to them (blocking; run through Store).
+
+An import task owns two upload tasks (archive and key) whose File rows point into the import
+upload folder; an export task, once done, owns two download tasks for the archive and key it
+wrote. Both are created and finished here, so handlers never build rows.
+"""
+
+from __future__ import annotations
+
+from .. import paths
+from ..conventions import (
+    OPERATION_EXPORT,
+    OPERATION_IMPORT,
+    STATUS_COMPLETED,
+    STATUS_PENDING,
+    STATUS_PROCESSING,
+    new_id,
+)
+from ..errors import Conflict, NotFound
+from . import transfers
+
+ARCHIVE_UPLOAD = "backup_archive"
+KEY_UPLOAD = "backup_key"
+
+
+def backup_task_dict(task) -> dict:
+    return {"backup_task_id": task.id, "username": task.username, "operation": task.operation,
+            "status": task.status, "current_step": task.current_step,
+            "progress_percent": task.progress_percent,
+            "archive_file_id": task.archive_file_id, "key_file_id": task.key_file_id,
+            "documents_count": task.documents_count, "folders_count": task.folders_count,
+            "files_count": task.files_count, "created_time": task.created_time,
+            "started_time": task.started_time, "completed_time": task.completed_time,
+            "timeout_time": task.timeout_time, "error_message": task.error_message,
+            "backup_name": task.backup_name}
+
+
+def get_backup_task(m, task_id: str) -> dict:
+    task = m.BackupTask.get_or_none(m.BackupTask.id == task_id)
+    if task is None:
+        raise NotFound(f"backup task '{task_id}' does not exist")
+    return backup_task_dict(task)
+
+
+def update_backup_task(m, task_id: str, **fields) -> None:
+    m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
+
+
+def transition_backup_task(m, task_id: str, from_status: str, **fields) -> dict:
+    """Change a task only if it is still in `from_status` (compare-and-set), else 409."""
+    updated = (m.BackupTask.update(**fields)
+               .where((m.BackupTask.id == task_id) & (m.BackupTask.status == from_status))
+               .execute())
+    if not updated:
+        task = m.BackupTask.get_or_none(m.BackupTask.id == task_id)
+        if task is None:
+            raise NotFound(f"backup task '{task_id}' does not exist")
+        raise Conflict(f"backup task '{task_id}' is {task.status}, not {from_status}")
+    return get_backup_task(m, task_id)
+
+
+def tasks_in_status(m, operation: str, status: str) -> list[dict]:
+    return [backup_task_dict(t) for t in m.BackupTask.select().where(
+        (m.BackupTask.operation == operation) & (m.BackupTask.status == status))]
+
+
+# -- imports ------------------------------------------------------------------------------------
+
+def create_import_task(m, owner: str, now: float, deadline: float, *, pending_limit: int,
+                       archive_max_bytes: int, key_max_bytes: int) -> dict:
+    """A pending import with its two upload tasks, unless `owner` holds `pending_limit`
+    pending imports already (409). Returns the three task ids."""
+    pending = (m.BackupTask.select().where(
+        (m.BackupTask.username == owner) & (m.BackupTask.operation == OPERATION_IMPORT)
+        & (m.BackupTask.status == STATUS_PENDING)).count())
+    if pending >= pending_limit:
+        raise Conflict(f"you already have {pending} pending imports (the limit); start "
+                       "or let them time out before initiating another")
+    archive_file_id, key_file_id = new_id(), new_id()
+    m.File.create(id=archive_file_id, path=paths.import_archive_relative(archive_file_id),
+                  created_time=now, active=False)
+    m.File.create(id=key_file_id, path=paths.import_key_relative(key_file_id),
+                  created_time=now, active=False)
+    archive_task = transfers.create_task(m, archive_file_id, "upload", owner, now, deadline,
+                                         purpose=ARCHIVE_UPLOAD, max_size=archive_max_bytes)
+    key_task = transfers.create_task(m, key_file_id, "upload", owner, now, deadline,
+                                     purpose=KEY_UPLOAD, max_size=key_max_bytes)
+    task_id = new_id()
+    m.BackupTask.create(id=task_id, username=owner, operation=OPERATION_IMPORT,
+                        status=STATUS_PENDING, current_step="Waiting for uploads",
+                        archive_file_id=archive_file_id, key_file_id=key_file_id,
+                        created_time=now, timeout_time=deadline)
+    return {"backup_task_id": task_id, "archive_task_id": archive_task,
+            "key_task_id": key_task}
+
+
+def import_upload_tasks(m, archive_file_id: str, key_file_id: str) -> list[dict]:
+    """The upload tasks of an import, with their state; `what` is "archive" or "key"."""
+    what_of = {ARCHIVE_UPLOAD: "archive", KEY_UPLOAD: "key"}
+    return [{"task_id": t.id, "file_id": t.__data__["file"], "status": t.status,
+             "what": what_of[t.purpose]}
+            for t in m.FileTask.select().where(m.FileTask.file.in_([archive_file_id,
+                                                                    key_file_id]))]
+
+
+def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
+    """Forget an import's uploads: tasks and File rows. Returns the task ids and relative paths
+    whose files the caller removes from disk."""
+    file_ids = [archive_file_id, key_file_id]
+    task_ids = [t.id for t in m.FileTask.select(m.FileTask.id)
+                .where(m.FileTask.file.in_(file_ids))]
+    stored = [f.path for f in m.File.select(m.File.path).where(m.File.id.in_(file_ids))]
+    m.FileTask.delete().where(m.FileTask.file.in_(file_ids)).execute()
+    m.File.delete().where(m.File.id.in_(file_ids)).execute()
+    return {"task_ids": task_ids, "paths": stored}
+
+
+# -- exports ------------------------------------------------------------------------------------
+
+def create_export_task(m, owner: str, name: str, now: float) -> str:
+    task_id = new_id()
+    m.BackupTask.create(id=task_id, username=owner, operation=OPERATION_EXPORT,
+                        status=STATUS_PROCESSING, current_step="Exporting", created_time=now,
+                        started_time=now, backup_name=name)
+    return task_id
+
+
+def complete_export(m, task_id: str, owner: str, now: float, expires: float,
+                    completed_time: float, *, archive: tuple[str, int, str],
+                    key: tuple[str, int, str], counts: dict) -> dict:
+    """Record a backup written from the snapshot taken at `now`: File rows for its archive
+    and key (each `(relative path, size, sha256)`), download tasks for `owner` until
+    `expires`, the task completed."""
+    archive_file_id, key_file_id = new_id(), new_id()
+    transfers.register_file(m, archive_file_id, *archive, now)
+    transfers.register_file(m, key_file_id, *key, now)
+    archive_task = transfers.create_task(m, archive_file_id, "download", owner, now, expires,
+                                         purpose="export")
+    key_task = transfers.create_task(m, key_file_id, "download", owner, now, expires,
+                                     purpose="export")
+    update_backup_task(m, task_id, status=STATUS_COMPLETED, current_step="Export completed",
+                       progress_percent=100, archive_file_id=archive_file_id,
+                       key_file_id=key_file_id, completed_time=completed_time, **counts)
+    return {"archive_task_id": archive_task, "key_task_id": key_task}
