@@ -49,7 +49,7 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
         if task["status"] == STATUS_PENDING:
             uploads = await app.store.read(backup_tasks.import_upload_tasks,
                                            task["archive_file_id"], task["key_file_id"])
-            missing = sorted(u["what"] for u in uploads if u["status"] != "completed")
+            missing = sorted(u["what"] for u in uploads if not u["done"])
             if missing:
                 verb = "uploads are" if len(missing) > 1 else "upload is"
                 raise BadRequest(f"the {' and '.join(missing)} {verb} not complete; "

@@ -143,7 +143,7 @@ class ImportSupervisor:
             for upload in uploads:
                 self._transfers.abort(upload["task_id"],
                                       "the backup import timed out; the upload was aborted")
-            missing = sorted(u["what"] for u in uploads if u["status"] != "completed")
+            missing = sorted(u["what"] for u in uploads if not u["done"])
             message = (f"upload deadline passed before the {' and '.join(missing)} "
                        f"upload{'s were' if len(missing) > 1 else ' was'} completed"
                        if missing else TIMEOUT_MESSAGE)

@@ -95,9 +95,9 @@ def create_import_task(m, owner: str, now: float, deadline: float, *, pending_li
 
 
 def import_upload_tasks(m, archive_file_id: str, key_file_id: str) -> list[dict]:
-    """The upload tasks of an import, with their state; `what` is "archive" or "key"."""
+    """The upload tasks of an import: `what` ("archive" or "key") and whether it is `done`."""
     what_of = {ARCHIVE_UPLOAD: "archive", KEY_UPLOAD: "key"}
-    return [{"task_id": t.id, "file_id": t.__data__["file"], "status": t.status,
+    return [{"task_id": t.id, "file_id": t.__data__["file"], "done": t.status == "completed",
              "what": what_of[t.purpose]}
             for t in m.FileTask.select().where(m.FileTask.file.in_([archive_file_id,
                                                                     key_file_id]))]
