@@ -1,4 +1,4 @@
-"""The async client library shared by tests, scripts and the `cfms-trio client` commands.
+"""The connection to a server: requests, file transfers and events on one WebSocket.
 
     async with open_client("wss://host:5104", cafile=...) as client:
         await client.login("admin", password)
@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from .transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
-from .transfer.pipeline import send_ahead
+from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
+from ..transfer.pipeline import send_ahead
+from .files import file_sha256
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-HASH_READ_BYTES = 1024 * 1024
 
 TRANSFER_ACTIONS = ("transfer_file", "ready")
 # Chunks read and sealed ahead of the one being sent: disk and crypto work in a worker thread
@@ -343,14 +343,6 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) -> bytes:

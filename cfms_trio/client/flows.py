@@ -8,9 +8,9 @@ from typing import Callable
 
 import trio
 
-from .client import Client, Progress
+from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX
+from .connection import Client, Progress
 
-FINAL_STATUSES = ("completed", "failed", "timeout")
 StatusCallback = Callable[[dict], None]
 
 
@@ -23,8 +23,8 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
         data["backup_name"] = name
     result = await client.call("generate_backup", data)
     out_dir.mkdir(parents=True, exist_ok=True)
-    archive = out_dir / f"{result['backup_name']}.cfms.enc"
-    key = out_dir / f"{result['backup_name']}.key"
+    archive = out_dir / f"{result['backup_name']}{ARCHIVE_SUFFIX}"
+    key = out_dir / f"{result['backup_name']}{KEY_SUFFIX}"
     await client.download_file(result["archive_task_id"], archive, progress=progress)
     await client.download_file(result["key_task_id"], key)
     key.chmod(0o600)
@@ -49,31 +49,3 @@ async def import_backup(client: Client, archive: Path, key: Path, *, timeout_sec
         if status["status"] in FINAL_STATUSES:
             return status
         await trio.sleep(poll_interval_s)
-
-
-class ProgressBar:
-    """A one-line text progress bar for terminals (written to a stream, usually stderr)."""
-
-    WIDTH = 30
-
-    def __init__(self, stream, label: str = ""):
-        self.stream = stream
-        self.label = label
-        self._last = None
-
-    def show(self, percent: float, text: str = "") -> None:
-        percent = max(0.0, min(100.0, percent))
-        filled = int(self.WIDTH * percent / 100)
-        line = f"\r{self.label}[{'#' * filled}{'.' * (self.WIDTH - filled)}] {percent:5.1f}% {text}"
-        if line != self._last:
-            self.stream.write(line.ljust(80))
-            self.stream.flush()
-            self._last = line
-
-    def bytes_progress(self, done: int, total: int) -> None:
-        self.show(100.0 * done / total if total else 100.0, f"{done / 1e6:.1f}/{total / 1e6:.1f} MB")
-
-    def done(self) -> None:
-        self.stream.write("\n")
-        self.stream.flush()
-        self._last = None
