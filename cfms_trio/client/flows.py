@@ -8,8 +8,9 @@ from typing import Callable
 
 import trio
 
-from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX
-from .connection import Client, Progress
+from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, is_backup_name
+from .connection import Client, ClientError, Progress
+from .files import unlink_if_present
 
 StatusCallback = Callable[[dict], None]
 
@@ -17,17 +18,40 @@ StatusCallback = Callable[[dict], None]
 async def export_backup(client: Client, out_dir: Path, name: str | None = None,
                         compression: str = "zstd",
                         progress: Progress | None = None) -> tuple[Path, Path, dict]:
-    """Ask the server for a backup and download its archive and key into `out_dir`."""
+    """Ask the server for a backup and download its archive and key into `out_dir`.
+
+    The server's answer is not trusted to name local files: a backup name that is not one
+    plain file name (the server's own rule) is refused before anything is written. Existing
+    files in `out_dir` are never replaced, and the key file is 0600 from its creation on.
+    If a download fails, neither file of the pair is left behind.
+    """
     data: dict = {"compression": compression}
     if name:
         data["backup_name"] = name
     result = await client.call("generate_backup", data)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    archive = out_dir / f"{result['backup_name']}{ARCHIVE_SUFFIX}"
-    key = out_dir / f"{result['backup_name']}{KEY_SUFFIX}"
-    await client.download_file(result["archive_task_id"], archive, progress=progress)
-    await client.download_file(result["key_task_id"], key)
-    key.chmod(0o600)
+    backup_name = result.get("backup_name")
+    if not is_backup_name(backup_name):
+        raise ClientError(0, f"the server answered an unusable backup name {backup_name!r}: "
+                             "a backup name may hold only letters, digits, '.', '_' and '-', "
+                             "must start with a letter or digit and be at most 100 characters; "
+                             "nothing was written")
+    if name and backup_name != name:
+        raise ClientError(0, f"the server named the backup {backup_name!r} instead of the "
+                             f"requested {name!r}; nothing was written")
+    await trio.to_thread.run_sync(lambda: out_dir.mkdir(parents=True, exist_ok=True))
+    archive = out_dir / f"{backup_name}{ARCHIVE_SUFFIX}"
+    key = out_dir / f"{backup_name}{KEY_SUFFIX}"
+    for path in (archive, key):
+        if await trio.to_thread.run_sync(path.exists):
+            raise ClientError(0, f"{path} already exists; not overwriting it")
+    await client.download_file(result["archive_task_id"], archive, progress=progress,
+                               exclusive=True)
+    try:
+        await client.download_file(result["key_task_id"], key, exclusive=True, secret=True)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(unlink_if_present, archive)
+        raise
     return archive, key, result
 
 
