@@ -61,3 +61,12 @@ FINAL_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMEOUT)
 # -- backup files (SPEC §7) ---------------------------------------------------------------------
 ARCHIVE_SUFFIX = ".cfms.enc"
 KEY_SUFFIX = ".key"
+# A backup's name is the stem of both files of its pair, so it must stay one plain file name:
+# letters, digits, '.', '_' and '-', starting with a letter or digit, never '..'.
+BACKUP_NAME_MAX_CHARS = 100
+BACKUP_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def is_backup_name(value: object) -> bool:
+    return (isinstance(value, str) and BACKUP_NAME_PATTERN.fullmatch(value) is not None
+            and ".." not in value)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trio  # noqa: E402
 
-from cfms_trio.client import ClientError, open_client  # noqa: E402
-from cfms_trio.client_flows import FINAL_STATUSES, ProgressBar, export_backup  # noqa: E402
+from cfms_trio.client import ClientError, ProgressBar, export_backup, open_client  # noqa: E402
+from cfms_trio.conventions import FINAL_STATUSES  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

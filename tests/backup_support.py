@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from cfms_trio.client_flows import FINAL_STATUSES, export_backup, import_backup
+from cfms_trio.client import export_backup, import_backup
+from cfms_trio.conventions import FINAL_STATUSES
 
 from helpers import ADMIN_PASSWORD, snapshot_tree
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-import cfms_trio.client as client_module
+import cfms_trio.client.connection as client_module
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
 from cfms_trio.transfer.crypto import seal_chunk

@@ -1,4 +1,4 @@
-"""The `cfms-trio` command line: `serve`, plus offline backup tools and client commands."""
+"""`cfms-trio serve`: run the server until SIGINT or SIGTERM, logging to stderr and a file."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ from pathlib import Path
 
 import trio
 
-from . import cli_backup, cli_client
-from .config import Limits, Settings, parse_size
+from ..config import Limits, Settings, parse_size
 
 log = logging.getLogger("cfms_trio")
-
 
 
 def _setup_logging(log_dir: Path | None, verbose: bool) -> None:
@@ -37,7 +35,7 @@ def _setup_logging(log_dir: Path | None, verbose: bool) -> None:
 
 
 async def _serve_until_signalled(settings: Settings) -> None:
-    from .server import serve
+    from ..server import serve
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
@@ -105,9 +103,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cfms-trio", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub) -> None:
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=5104, help="port (default 5104; 0 picks a free one)")
@@ -123,15 +119,3 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most bytes one import may unpack (default 256G)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
-    cli_backup.register(sub)
-    cli_client.register(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .backup.archive import BackupContents, read_backup_archive
-from .backup.export import default_backup_name, export_store
-from .backup.restore import check_contents, read_key_file
-from .config import ArchiveLimits
-from .errors import CfmsError
-from .storage import Store
+from ..backup.archive import BackupContents, read_backup_archive
+from ..backup.export import default_backup_name, export_store
+from ..backup.restore import check_contents, read_key_file
+from ..client.files import file_sha256
+from ..config import ArchiveLimits
+from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
+from ..errors import CfmsError
+from ..storage import Store
 
 
 def _fail(message: str) -> int:
@@ -45,20 +46,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _read_archive(archive: Path, key: Path) -> BackupContents:
     """Read and fully verify an archive into a throwaway staging folder, with every check an
     import would make before touching a store."""
     limits = ArchiveLimits()
     key_info = read_key_file(key, limits)
-    if key_info.archive_sha256 and _sha256_file(archive) != key_info.archive_sha256:
+    if key_info.archive_sha256 and file_sha256(archive) != key_info.archive_sha256:
         raise CfmsError("archive sha256 does not match the one recorded in the key file")
     with tempfile.TemporaryDirectory(prefix="cfms-verify-") as tmp:
         with open(archive, "rb") as f:
@@ -127,7 +120,8 @@ def register(sub) -> None:
     commands = backup.add_subparsers(dest="backup_command", required=True)
     export = commands.add_parser("export", help="export a store to an encrypted archive")
     export.add_argument("--root", default=".", help="server root (holds content/cfms.db)")
-    export.add_argument("--out", required=True, help="folder for NAME.cfms.enc and NAME.key")
+    export.add_argument("--out", required=True,
+                        help=f"folder for NAME{ARCHIVE_SUFFIX} and NAME{KEY_SUFFIX}")
     export.add_argument("--name", help="backup name (default: backup-<time>-<random>)")
     export.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     export.set_defaults(func=cmd_export)

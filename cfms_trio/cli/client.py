@@ -11,8 +11,8 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError
 
-from .client import ClientError, open_client
-from .client_flows import ProgressBar, export_backup, import_backup
+from ..client import ClientError, ProgressBar, export_backup, import_backup, open_client
+from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX, STATUS_COMPLETED
 
 
 def _password(args) -> str:
@@ -65,7 +65,7 @@ def cmd_backup_import(args) -> int:
                                     upload_progress=upload_bar.bytes_progress,
                                     on_status=on_status)
         status_bar.done()
-        if final["status"] != "completed":
+        if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
             return 1
         print(f"import completed: {final['folders_count']} folders, "
@@ -107,15 +107,16 @@ def register(sub) -> None:
     commands = client.add_subparsers(dest="client_command", required=True)
     imp = commands.add_parser("backup-import", help="restore a backup on a server")
     _connection_args(imp)
-    imp.add_argument("--archive", required=True, help="the NAME.cfms.enc file")
-    imp.add_argument("--key", required=True, help="the NAME.key file")
+    imp.add_argument("--archive", required=True, help=f"the NAME{ARCHIVE_SUFFIX} file")
+    imp.add_argument("--key", required=True, help=f"the NAME{KEY_SUFFIX} file")
     imp.add_argument("--timeout", type=int, default=3600,
                      help="seconds allowed for the uploads (default 3600)")
     imp.add_argument("--poll", type=float, default=2.0, help="status poll interval in seconds")
     imp.set_defaults(func=cmd_backup_import)
     exp = commands.add_parser("backup-export", help="make a backup and download it")
     _connection_args(exp)
-    exp.add_argument("--out", required=True, help="folder to write the archive and key into")
+    exp.add_argument("--out", required=True, help="folder to write the archive and key into (existing files are "
+                     "never replaced)")
     exp.add_argument("--name", help="backup name")
     exp.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     exp.set_defaults(func=cmd_backup_export)

@@ -1,4 +1,4 @@
-"""The async client library shared by tests, scripts and the `cfms-trio client` commands.
+"""The connection to a server: requests, file transfers and events on one WebSocket.
 
     async with open_client("wss://host:5104", cafile=...) as client:
         await client.login("admin", password)
@@ -24,11 +24,11 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from .transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
-from .transfer.pipeline import send_ahead
+from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
+from ..transfer.pipeline import send_ahead
+from .files import file_sha256, open_download_target, unlink_if_present
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes total)
-HASH_READ_BYTES = 1024 * 1024
 
 TRANSFER_ACTIONS = ("transfer_file", "ready")
 # Chunks read and sealed ahead of the one being sent: disk and crypto work in a worker thread
@@ -217,51 +217,73 @@ class Client:
             return self._final_data(reply)
 
     async def download_file(self, task_id: str, path: str | Path, offset: int = 0,
-                            progress: Progress | None = None) -> dict:
+                            progress: Progress | None = None, *, exclusive: bool = False,
+                            secret: bool = False) -> dict:
         """Download `task_id` into `path` (appending from `offset` when resuming) and check
         the file's sha256 when it is complete.
 
-        `progress(done, total)` is called once with the starting offset, then after each chunk.
+        `exclusive` refuses to write into a file that already exists (ClientError, before
+        anything is asked of the server), and removes the file again if the download fails:
+        an exclusive download either completes or leaves nothing behind. `secret` gives the
+        file mode 0600 from its creation on (a key file is never readable by others, not even
+        half-written). `progress(done, total)` is called once with the starting offset, then
+        after each chunk.
         """
         path = Path(path)
-        async with self._call_lock:
-            await self.ws.send_message(json.dumps(self.envelope(
-                "download_file", {"task_id": task_id, "offset": offset})))
-            header = await self._expect_transfer("transfer_file")
-            key = base64.b64decode(header["key"])
-            prefix = base64.b64decode(header["nonce_prefix"])
-            size, chunk_size = header["file_size"], header["chunk_size"]
-            await self.ws.send_message(json.dumps({"action": "ready"}))
-            if progress:
-                progress(offset, size)
-            mode = "r+b" if offset and path.exists() else "wb"
-            # A whole download is hashed as it is written; a resumed one is read back at the end.
-            digest = None if offset else hashlib.sha256()
-            with open(path, mode) as f:
-                f.seek(offset)
-                f.truncate(offset)
-                for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
-                    sealed = await self.receive_reply()
-                    if not isinstance(sealed, bytes):
-                        # only an error can come instead of a chunk; it ends the download
-                        self._final_data(sealed)
-                        raise ClientError(0, "protocol error: expected a binary chunk")
-                    # Meanwhile the reader task keeps receiving the next chunks.
-                    try:
-                        await trio.to_thread.run_sync(_open_and_write, f, digest, key, prefix,
-                                                      index, sealed)
-                    except ChunkTagError as err:
-                        await self._resync()
-                        raise ClientError(0, f"download failed: {err}") from None
+        if exclusive and offset:
+            raise ValueError("an exclusive download writes a new file and starts at offset 0")
+        try:
+            f, created = await trio.to_thread.run_sync(
+                lambda: open_download_target(path, exclusive=exclusive, secret=secret))
+        except FileExistsError:
+            raise ClientError(0, f"{path} already exists; not overwriting it") from None
+        started = False
+        try:
+            with f:
+                async with self._call_lock:
+                    await self.ws.send_message(json.dumps(self.envelope(
+                        "download_file", {"task_id": task_id, "offset": offset})))
+                    header = await self._expect_transfer("transfer_file")
+                    key = base64.b64decode(header["key"])
+                    prefix = base64.b64decode(header["nonce_prefix"])
+                    size, chunk_size = header["file_size"], header["chunk_size"]
+                    await self.ws.send_message(json.dumps({"action": "ready"}))
+                    started = True
                     if progress:
-                        progress(min(size, (index + 1) * chunk_size), size)
-            result = self._final_data(await self.receive_reply())
-        if digest is not None:
-            actual = digest.hexdigest()
-        else:
-            actual = await trio.to_thread.run_sync(file_sha256, path)
-        if actual != header["sha256"]:
-            raise ClientError(0, "downloaded file does not match its sha256")
+                        progress(offset, size)
+                    # A whole download is hashed as it is written; a resumed one is read back
+                    # at the end.
+                    digest = None if offset else hashlib.sha256()
+                    await trio.to_thread.run_sync(_seek_and_truncate, f, offset)
+                    for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
+                        sealed = await self.receive_reply()
+                        if not isinstance(sealed, bytes):
+                            # only an error can come instead of a chunk; it ends the download
+                            self._final_data(sealed)
+                            raise ClientError(0, "protocol error: expected a binary chunk")
+                        # Meanwhile the reader task keeps receiving the next chunks.
+                        try:
+                            await trio.to_thread.run_sync(_open_and_write, f, digest, key,
+                                                          prefix, index, sealed)
+                        except ChunkTagError as err:
+                            await self._resync()
+                            raise ClientError(0, f"download failed: {err}") from None
+                        if progress:
+                            progress(min(size, (index + 1) * chunk_size), size)
+                    result = self._final_data(await self.receive_reply())
+            if digest is not None:
+                actual = digest.hexdigest()
+            else:
+                actual = await trio.to_thread.run_sync(file_sha256, path)
+            if actual != header["sha256"]:
+                raise ClientError(0, "downloaded file does not match its sha256")
+        except BaseException:
+            # A partial download stays for resuming; an empty file made for a refused request,
+            # or anything an exclusive download wrote, goes.
+            if created and (exclusive or not started):
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(unlink_if_present, path)
+            raise
         return result
 
     # -- events ---------------------------------------------------------------------------
@@ -345,12 +367,9 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
             raise
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(HASH_READ_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+def _seek_and_truncate(f, offset: int) -> None:
+    f.seek(offset)
+    f.truncate(offset)
 
 
 def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) -> bytes:

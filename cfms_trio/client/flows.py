@@ -1,0 +1,75 @@
+"""Whole client-side flows built on `Client`: carry a backup off one server, restore it on
+another. Shared by `cfms-trio client ...` and scripts/demo_client.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import trio
+
+from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, is_backup_name
+from .connection import Client, ClientError, Progress
+from .files import unlink_if_present
+
+StatusCallback = Callable[[dict], None]
+
+
+async def export_backup(client: Client, out_dir: Path, name: str | None = None,
+                        compression: str = "zstd",
+                        progress: Progress | None = None) -> tuple[Path, Path, dict]:
+    """Ask the server for a backup and download its archive and key into `out_dir`.
+
+    The server's answer is not trusted to name local files: a backup name that is not one
+    plain file name (the server's own rule) is refused before anything is written. Existing
+    files in `out_dir` are never replaced, and the key file is 0600 from its creation on.
+    If a download fails, neither file of the pair is left behind.
+    """
+    data: dict = {"compression": compression}
+    if name:
+        data["backup_name"] = name
+    result = await client.call("generate_backup", data)
+    backup_name = result.get("backup_name")
+    if not is_backup_name(backup_name):
+        raise ClientError(0, f"the server answered an unusable backup name {backup_name!r}: "
+                             "a backup name may hold only letters, digits, '.', '_' and '-', "
+                             "must start with a letter or digit and be at most 100 characters; "
+                             "nothing was written")
+    if name and backup_name != name:
+        raise ClientError(0, f"the server named the backup {backup_name!r} instead of the "
+                             f"requested {name!r}; nothing was written")
+    await trio.to_thread.run_sync(lambda: out_dir.mkdir(parents=True, exist_ok=True))
+    archive = out_dir / f"{backup_name}{ARCHIVE_SUFFIX}"
+    key = out_dir / f"{backup_name}{KEY_SUFFIX}"
+    for path in (archive, key):
+        if await trio.to_thread.run_sync(path.exists):
+            raise ClientError(0, f"{path} already exists; not overwriting it")
+    await client.download_file(result["archive_task_id"], archive, progress=progress,
+                               exclusive=True)
+    try:
+        await client.download_file(result["key_task_id"], key, exclusive=True, secret=True)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(unlink_if_present, archive)
+        raise
+    return archive, key, result
+
+
+async def import_backup(client: Client, archive: Path, key: Path, *, timeout_seconds: int = 3600,
+                        poll_interval_s: float = 2.0,
+                        upload_progress: Progress | None = None,
+                        on_status: StatusCallback | None = None) -> dict:
+    """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
+    get_backup_import_status until the task is completed, failed or timed out."""
+    init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
+    task_id = init["backup_task_id"]
+    await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
+    await client.upload_file(init["key_task_id"], key)
+    await client.call("start_backup_import", {"backup_task_id": task_id})
+    while True:
+        status = await client.call("get_backup_import_status", {"backup_task_id": task_id})
+        if on_status:
+            on_status(status)
+        if status["status"] in FINAL_STATUSES:
+            return status
+        await trio.sleep(poll_interval_s)
