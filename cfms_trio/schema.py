@@ -11,10 +11,10 @@ import dataclasses
 import re
 from typing import Any
 
+from .conventions import ID_PATTERN
 from .errors import BadRequest
 
 _NO_DEFAULT = object()
-ID_PATTERN = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ def validate(data: dict, schema: dict[str, Field]) -> dict:
         if spec.choices is not None and value not in spec.choices:
             allowed = ", ".join(repr(c) for c in spec.choices)
             raise BadRequest(f"field 'data.{name}' must be one of {allowed}")
-        if spec.pattern is not None and not spec.pattern.match(value):
+        if spec.pattern is not None and not spec.pattern.fullmatch(value):
             raise BadRequest(f"field 'data.{name}' has an invalid format")
         out[name] = value
     return out

@@ -5,7 +5,6 @@ restarts, and the `cfms-trio client backup-import` command."""
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import secrets
@@ -21,7 +20,7 @@ from cfms_trio.storage import backup_tasks, restore_rows
 from cfms_trio.transfer.crypto import seal_chunk
 
 from backup_support import (
-    SPEC_STEPS, assert_progress_monotonic, build_legacy_archive, build_store, cli_command,
+    assert_progress_monotonic, build_legacy_archive, build_store, cli_command,
     content_files, dump_store, export_to, import_dir_files, import_from, legacy_key_file, rule,
     run_cli, serve_subprocess, sha256_hex, start_only, wait_final,
 )

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import re
 import secrets
 import time
 from pathlib import Path
 
 from .. import __version__
+from ..conventions import BACKUP_NAME_MAX_CHARS, is_backup_name
 from ..errors import BadRequest, Conflict
 from ..storage import Store
 from ..paths import backup_pair, partial_backup_pair
@@ -25,7 +25,6 @@ from .archive import HashingWriter, WriteBehind, write_backup_archive
 from .gc_pause import cyclic_gc_paused
 from .keyfile import make_key_file
 
-BACKUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 KEY_BYTES = 32
 
 
@@ -48,9 +47,10 @@ def default_backup_name(now: float) -> str:
 
 def check_backup_name(name: str) -> str:
     """A name that stays inside the backups folder: no separators, no leading dot."""
-    if not BACKUP_NAME.match(name) or ".." in name:
+    if not is_backup_name(name):
         raise BadRequest("field 'data.backup_name' may hold only letters, digits, '.', '_' and "
-                         "'-', must start with a letter or digit and be at most 100 characters")
+                         "'-', must start with a letter or digit and be at most "
+                         f"{BACKUP_NAME_MAX_CHARS} characters")
     return name
 
 

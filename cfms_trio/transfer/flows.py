@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import base64
 import logging
-import re
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..conventions import SHA256_HEX_PATTERN
 from ..deadlines import trio_deadline
 from ..errors import BadRequest, DeadlinePassed, TooLarge
 from ..protocol import event
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from ..dispatch import Context
 
 log = logging.getLogger(__name__)
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 # Chunks a download reads and seals ahead of the one being sent.
 DOWNLOAD_READ_AHEAD_CHUNKS = 2
 
@@ -49,7 +48,7 @@ async def _announcement(ctx: "Context", max_size: int) -> tuple[int, str]:
         raise BadRequest("field 'data.file_size' must be a non-negative integer")
     if size > max_size:
         raise TooLarge(f"file of {size} bytes is larger than the limit of {max_size} bytes")
-    if not isinstance(sha256, str) or not SHA256_HEX.match(sha256.lower()):
+    if not isinstance(sha256, str) or not SHA256_HEX_PATTERN.fullmatch(sha256):
         raise BadRequest("field 'data.sha256' must be 64 hex digits")
     return size, sha256.lower()
 
