@@ -10,8 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .backup.archive import BackupContents, read_backup_archive
 from .backup.export import default_backup_name, export_store
+from .backup.format import BackupContents, read_backup_archive
 from .backup.restore import check_contents, read_key_file
 from .config import ArchiveLimits
 from .errors import CfmsError

@@ -25,15 +25,17 @@ from Crypto.Util.Padding import pad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfms_trio.backup import crypto_stream as cs
-from cfms_trio.backup.archive import (
+from cfms_trio.backup.format import (
     BackupContents,
     HashingWriter,
+    KeyInfo,
+    make_key_file,
+    parse_key_file,
     read_backup_archive,
-    validate_references,
     write_backup_archive,
 )
-from cfms_trio.backup.keyfile import KeyInfo, make_key_file, parse_key_file
+from cfms_trio.backup.format import segments as cs
+from cfms_trio.backup.format.listings import validate_references
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 

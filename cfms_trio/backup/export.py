@@ -20,9 +20,8 @@ from .. import __version__
 from ..errors import BadRequest, Conflict
 from ..storage import Store
 from ..storage.backup_rows import snapshot
-from .archive import HashingWriter, WriteBehind, write_backup_archive
+from .format import HashingWriter, WriteBehind, make_key_file, write_backup_archive
 from .gc_pause import cyclic_gc_paused
-from .keyfile import make_key_file
 
 BACKUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ARCHIVE_SUFFIX = ".cfms.enc"
