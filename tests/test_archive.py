@@ -25,15 +25,17 @@ from Crypto.Util.Padding import pad
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfms_trio.backup import crypto_stream as cs
-from cfms_trio.backup.archive import (
+from cfms_trio.backup.format import (
     BackupContents,
     HashingWriter,
+    KeyInfo,
+    make_key_file,
+    parse_key_file,
     read_backup_archive,
-    validate_references,
     write_backup_archive,
 )
-from cfms_trio.backup.keyfile import KeyInfo, make_key_file, parse_key_file
+from cfms_trio.backup.format import segments as cs
+from cfms_trio.backup.format.listings import validate_references
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
@@ -886,6 +888,8 @@ def key_doc(**changes) -> bytes:
         (b"{not json", "key file is not valid JSON"),
         (b"[" * 10_000, "key file is not valid JSON"),
         (b'{"key": NaN}', "key file is not valid JSON"),
+        (b'{"algorithm": "AES-256-CBC", "algorithm": "AES-256-GCM-STREAM"}',
+         "key file is not valid JSON: duplicate key 'algorithm'"),
         (b"[]", "must be a JSON object"),
         (key_doc(algorithm=...), "no 'algorithm'"),
         (key_doc(algorithm="ROT13"), "unsupported key algorithm 'ROT13'"),
@@ -905,6 +909,11 @@ def key_doc(**changes) -> bytes:
 def test_key_file_errors(data, match):
     with pytest.raises(ArchiveError, match=match):
         parse_key_file(data, LIMITS)
+
+
+def test_key_file_saved_with_a_byte_order_mark_is_accepted():
+    key_info = parse_key_file(b"\xef\xbb\xbf" + key_doc(), LIMITS)
+    assert (key_info.format, key_info.key) == (2, KEY)
 
 
 def test_key_file_size_limit():

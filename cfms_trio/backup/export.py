@@ -21,11 +21,17 @@ from ..errors import BadRequest, Conflict
 from ..storage import Store
 from ..paths import backup_pair, partial_backup_pair
 from ..storage.snapshot import snapshot
-from .archive import HashingWriter, WriteBehind, write_backup_archive
+from .format import (
+    FORMAT_NAME,
+    KEY_BYTES,
+    VERSION_V2,
+    HashingWriter,
+    WriteBehind,
+    make_key_file,
+    write_backup_archive,
+)
 from .gc_pause import cyclic_gc_paused
-from .keyfile import make_key_file
 
-KEY_BYTES = 32
 
 
 @dataclasses.dataclass
@@ -86,7 +92,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     with cyclic_gc_paused():
         snap = store.run_read(snapshot)
         metadata = {
-            "format": "cfms-backup", "version": "2.0", "created_at": now, "backup_name": name,
+            "format": FORMAT_NAME, "version": VERSION_V2, "created_at": now, "backup_name": name,
             "server_version": __version__, "documents_count": len(snap["documents"]),
             "folders_count": len(snap["folders"]), "files_count": len(snap["files"]),
             "total_file_bytes": sum(f["size"] for f in snap["files"]),

@@ -20,8 +20,7 @@ from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
 from ..storage import restore_rows
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
-from .archive import BackupContents, read_backup_archive
-from .keyfile import parse_key_file
+from .format import BackupContents, parse_key_file, read_backup_archive
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
 

@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..backup.archive import BackupContents, read_backup_archive
 from ..backup.export import default_backup_name, export_store
+from ..backup.format import BackupContents, read_backup_archive
 from ..backup.restore import check_contents, read_key_file
 from ..client.files import file_sha256
 from ..config import ArchiveLimits

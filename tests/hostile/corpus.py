@@ -30,8 +30,8 @@ import zstandard
 from Crypto.Cipher import AES
 from Crypto.Util.Padding import pad
 
-from cfms_trio.backup import crypto_stream as cs
-from cfms_trio.backup.keyfile import make_key_file
+from cfms_trio.backup.format import make_key_file
+from cfms_trio.backup.format import segments as cs
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.conventions import MAX_TREE_DEPTH
 

@@ -16,8 +16,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfms_trio.backup.archive import read_backup_archive
-from cfms_trio.backup.keyfile import parse_key_file
+from cfms_trio.backup.format import parse_key_file, read_backup_archive
 from cfms_trio.conventions import MAX_TREE_DEPTH
 
 from . import corpus

@@ -11,7 +11,7 @@ import pytest
 import trio
 import zstandard
 
-from cfms_trio.backup import crypto_stream as cs
+from cfms_trio.backup.format import segments as cs
 from cfms_trio.client import ClientError
 from cfms_trio.config import ArchiveLimits, Limits
 

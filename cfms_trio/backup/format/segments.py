@@ -26,6 +26,8 @@ from Crypto.Protocol.KDF import HKDF
 
 from cfms_trio.errors import ArchiveError
 
+from .streams import read_up_to
+
 MAGIC = b"CFMSBAK2"
 KEY_BYTES = 32
 SALT_BYTES = 32
@@ -157,17 +159,6 @@ def check_key(header: ArchiveHeader, key: bytes) -> bytes:
     if not hmac.compare_digest(expected, header.key_check):
         raise ArchiveError("wrong key for this archive (key check failed)")
     return payload_key
-
-
-def read_up_to(source: BinaryIO, size: int) -> bytes:
-    """Read ``size`` bytes, fewer only at end of file (tolerates short reads)."""
-    buf = bytearray()
-    while len(buf) < size:
-        piece = source.read(size - len(buf))
-        if not piece:
-            break
-        buf += piece
-    return bytes(buf)
 
 
 class SegmentWriter(io.RawIOBase):

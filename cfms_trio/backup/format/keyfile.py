@@ -7,22 +7,24 @@ exactly what is wrong without ever echoing the key.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
-import math
 import re
 
 from cfms_trio.config import ArchiveLimits
+from cfms_trio.conventions import SHA256_HEX_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
-KEY_BYTES = 32
+from .listings import decode_json, is_number
+from .segments import KEY_BYTES
+
 ALGORITHM_V2 = "AES-256-GCM-STREAM"
 ALGORITHM_LEGACY = "AES-256-CBC"
 FORMAT_V2 = 2
 FORMAT_LEGACY = 1
 
-_HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
-_HEX_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_HEX_KEY = re.compile(f"[0-9a-fA-F]{{{2 * KEY_BYTES}}}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +45,7 @@ def make_key_file(
     """Return the bytes of a format 2 key file for an archive (UTF-8 JSON, trailing newline)."""
     if len(key) != KEY_BYTES:
         raise ValueError(f"backup key must be {KEY_BYTES} bytes")
-    if archive_sha256 is not None and not _HEX_SHA256.fullmatch(archive_sha256):
+    if archive_sha256 is not None and not SHA256_HEX_PATTERN.fullmatch(archive_sha256):
         raise ValueError("archive_sha256 must be 64 hex digits")
     document = {
         "format": FORMAT_V2,
@@ -56,30 +58,15 @@ def make_key_file(
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _load_json_object(data: bytes, limits: ArchiveLimits) -> dict:
     if len(data) > limits.key_file_bytes:
         raise ArchiveLimitExceeded(
             f"key file is {len(data)} bytes; the limit is {limits.key_file_bytes} bytes"
         )
-    try:
-        text = data.decode("utf-8-sig")  # tolerate a BOM left by a text editor
-    except UnicodeDecodeError:
-        raise ArchiveError("key file is not valid UTF-8") from None
-    try:
-        document = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise ArchiveError("key file is not valid JSON") from None
+    document = decode_json(data.removeprefix(codecs.BOM_UTF8), "key file")  # BOM: text editors
     if not isinstance(document, dict):
         raise ArchiveError("key file must be a JSON object")
     return document
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
 
 
 def _parse_key_hex(value) -> bytes:
@@ -120,11 +107,11 @@ def parse_key_file(data: bytes, limits: ArchiveLimits) -> KeyInfo:
         raise ArchiveError("key file has no 'key' field")
     key = _parse_key_hex(document["key"])
     backup_name = _optional(document, "backup_name", lambda v: isinstance(v, str), "a string")
-    created_at = _optional(document, "created_at", _is_number, "a number")
+    created_at = _optional(document, "created_at", is_number, "a number")
     archive_sha256 = _optional(
         document,
         "archive_sha256",
-        lambda v: isinstance(v, str) and _HEX_SHA256.fullmatch(v),
+        lambda v: isinstance(v, str) and SHA256_HEX_PATTERN.fullmatch(v),
         "64 hex digits",
     )
     return KeyInfo(

@@ -1,0 +1,121 @@
+"""Reading a backup archive, format 2 or legacy 1.0 (SPEC §7, §9): ``read_backup_archive``.
+
+Archives come from clients, so every byte is hostile: nothing seeks, nothing is held in memory
+beyond a segment and one JSON listing, every limit of ``ArchiveLimits`` is enforced, and every
+failure surfaces as ``ArchiveError`` (``ArchiveLimitExceeded`` for limits) naming the offending
+member or id. Errors from tarfile, zstandard and json are converted at the boundary of
+``read_backup_archive``; an ``OSError`` there is the server's own I/O failing (disk full,
+unreadable upload) and is passed on unchanged. Blocking; the server runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import zstandard
+
+from cfms_trio.config import ArchiveLimits
+from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
+
+from .keyfile import FORMAT_LEGACY, FORMAT_V2, KeyInfo
+from .legacy import LegacyCbcReader
+from .listings import BackupContents
+from .segments import COMPRESSION_ZSTD, SegmentReader
+from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain
+from .tarmembers import Extractor, GuardedTarInfo
+
+ERROR_DETAIL_CHARS = 200
+
+
+def _open_staging_dir(staging_dir: Path) -> int:
+    """Create (if needed) and open the staging folder, refusing a symlink in its place."""
+    Path(staging_dir).mkdir(mode=0o700, exist_ok=True)
+    return os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+def _plaintext_stream(source: BinaryIO, key_info: KeyInfo, limits: ArchiveLimits):
+    """Return ``(tar_stream, segment_reader_or_None)`` for the archive's format."""
+    if key_info.format == FORMAT_LEGACY:
+        return LegacyCbcReader(source, key_info.key), None
+    if key_info.format != FORMAT_V2:
+        raise ArchiveError(f"unsupported key file format {key_info.format}")
+    segments = SegmentReader(source, key_info.key)
+    if segments.header.compression == COMPRESSION_ZSTD:
+        decompressor = zstandard.ZstdDecompressor(max_window_size=limits.zstd_window_bytes)
+        reader = decompressor.stream_reader(segments, read_across_frames=True, closefd=False)
+        return reader, segments
+    return segments, segments
+
+
+def _extract_all(
+    source: BinaryIO, key_info: KeyInfo, staging_fd: int, limits: ArchiveLimits
+) -> BackupContents:
+    legacy = key_info.format == FORMAT_LEGACY
+    plaintext, segments = _plaintext_stream(source, key_info, limits)
+    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits)
+    with ReadAhead(plaintext) as ahead:
+        limited = LimitedReader(ahead, limits.extracted_bytes)
+        with tarfile.open(
+            fileobj=limited, mode="r|", tarinfo=GuardedTarInfo, encoding="utf-8",
+            errors="strict",
+        ) as tar:
+            while (member := tar.next()) is not None:
+                extractor.handle(tar, member)
+                tar.members.clear()  # stream mode would otherwise keep every TarInfo in memory
+        # Reading to the very end verifies the final segment (format 2) or the padding
+        # (legacy); whatever follows the tar's end marker still counts against the extracted
+        # bytes limit.
+        drain(limited)
+    if segments is not None:
+        drain(segments)  # already at its end, read by the helper; kept as the final check
+    return extractor.finish()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:ERROR_DETAIL_CHARS]
+
+
+def read_backup_archive(
+    archive: BinaryIO,
+    key_info: KeyInfo,
+    staging_dir: Path,
+    limits: ArchiveLimits,
+    progress: Callable[[int, int], None] | None = None,
+    archive_size: int | None = None,
+) -> BackupContents:
+    """Decrypt, verify and extract a backup archive; return its validated listings.
+
+    File contents are written to ``staging_dir/<file_id>`` and checked against their size and
+    sha256. ``progress(consumed, total)`` is called with the encrypted bytes read so far and
+    ``archive_size`` (0 when unknown). Any problem with the archive raises ``ArchiveError``;
+    the caller removes ``staging_dir`` on failure.
+    """
+    if archive_size is not None and archive_size > limits.archive_bytes:
+        raise ArchiveLimitExceeded(
+            f"archive is {archive_size} bytes; the limit is {limits.archive_bytes} bytes"
+        )
+    source = CountingSource(archive, limits.archive_bytes, progress, archive_size or 0)
+    legacy = key_info.format == FORMAT_LEGACY
+    staging_fd = _open_staging_dir(staging_dir)
+    try:
+        return _extract_all(source, key_info, staging_fd, limits)
+    except (ArchiveError, OSError):
+        raise  # archive problems are already precise; OSError is the server's own I/O failing
+    except CallbackFailed as exc:
+        raise exc.__cause__ from None
+    except zstandard.ZstdError as exc:
+        if "memory" in str(exc).lower():
+            raise ArchiveLimitExceeded(
+                "zstd data needs a decoding window larger than the limit of "
+                f"{limits.zstd_window_bytes} bytes"
+            ) from exc
+        raise ArchiveError(f"corrupt archive: invalid zstd data ({_describe(exc)})") from exc
+    except Exception as exc:  # tarfile, json, unicode and anything else the parsers raise
+        prefix = "wrong key or corrupt archive" if legacy else "corrupt archive"
+        raise ArchiveError(f"{prefix}: {_describe(exc)}") from exc
+    finally:
+        os.close(staging_fd)

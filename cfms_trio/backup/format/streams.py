@@ -1,0 +1,318 @@
+"""Byte-stream wrappers of the archive writer and reader: hashing, threads, limits, checks.
+
+Writing: ``HashingWriter`` (size and sha256 in the same pass), ``WriteBehind`` (writes on a
+second thread), ``VerifyingSource`` (a file must match its recorded size and sha256). Reading:
+``CountingSource`` (archive size limit, progress), ``LimitedReader`` (extracted bytes limit),
+``ReadAhead`` (reads on a second thread). All blocking; the server runs them in worker threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import queue
+import threading
+from typing import BinaryIO, Callable
+
+from cfms_trio.errors import ArchiveLimitExceeded
+
+COPY_BYTES = 1024 * 1024  # file contents are streamed in pieces of this size
+WRITE_BEHIND_PIECES = 4  # sealed segments waiting between the exporting and the writing thread
+READ_AHEAD_PIECES = 4  # decrypted pieces of COPY_BYTES waiting for the extracting thread
+PROGRESS_STEP_BYTES = 1024 * 1024  # report progress at most once per this many archive bytes
+
+
+def read_up_to(source: BinaryIO, size: int) -> bytes:
+    """Read ``size`` bytes, fewer only at end of file (tolerates short reads)."""
+    buf = bytearray()
+    while len(buf) < size:
+        piece = source.read(size - len(buf))
+        if not piece:
+            break
+        buf += piece
+    return bytes(buf)
+
+
+def drain(stream) -> None:
+    """Read a stream to its end, so trailing authentication and padding checks run."""
+    while stream.read(COPY_BYTES):
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class HashingWriter(io.RawIOBase):
+    """Writable wrapper that passes bytes on to ``out`` while counting and hashing them.
+
+    Lets the exporter learn the archive's size and sha256 in the same pass that writes it.
+    ``out`` is never closed.
+    """
+
+    def __init__(self, out: BinaryIO):
+        super().__init__()
+        self._out = out
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._out.write(view)
+        self._hash.update(view)
+        self.size += len(view)
+        return len(view)
+
+    def hexdigest(self) -> str:
+        """sha256 of everything written so far, as lowercase hex."""
+        return self._hash.hexdigest()
+
+
+class WriteBehind(io.RawIOBase):
+    """Writable that passes each write on to ``out`` from a helper thread.
+
+    An export in one thread would hash and write every sealed segment between reading,
+    verifying and sealing the next; with this the two halves overlap on two cores (hashlib,
+    AES-GCM and file writes all release the GIL). At most ``WRITE_BEHIND_PIECES`` writes wait
+    in between, so memory stays bounded by a few segments. A failure of ``out`` is raised by
+    the next ``write`` or by ``close``, which waits until everything queued was written.
+    ``out`` itself is never closed.
+    """
+
+    def __init__(self, out: BinaryIO):
+        super().__init__()
+        self._out = out
+        self._queue: queue.Queue = queue.Queue(WRITE_BEHIND_PIECES)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
+        self._thread.start()
+
+    def writable(self) -> bool:
+        return True
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            if self._error is None:  # after a failure keep draining, so no writer blocks
+                try:
+                    self._out.write(data)
+                except BaseException as exc:  # handed to the writing thread
+                    self._error = exc
+
+    def write(self, data) -> int:
+        if self.closed:
+            raise ValueError("write to a closed WriteBehind")
+        if self._error is not None:
+            raise self._error
+        # The queue keeps a reference until the helper thread is done with it: only
+        # immutable bytes may wait there.
+        data = data if type(data) is bytes else bytes(data)
+        self._queue.put(data)
+        return len(data)
+
+    def close(self) -> None:
+        """Wait for every queued write, then raise the first failure if there was one."""
+        if not self.closed:
+            self._queue.put(None)
+            self._thread.join()
+            super().close()
+            if self._error is not None:
+                raise self._error
+
+
+class VerifyingSource:
+    """Reads one file's content for the tar writer and checks it against its files.json entry.
+
+    tarfile copies exactly the declared size and would silently drop extra bytes or fail with a
+    vague message on missing ones; this says which file changed under the exporter.
+    """
+
+    def __init__(self, source: BinaryIO, entry: dict):
+        self._source = source
+        self._entry = entry
+        self._remaining = entry["size"]
+        self._hash = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = self._remaining
+        size = min(size, self._remaining)
+        data = self._source.read(size)
+        if len(data) < size:  # a short read: gather the rest, or find the file shorter
+            buf = bytearray(data)
+            while len(buf) < size:
+                piece = self._source.read(size - len(buf))
+                if not piece:
+                    raise ValueError(
+                        f"file {self._entry['id']!r} is shorter than its recorded size")
+                buf += piece
+            data = bytes(buf)
+        self._remaining -= len(data)
+        self._hash.update(data)
+        return data
+
+    def finish(self) -> None:
+        """Confirm the file ended exactly at its size and matched its sha256."""
+        if self._remaining or self._source.read(1):
+            raise ValueError(f"file {self._entry['id']!r} is longer than its recorded size")
+        if self._hash.hexdigest() != self._entry["sha256"]:
+            raise ValueError(f"file {self._entry['id']!r} does not match its recorded sha256")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class CallbackFailed(Exception):
+    """Carries an exception raised by the caller's progress callback through the parsers, so
+    the boundary re-raises it unchanged instead of blaming the archive."""
+
+
+class CountingSource(io.RawIOBase):
+    """The encrypted archive as read: enforces the archive size limit and reports progress."""
+
+    def __init__(
+        self,
+        source: BinaryIO,
+        limit_bytes: int,
+        progress: Callable[[int, int], None] | None,
+        total_bytes: int,
+    ):
+        super().__init__()
+        self._source = source
+        self._limit_bytes = limit_bytes
+        self._progress = progress
+        self._total_bytes = total_bytes
+        self._reported = 0
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._source.read(len(view)) or b""
+        count = len(data)
+        view[:count] = data
+        self.consumed += count
+        if self.consumed > self._limit_bytes:
+            raise ArchiveLimitExceeded(
+                f"archive is larger than the limit of {self._limit_bytes} bytes"
+            )
+        at_end = count == 0
+        if self._progress is not None and (
+            self.consumed - self._reported >= PROGRESS_STEP_BYTES
+            or (at_end and self.consumed != self._reported)
+        ):
+            self._reported = self.consumed
+            try:
+                self._progress(self.consumed, self._total_bytes)
+            except Exception as exc:
+                raise CallbackFailed() from exc
+        return count
+
+
+class LimitedReader(io.RawIOBase):
+    """The decrypted (and decompressed) tar stream: enforces the extracted bytes limit.
+
+    Counting here, after decompression, is what defeats a compression bomb.
+    """
+
+    def __init__(self, source, limit_bytes: int):
+        super().__init__()
+        self._source = source
+        self._limit_bytes = limit_bytes
+        self.produced = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._source.read(len(view))
+        count = len(data)
+        self.produced += count
+        if self.produced > self._limit_bytes:
+            raise ArchiveLimitExceeded(
+                f"archive expands to more than the limit of {self._limit_bytes} bytes"
+            )
+        view[:count] = data
+        return count
+
+
+class ReadAhead(io.RawIOBase):
+    """Readable that reads ``source`` on a helper thread, ahead of its reader.
+
+    Extracting in one thread takes turns between decrypting (and decompressing) the archive and
+    hashing and writing the files; with this the two halves overlap on two cores (AES-GCM,
+    zstd, hashlib and file I/O all release the GIL). The helper queues up to
+    ``READ_AHEAD_PIECES`` pieces of ``COPY_BYTES``. Whatever ``source`` raises is raised by the
+    read that reaches that point of the stream, so every error surfaces where it always did.
+    ``close`` stops the helper and waits for it; ``source`` itself is never closed.
+    """
+
+    def __init__(self, source):
+        super().__init__()
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(READ_AHEAD_PIECES)
+        self._stop = threading.Event()
+        self._piece = b""
+        self._pos = 0
+        self._eof = False
+        self._error: BaseException | None = None  # what ended the stream, once reached
+        self._thread = threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self._thread.start()
+
+    def readable(self) -> bool:
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                piece = self._source.read(COPY_BYTES)
+            except BaseException as exc:  # handed to the reading thread, in stream order
+                self._queue.put(exc)
+                return
+            self._queue.put(piece)
+            if not piece:
+                return
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        while self._pos >= len(self._piece):
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            item = self._queue.get()  # the helper ends every stream with b"" or an error
+            if isinstance(item, BaseException):
+                self._error = item
+            elif not item:
+                self._eof = True
+            else:
+                self._piece, self._pos = item, 0
+        if self._pos == 0 and size >= len(self._piece):
+            self._pos = len(self._piece)
+            return self._piece  # the whole piece, without a copy
+        data = self._piece[self._pos:self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            while self._thread.is_alive():  # unblock a helper waiting for room
+                try:
+                    self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            self._thread.join()
+            super().close()

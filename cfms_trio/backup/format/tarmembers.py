@@ -1,0 +1,347 @@
+"""The tar layer of a backup: guarded tar headers, member checks and extraction into staging.
+
+``Extractor`` takes the members of a tar read in stream mode one at a time: it checks names,
+types, order and limits, validates the JSON listings and streams file contents into the staging
+folder, hashing them. ``member_info`` builds the headers the writer uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from typing import Any
+
+from cfms_trio.config import ArchiveLimits
+from cfms_trio.conventions import ID_PATTERN
+from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
+
+from .listings import (
+    DOCUMENTS_MEMBER,
+    FILES_MEMBER,
+    FILES_PREFIX,
+    FOLDERS_MEMBER,
+    JSON_MEMBERS,
+    METADATA_MEMBER,
+    VERSION_LEGACY,
+    VERSION_V2,
+    BackupContents,
+    check_metadata_counts,
+    decode_json,
+    parse_documents,
+    parse_files,
+    parse_folders,
+    parse_metadata,
+    show_name,
+    unique_index,
+    validate_references,
+)
+from .streams import COPY_BYTES
+
+# pax and GNU long-name headers are read whole by tarfile; ours never need more than a few
+# records, and a cap keeps a hostile header from costing memory or quadratic parsing time.
+TAR_EXTENDED_HEADER_MAX_BYTES = 8 * 1024
+STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
+
+_EXTENDED_HEADER_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+_REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+
+
+def member_info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = mtime
+    info.mode = STAGING_FILE_MODE
+    info.type = tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class GuardedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses what tarfile would otherwise accept silently or expensively.
+
+    - Extended headers (pax, GNU long names) are read into memory whole by tarfile: cap them.
+    - GNU sparse members are not regular files.
+    - A corrupt or truncated header after the first one makes tarfile end the archive quietly,
+      hiding the members behind it; make it an error instead.
+    Errors are raised as ``tarfile.ReadError`` (not a ``HeaderError``), which tarfile passes on.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            raise  # the end-of-archive marker
+        except tarfile.EmptyHeaderError:
+            raise tarfile.ReadError("tar stream ends without an end-of-archive marker") from None
+        except tarfile.TruncatedHeaderError:
+            raise tarfile.ReadError("tar stream is truncated inside a header") from None
+        except tarfile.InvalidHeaderError as exc:
+            raise tarfile.ReadError(f"invalid tar header ({exc})") from None
+
+    def _proc_member(self, tar):
+        # tarfile documents _proc_member as the hook for subclasses.
+        if self.type in _EXTENDED_HEADER_TYPES and self.size > TAR_EXTENDED_HEADER_MAX_BYTES:
+            raise ArchiveLimitExceeded(
+                f"tar extended header of {self.size} bytes exceeds the limit of "
+                f"{TAR_EXTENDED_HEADER_MAX_BYTES} bytes"
+            )
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise ArchiveError(
+                f"archive member {show_name(self.name)} is a sparse file; "
+                "only regular files are allowed"
+            )
+        return super()._proc_member(tar)
+
+
+def _member_kind_error(member: tarfile.TarInfo, name: str) -> str | None:
+    """Describe why a member is not a plain regular file, or None when it is one."""
+    if member.issym():
+        what = "a symbolic link"
+    elif member.islnk():
+        what = "a hard link"
+    elif member.ischr() or member.isblk():
+        what = "a device"
+    elif member.isfifo():
+        what = "a FIFO"
+    elif member.isdir():
+        what = "a directory"
+    elif member.issparse():
+        what = "a sparse file"
+    elif member.type not in _REGULAR_TYPES:
+        what = f"of unsupported type {member.type!r}"
+    else:
+        return None
+    return f"archive member {show_name(name)} is {what}; only regular files are allowed"
+
+
+def _not_listed(name: str) -> ArchiveError:
+    return ArchiveError(f"archive member {show_name(name)} is not listed in {FILES_MEMBER}")
+
+
+def _check_listed_size(file_id: str, entry: dict, size: int) -> None:
+    """A file's size in the archive must be the one files.json lists (legacy: when it lists one)."""
+    if entry["size"] is not None and entry["size"] != size:
+        raise ArchiveError(
+            f"file {file_id}: size mismatch ({FILES_MEMBER} says {entry['size']} bytes, "
+            f"the archive holds {size})"
+        )
+
+
+class Extractor:
+    """Validates tar members one by one and extracts file contents into the staging folder.
+
+    Format 2 members must come in the exact order of SPEC §7, so files.json is known before any
+    file arrives and sizes, hashes and membership are checked while streaming. Legacy members may
+    come in any order; what cannot be checked on arrival is checked in ``finish``.
+    """
+
+    def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits):
+        self.legacy = legacy
+        self.version = VERSION_LEGACY if legacy else VERSION_V2
+        self.limits = limits
+        self.staging_fd = staging_fd
+        self.member_count = 0
+        self.seen: set[str] = set()
+        self.listings: dict[str, Any] = {}
+        self.listed: dict[str, dict] | None = None  # files.json by id, once read
+        self.extracted: dict[str, tuple[int, str]] = {}  # id -> (size, sha256)
+        self.position = 0  # format 2: index of the next expected member
+
+    # -- names and types
+
+    def _safe_name(self, raw: str) -> str:
+        """Reject names that could point outside the archive; normalise legacy './' prefixes."""
+        if not raw:
+            raise ArchiveError("archive member has an empty name")
+        if raw.startswith("/"):
+            raise ArchiveError(f"archive member {show_name(raw)} has an absolute name")
+        parts = raw.split("/")
+        if ".." in parts:
+            raise ArchiveError(f"archive member {show_name(raw)} escapes the archive")
+        if self.legacy:
+            while parts and parts[0] == ".":
+                parts.pop(0)
+        return "/".join(parts)
+
+    @staticmethod
+    def _classify(name: str, raw: str) -> str | None:
+        """Return the file id for ``files/<id>``, None for a JSON listing; reject anything else."""
+        if name in JSON_MEMBERS:
+            return None
+        if name.startswith(FILES_PREFIX) and ID_PATTERN.fullmatch(name[len(FILES_PREFIX):]):
+            return name[len(FILES_PREFIX):]
+        raise ArchiveError(f"unexpected archive member {show_name(raw)}")
+
+    def _expected_name(self) -> str | None:
+        if self.position < len(JSON_MEMBERS):
+            return JSON_MEMBERS[self.position]
+        files = self.listings[FILES_MEMBER]
+        index = self.position - len(JSON_MEMBERS)
+        return FILES_PREFIX + files[index]["id"] if index < len(files) else None
+
+    def _check_position(self, name: str, file_id: str | None) -> None:
+        """Format 2: the member must be exactly the next one SPEC §7 calls for."""
+        expected = self._expected_name()
+        if name == expected:
+            self.position += 1
+            return
+        if file_id is not None and self.listed is not None and file_id not in self.listed:
+            raise _not_listed(name)
+        if expected is None:
+            raise ArchiveError(f"archive member {show_name(name)} follows the last listed file")
+        raise ArchiveError(
+            f"archive member {show_name(name)} is out of order; expected {expected!r}"
+        )
+
+    def handle(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        """Validate one member and consume its data."""
+        self.member_count += 1
+        if self.member_count > self.limits.member_count:
+            raise ArchiveLimitExceeded(
+                f"archive has more than the limit of {self.limits.member_count} members"
+            )
+        raw = member.name
+        name = self._safe_name(raw)
+        if self.legacy and member.isdir():
+            return  # legacy tars may list their folders; they carry nothing
+        problem = _member_kind_error(member, raw)
+        if problem:
+            raise ArchiveError(problem)
+        file_id = self._classify(name, raw)
+        if name in self.seen:
+            raise ArchiveError(f"duplicate archive member {show_name(raw)}")
+        if not self.legacy:
+            self._check_position(name, file_id)
+        self.seen.add(name)
+        if file_id is None:
+            self._read_listing(tar, member, name)
+        else:
+            self._extract_file(tar, member, file_id)
+
+    # -- JSON listings
+
+    def _read_listing(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
+        if member.size > self.limits.json_member_bytes:
+            raise ArchiveLimitExceeded(
+                f"archive member {name} is {member.size} bytes; "
+                f"the limit is {self.limits.json_member_bytes} bytes"
+            )
+        data = tar.extractfile(member).read(member.size)
+        if len(data) != member.size:
+            raise ArchiveError(f"archive member {name} is truncated")
+        value = decode_json(data, f"archive member {name}", self.limits.json_depth)
+        if name == METADATA_MEMBER:
+            self.listings[name] = parse_metadata(value, self.version)
+        elif name == FOLDERS_MEMBER:
+            self.listings[name] = parse_folders(value, self.legacy)
+        elif name == DOCUMENTS_MEMBER:
+            self.listings[name] = parse_documents(value, self.legacy)
+        else:
+            self.listings[name] = parse_files(value, self.legacy)
+            self.listed = unique_index(self.listings[name], "file")
+            for file_id in self.extracted:  # legacy: files that came before their listing
+                self._verify_extracted(file_id)
+            if not self.legacy:
+                self._check_listings_early()
+
+    def _contents(self) -> BackupContents:
+        return BackupContents(
+            format_version=self.version,
+            metadata=self.listings[METADATA_MEMBER],
+            folders=self.listings[FOLDERS_MEMBER],
+            documents=self.listings[DOCUMENTS_MEMBER],
+            files=self.listings[FILES_MEMBER],
+        )
+
+    def _check_listings_early(self) -> None:
+        """Format 2: all listings are known before the first file; check them all now."""
+        contents = self._contents()
+        check_metadata_counts(contents)
+        validate_references(contents)
+        members = len(JSON_MEMBERS) + len(contents.files)
+        if members > self.limits.member_count:
+            raise ArchiveLimitExceeded(
+                f"archive lists {members} members; the limit is {self.limits.member_count}"
+            )
+        total = sum(entry["size"] for entry in contents.files)
+        if total > self.limits.extracted_bytes:
+            raise ArchiveLimitExceeded(
+                f"archive lists {total} bytes of files; the limit is "
+                f"{self.limits.extracted_bytes} bytes"
+            )
+
+    # -- file contents
+
+    def _extract_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str) -> None:
+        if self.listed is not None:
+            entry = self.listed.get(file_id)
+            if entry is None:
+                raise _not_listed(member.name)
+            _check_listed_size(file_id, entry, member.size)
+        self.extracted[file_id] = self._write_staging_file(tar, member, file_id)
+        if self.listed is not None:
+            self._verify_extracted(file_id)
+
+    def _write_staging_file(
+        self, tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str
+    ) -> tuple[int, str]:
+        """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
+
+        The id is validated to be a plain name, the file is created relative to the staging
+        folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
+        """
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(file_id, flags, STAGING_FILE_MODE, dir_fd=self.staging_fd)
+        except FileExistsError:
+            raise ArchiveError(f"file {file_id}: already present in the staging folder") from None
+        source = tar.extractfile(member)
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as target:
+            while chunk := source.read(COPY_BYTES):
+                digest.update(chunk)
+                target.write(chunk)
+                size += len(chunk)
+        if size != member.size:
+            raise ArchiveError(f"file {file_id}: archive member is truncated")
+        return size, digest.hexdigest()
+
+    def _verify_extracted(self, file_id: str) -> None:
+        """Compare an extracted file with its files.json entry (known by now)."""
+        entry = self.listed.get(file_id)
+        if entry is None:
+            raise _not_listed(FILES_PREFIX + file_id)
+        size, sha256 = self.extracted[file_id]
+        _check_listed_size(file_id, entry, size)
+        if entry["sha256"] != sha256:
+            raise ArchiveError(f"file {file_id}: sha256 mismatch")
+
+    # -- end of archive
+
+    def finish(self) -> BackupContents:
+        """Run the checks that need the whole archive and return the validated contents."""
+        for name in JSON_MEMBERS:
+            if name not in self.listings:
+                raise ArchiveError(f"archive is missing member {name}")
+        for entry in self.listings[FILES_MEMBER]:
+            if entry["id"] not in self.extracted:
+                raise ArchiveError(
+                    f"file {entry['id']}: listed in {FILES_MEMBER} but missing from the archive"
+                )
+            if entry["size"] is None:
+                entry["size"] = self.extracted[entry["id"]][0]
+        contents = self._contents()
+        if self.legacy:
+            check_metadata_counts(contents)
+            validate_references(contents)
+        return contents
