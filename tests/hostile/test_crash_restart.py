@@ -62,14 +62,15 @@ class ServeProcess:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(root: Path, pause_at: str | None = None):
-    """`python -m cfms_trio serve` on `root` (plain ws, port 0); killed at the end if alive."""
+async def serve_process(root: Path, pause_at: str | None = None, extra_args: tuple = ()):
+    """`python -m cfms_trio serve` on `root` (plain ws, port 0) with `extra_args`; killed at
+    the end if alive."""
     env = {k: v for k, v in os.environ.items() if k != PAUSE_AT_STEP_ENV}
     env["CFMS_ADMIN_PASSWORD"] = ADMIN_PASSWORD
     if pause_at is not None:
         env[PAUSE_AT_STEP_ENV] = pause_at
     command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0",
-               "--no-tls"]
+               "--no-tls", *extra_args]
     with open(root.parent / "stderr.txt", "ab") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
                                                    stderr=stderr, env=env)
