@@ -13,7 +13,7 @@ import json
 import pytest
 import trio
 
-from helpers import USER_PASSWORD, make_user
+from helpers import USER_PASSWORD
 
 pytestmark = pytest.mark.timeout(60)
 
