@@ -63,13 +63,13 @@ class ServeProcess:
 
 
 @contextlib.asynccontextmanager
-async def serve_process(root: Path, pause_at: str | None = None):
-    """`cfms-trio serve` on `root` (plain ws, port 0), its imports paused at `pause_at` if
-    given; killed at the end if alive."""
+async def serve_process(root: Path, pause_at: str | None = None, extra_args: tuple = ()):
+    """`cfms-trio serve` on `root` (plain ws, port 0) with `extra_args`, its imports paused at
+    `pause_at` if given; killed at the end if alive."""
     env = dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD)
     launcher = ([sys.executable, "-m", "cfms_trio"] if pause_at is None
                 else [sys.executable, str(PAUSED_SERVE), pause_at])
-    command = [*launcher, "serve", "--root", str(root), "--port", "0", "--no-tls"]
+    command = [*launcher, "serve", "--root", str(root), "--port", "0", "--no-tls", *extra_args]
     with open(root.parent / "stderr.txt", "ab") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
                                                    stderr=stderr, env=env)
