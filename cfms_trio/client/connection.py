@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ..nurseries import single_error_unwrapped
 from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
 from ..transfer.pipeline import send_ahead
 from .files import file_sha256, open_download_target, unlink_if_present
@@ -352,19 +353,15 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
                                   max_message_size=max_message_size,
                                   receive_buffer_size=WS_RECEIVE_BYTES) as ws:
         client = Client(ws)
-        try:
+        # The reader task never fails on its own, so a group here holds the caller's own
+        # exception: it comes back unwrapped.
+        with single_error_unwrapped():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client._read_loop)
                 try:
                     yield client
                 finally:
                     nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The reader task never fails on its own, so a group here holds the caller's own
-            # exception: hand it back unwrapped, as if no task had been involved.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
 
 
 def _seek_and_truncate(f, offset: int) -> None:

@@ -6,6 +6,8 @@ from typing import Awaitable, Callable, TypeVar
 
 import trio
 
+from ..nurseries import single_error_unwrapped
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,7 @@ async def send_ahead(indices: range, produce: Callable[[int], T],
                 item = await trio.to_thread.run_sync(produce, index, limiter=limiter)
                 await send_items.send((index, item))
 
-    try:
+    with single_error_unwrapped():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce_all)
             async with receive_items:
@@ -36,7 +38,3 @@ async def send_ahead(indices: range, produce: Callable[[int], T],
                     if await consume(index, item):
                         break
             nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
