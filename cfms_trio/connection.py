@@ -12,6 +12,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from . import protocol
+from .protocol import check_storable
 from .errors import BadRequest, TooLarge
 from .events import EventHub
 from .protocol import encode
@@ -122,6 +123,7 @@ class Connection:
             raise BadRequest("malformed JSON message") from None
         if not isinstance(obj, dict):
             raise BadRequest("message must be a JSON object")
+        check_storable(obj, "")
         return obj
 
     async def pump_events(self, receive: trio.MemoryReceiveChannel) -> None:
