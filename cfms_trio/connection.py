@@ -12,7 +12,6 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from . import protocol
-from .protocol import check_storable
 from .errors import BadRequest, TooLarge
 from .events import EventHub
 from .protocol import encode
@@ -123,7 +122,6 @@ class Connection:
             raise BadRequest("malformed JSON message") from None
         if not isinstance(obj, dict):
             raise BadRequest("message must be a JSON object")
-        check_storable(obj, "")
         return obj
 
     async def pump_events(self, receive: trio.MemoryReceiveChannel) -> None:
