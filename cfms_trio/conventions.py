@@ -13,6 +13,9 @@ import secrets
 ADMIN_USERNAME = "admin"
 SYSOP_GROUP = "sysop"  # every permission; its members bypass access rules
 USER_GROUP = "user"
+# The owner recorded on the backup tasks of a deleted account. No account can have an empty
+# name, so a later account of the same name never inherits them (issue 12 item 4).
+DELETED_OWNER = ""
 
 ALL_PERMISSIONS = (
     "import_backup", "export_backup", "create_document", "create_directory",

@@ -109,3 +109,19 @@ class Principal:
     def is_sysop(self) -> bool:
         """A member of `sysop`: passes every access rule and sees every backup task."""
         return SYSOP_GROUP in self.groups
+
+    def lacks(self, *, permissions=(), groups=()) -> str | None:
+        """The first of `permissions` and `groups` this caller does not hold itself, as a
+        clause for a message ("you do not hold permission 'x'"), or None when it holds them
+        all.
+
+        This is the rule for handing on rights (issue 12): a caller may grant, revoke or take
+        over only what it holds itself. A `sysop` member holds everything.
+        """
+        if self.is_sysop:
+            return None
+        for permission in sorted(set(permissions) - self.permissions):
+            return f"you do not hold permission '{permission}'"
+        for group in sorted(set(groups) - self.groups):
+            return f"you are not a member of group '{group}'"
+        return None

@@ -14,6 +14,47 @@ from .errors import BadRequest, CfmsError
 
 _MISSING = object()
 
+# SQLite stores integers in 64 bits; a larger one makes the driver fail (issue 12 item 13).
+STORABLE_INT_MIN = -2**63
+STORABLE_INT_MAX = 2**63 - 1
+
+
+def _unstorable(value) -> str | None:
+    """Why one JSON scalar cannot be stored or echoed safely, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text that is not valid Unicode (a lone surrogate)"
+    elif isinstance(value, bool):
+        return None
+    elif isinstance(value, int):
+        if not STORABLE_INT_MIN <= value <= STORABLE_INT_MAX:
+            return f"an integer outside {STORABLE_INT_MIN}..{STORABLE_INT_MAX}"
+    elif isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return "a number that is not finite"
+    return None
+
+
+def check_storable(value, field: str) -> None:
+    """BadRequest naming the place when `value` (decoded JSON, nested to any depth) holds a
+    string that cannot be encoded to UTF-8, an integer outside SQLite's 64-bit range or a
+    non-finite number. Every value a client sends passes here before it is used: request data
+    (`schema.validate`), the envelope, and the messages inside transfer sequences."""
+    pending = [(value, field)]
+    while pending:  # iterative: a deeply nested value must not exhaust the stack
+        item, where = pending.pop()
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                if _unstorable(key):
+                    raise BadRequest(f"field '{where}' holds a key that is {_unstorable(key)}")
+                pending.append((sub, f"{where}.{key}" if where else key))
+        elif isinstance(item, list):
+            pending.extend((sub, f"{where}[{index}]") for index, sub in enumerate(item))
+        elif (problem := _unstorable(item)) is not None:
+            raise BadRequest(f"field '{where}' holds {problem}")
+
 
 @dataclasses.dataclass
 class Request:
@@ -62,6 +103,11 @@ def parse_request(text: str) -> Request:
         value = obj.get(field)
         if value is not None and not isinstance(value, str):
             raise fail(f"field '{field}' must be a string")
+    for field in ("action", "username", "token"):
+        try:
+            check_storable(obj.get(field), field)
+        except BadRequest as err:
+            raise fail(err.message) from None
     partial.username = obj.get("username")
     partial.token = obj.get("token")
     return partial

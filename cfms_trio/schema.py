@@ -13,6 +13,7 @@ from typing import Any
 
 from .conventions import ID_PATTERN
 from .errors import BadRequest
+from .protocol import check_storable
 
 _NO_DEFAULT = object()
 
@@ -74,6 +75,7 @@ def validate(data: dict, schema: dict[str, Field]) -> dict:
             out[name] = None if spec.default is _NO_DEFAULT else spec.default
             continue
         value = data[name]
+        check_storable(value, f"data.{name}")
         if value is None:
             if spec.nullable:
                 out[name] = None

@@ -82,7 +82,7 @@ def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
 
 def build_app(settings: Settings, store: Store, paths: Paths) -> App:
     """Every service of one server, wired together (inside `trio.run`: limiters need it)."""
-    hub = EventHub(settings.limits.listener_queue_events)
+    hub = EventHub(store, settings.limits.listener_queue_events)
     transfers = TransferRegistry()
     io_limiter = trio.CapacityLimiter(IO_THREADS)
     return App(

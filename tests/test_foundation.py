@@ -550,21 +550,21 @@ async def test_state_changing_actions_leave_audit_entries(server, admin):
 # -- events ---------------------------------------------------------------------------------
 
 
-def publish(server, name: str, data: dict, visible_to=lambda principal: True) -> int:
-    return server.app.hub.publish(protocol.event(name, data), visible_to=visible_to)
+async def publish(server, name: str, data: dict, visible_to=lambda principal: True) -> int:
+    return await server.app.hub.publish(protocol.event(name, data), visible_to=visible_to)
 
 
-def listener_count(server) -> int:
+async def listener_count(server) -> int:
     """Listeners the hub holds, counted by a publish that asks about each and sends to none."""
     asked = []
-    server.app.hub.publish(protocol.event("probe", {}), visible_to=lambda p: asked.append(p))
+    await server.app.hub.publish(protocol.event("probe", {}), visible_to=lambda p: asked.append(p))
     return len(asked)
 
 
 async def test_register_listener_requires_authentication(server):
     async with server.connect() as client:
         await expect_error(client, "register_listener", code=401)
-    assert listener_count(server) == 0
+    assert (await listener_count(server)) == 0
 
 
 async def test_events_reach_only_listeners_allowed_to_see_them(server, admin):
@@ -575,10 +575,10 @@ async def test_events_reach_only_listeners_allowed_to_see_them(server, admin):
         assert await alice.listen() == {"listening": True}
         await bob.listen()
         await expect_error(bob, "register_listener", code=409)
-        delivered = publish(server, "secret", {"n": 1},
+        delivered = await publish(server, "secret", {"n": 1},
                             visible_to=lambda p: p.username == "alice")
         assert delivered == 1
-        assert publish(server, "public", {"n": 2}) == 2
+        assert (await publish(server, "public", {"n": 2})) == 2
         with trio.fail_after(IO_TIMEOUT_S):
             assert await alice.next_event() == {"action": "secret", "data": {"n": 1}}
             assert await alice.next_event() == {"action": "public", "data": {"n": 2}}
@@ -589,11 +589,11 @@ async def test_events_reach_only_listeners_allowed_to_see_them(server, admin):
 
 
 async def test_events_are_not_delivered_before_register_listener(server, admin):
-    assert publish(server, "early", {}) == 0
+    assert (await publish(server, "early", {})) == 0
     await admin.call("server_info")
     assert admin.events_nowait() == []
     await admin.listen()
-    assert publish(server, "late", {"n": 1}) == 1
+    assert (await publish(server, "late", {"n": 1})) == 1
     with trio.fail_after(IO_TIMEOUT_S):
         assert await admin.next_event() == {"action": "late", "data": {"n": 1}}
 
@@ -601,11 +601,11 @@ async def test_events_are_not_delivered_before_register_listener(server, admin):
 async def test_closed_listener_is_unregistered(server, admin):
     async with server.connect("admin") as listener:
         await listener.listen()
-        assert listener_count(server) == 1
+        assert (await listener_count(server)) == 1
     with trio.fail_after(IO_TIMEOUT_S):
-        while listener_count(server):
+        while await listener_count(server):
             await trio.sleep(0.01)
-    assert publish(server, "nobody", {}) == 0
+    assert (await publish(server, "nobody", {})) == 0
 
 
 def server_side_open(server, client_port: int) -> bool:
@@ -634,17 +634,17 @@ async def test_slow_listener_is_dropped_and_others_receive_every_event(start_ser
             sent = 0
             with trio.fail_after(30):
                 while True:
-                    delivered = publish(server, "tick", {"seq": sent, "padding": padding})
+                    delivered = await publish(server, "tick", {"seq": sent, "padding": padding})
                     assert (await fast.next_event("tick"))["data"]["seq"] == sent
                     sent += 1
                     if delivered == 1:
                         break  # the slow listener was dropped
                     assert sent < 5000, "the slow listener was never dropped"
                 for _ in range(10):
-                    assert publish(server, "tick", {"seq": sent}) == 1
+                    assert (await publish(server, "tick", {"seq": sent})) == 1
                     assert (await fast.next_event("tick"))["data"]["seq"] == sent
                     sent += 1
-            assert listener_count(server) == 1
+            assert (await listener_count(server)) == 1
             # The server hangs up on the dropped listener although it never reads again.
             with trio.fail_after(IO_TIMEOUT_S):
                 while server_side_open(server, slow.local.port):

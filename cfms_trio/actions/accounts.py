@@ -8,6 +8,7 @@ from .. import auth
 from ..dispatch import Context
 from ..errors import BadRequest, Forbidden, Unauthorized
 from ..conventions import ALL_PERMISSIONS
+from ..reaper import unlink_all
 from ..storage import accounts
 
 USERNAME_MAX = 64
@@ -34,6 +35,19 @@ def check_names(names: list, field: str) -> list[str]:
     return names
 
 
+async def close_file_tasks(ctx: Context, task_ids: list[str], reason: str) -> None:
+    """After the rows of file tasks are gone: abort their uploads running now (each removes
+    its own partial file as it unwinds, answering `reason`) and remove the partial uploads of
+    the others, which nobody can resume any more."""
+    app = ctx.app
+    for task_id in task_ids:
+        app.transfers.abort(task_id, reason)
+    parts = [app.paths.partial_upload(task_id) for task_id in task_ids
+             if not app.transfers.is_active(task_id)]
+    if parts:
+        await trio.to_thread.run_sync(unlink_all, parts, limiter=app.io_limiter)
+
+
 async def list_users(ctx: Context, data: dict) -> dict:
     return {"users": await ctx.app.store.read(accounts.list_users)}
 
@@ -52,7 +66,8 @@ async def create_user(ctx: Context, data: dict) -> dict:
     groups = check_names(data["groups"], "groups")
     permissions = check_permission_names(data["permissions"])
     password_hash = await trio.to_thread.run_sync(auth.hash_password, password)
-    await ctx.app.store.write(accounts.create_user, data["username"], password_hash,
+    await ctx.app.store.write(accounts.create_user, ctx.user.username, data["username"],
+                              password_hash,
                               data["nickname"] or data["username"], groups, permissions,
                               ctx.app.now())
     return {"username": data["username"]}
@@ -62,7 +77,13 @@ async def delete_user(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["username"]
     if data["username"] == ctx.user.username:
         raise BadRequest("you cannot delete your own account")
-    await ctx.app.store.write(accounts.delete_user, data["username"])
+    closed = await ctx.app.store.write(accounts.delete_user, ctx.user.username,
+                                       data["username"], ctx.app.now())
+    # Its sessions ended with the rows; what it had running is closed now, even if this
+    # request's connection goes away meanwhile (each step is bounded).
+    with trio.CancelScope(shield=True):
+        await close_file_tasks(ctx, closed["file_task_ids"], "the account was deleted")
+        await ctx.app.imports.close_abandoned(closed["imports"])
     return {}
 
 
@@ -83,7 +104,8 @@ async def set_passwd(ctx: Context, data: dict) -> dict:
             raise BadRequest("missing field 'data.old_password'")
         raise Forbidden("permission 'super_set_passwd' required")
     password_hash = await trio.to_thread.run_sync(auth.hash_password, data["new_password"])
-    await ctx.app.store.write(accounts.set_password_hash, username, password_hash, ctx.app.now())
+    await ctx.app.store.write(accounts.set_password_hash, ctx.user.username, username,
+                              password_hash, ctx.app.now())
     return {}
 
 
@@ -94,27 +116,30 @@ async def list_groups(ctx: Context, data: dict) -> dict:
 async def create_group(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["name"]
     permissions = check_permission_names(data["permissions"])
-    await ctx.app.store.write(accounts.create_group, data["name"], permissions, ctx.app.now())
+    await ctx.app.store.write(accounts.create_group, ctx.user.username, data["name"],
+                              permissions, ctx.app.now())
     return {"name": data["name"]}
 
 
 async def delete_group(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["name"]
-    await ctx.app.store.write(accounts.delete_group, data["name"])
+    await ctx.app.store.write(accounts.delete_group, ctx.user.username, data["name"])
     return {}
 
 
 async def change_user_groups(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["username"]
     groups = check_names(data["groups"], "groups")
-    await ctx.app.store.write(accounts.set_user_groups, data["username"], groups)
+    await ctx.app.store.write(accounts.set_user_groups, ctx.user.username, data["username"],
+                              groups)
     return {"username": data["username"], "groups": sorted(set(groups))}
 
 
 async def set_group_permissions(ctx: Context, data: dict) -> dict:
     ctx.audit_target = data["name"]
     permissions = check_permission_names(data["permissions"])
-    await ctx.app.store.write(accounts.set_group_permissions, data["name"], permissions)
+    await ctx.app.store.write(accounts.set_group_permissions, ctx.user.username, data["name"],
+                              permissions)
     return {"name": data["name"], "permissions": sorted(set(permissions))}
 
 

@@ -57,7 +57,10 @@ async def login(ctx: Context, data: dict) -> dict:
 async def refresh_token(ctx: Context, data: dict) -> dict:
     """A fresh token for the caller; the old one stops working."""
     result = await _issue_token(ctx, ctx.user.username)
-    await ctx.app.store.write(accounts.delete_token, auth.token_hash(ctx.request.token))
+    old_hash = auth.token_hash(ctx.request.token)
+    # Listeners of this session follow it to the new token before the old one stops working.
+    ctx.app.hub.renew(old_hash, auth.token_hash(result["token"]))
+    await ctx.app.store.write(accounts.delete_token, old_hash)
     return result
 
 
@@ -67,11 +70,14 @@ async def logout(ctx: Context, data: dict) -> dict:
 
 
 async def register_listener(ctx: Context, data: dict) -> dict:
-    """From now on this connection receives the events its user may see."""
+    """From now on this connection receives the events its user may see, for as long as this
+    session lasts (the audience of each event is decided when it is published)."""
     conn = ctx.conn
-    if conn.listener is not None:
+    if conn.listener is not None and conn.listener.active:
         raise Conflict("this connection is already a listener")
-    listener, receive = ctx.app.hub.register(ctx.user, on_drop=conn.drop_listener)
+    listener, receive = ctx.app.hub.register(ctx.user.username,
+                                             auth.token_hash(ctx.request.token),
+                                             on_drop=conn.drop_listener)
     conn.listener = listener
     conn.nursery.start_soon(conn.pump_events, receive)
     return {"listening": True}

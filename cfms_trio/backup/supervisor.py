@@ -161,7 +161,29 @@ class ImportSupervisor:
             except Conflict:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
-        self._publish_outcome(task)
+        await self._publish_outcome(task)
+
+    async def close_abandoned(self, tasks: list[dict]) -> None:
+        """Close imports whose owner was deleted. They are `failed` in the store already (in
+        the transaction that deleted the account), and their upload tasks are gone; here their
+        watchers stop, uploads still running are aborted and allowed to unwind, what was
+        uploaded is removed, and the outcome is published."""
+        for task in tasks:
+            task_id = task["backup_task_id"]
+            self._stop_watching(task_id)
+            async with self.deciding(task_id):
+                for upload_id in task["upload_task_ids"]:
+                    self._transfers.abort(upload_id, "the account that owned this import "
+                                                     "was deleted; the upload was aborted")
+                with trio.move_on_after(UPLOAD_UNWIND_TIMEOUT_S):
+                    await self._transfers.wait_ended(task["upload_task_ids"])
+                try:
+                    await discard_uploads(self._env, task)
+                except Exception:
+                    log.exception("could not remove the uploads of abandoned import %s",
+                                  task_id)
+            log.info("import %s closed: its account was deleted", task_id)
+            await self._publish_outcome(task)
 
     # -- running ----------------------------------------------------------------------------------
 
@@ -180,16 +202,21 @@ class ImportSupervisor:
             return
         finally:
             del self._jobs[job.task_id]
-        self._publish_outcome(final)
+        await self._publish_outcome(final)
 
-    def _publish_outcome(self, task: dict) -> None:
+    async def _publish_outcome(self, task: dict) -> None:
         completed = task["status"] == STATUS_COMPLETED
-        self._hub.publish(event(COMPLETED_EVENT, {
+        message = event(COMPLETED_EVENT, {
             "backup_task_id": task["backup_task_id"], "status": task["status"],
             "documents_imported": task["documents_count"] if completed else 0,
             "folders_imported": task["folders_count"] if completed else 0,
             "files_imported": task["files_count"] if completed else 0,
-            "error": task["error_message"]}), backup_event_audience(task["username"]))
+            "error": task["error_message"]})
+        try:
+            await self._hub.publish(message, backup_event_audience(task["username"]))
+        except Exception:
+            # The outcome is in the store either way; only the notification is lost.
+            log.exception("could not publish the outcome of import %s", task["backup_task_id"])
 
     # -- start-up ---------------------------------------------------------------------------------
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from .. import paths
 from ..conventions import (
+    DELETED_OWNER,
     OPERATION_EXPORT,
     OPERATION_IMPORT,
     STATUS_COMPLETED,
+    STATUS_FAILED,
     STATUS_PENDING,
     STATUS_PROCESSING,
     new_id,
@@ -101,6 +103,27 @@ def import_upload_tasks(m, archive_file_id: str, key_file_id: str) -> list[dict]
              "what": what_of[t.purpose]}
             for t in m.FileTask.select().where(m.FileTask.file.in_([archive_file_id,
                                                                     key_file_id]))]
+
+
+def abandon_tasks_of(m, username: str, message: str, now: float) -> list[dict]:
+    """Part of deleting `username`: its pending imports end `failed` with `message`, and every
+    task it owned passes to no account (`DELETED_OWNER`), so a later account of the same name
+    can neither read nor start them. Returns the failed imports, each with the ids of its
+    upload tasks (`upload_task_ids`), for the supervisor to close."""
+    owned = (m.BackupTask.username == username)
+    pending = [backup_task_dict(t) for t in m.BackupTask.select().where(
+        owned & (m.BackupTask.operation == OPERATION_IMPORT)
+        & (m.BackupTask.status == STATUS_PENDING))]
+    for task in pending:
+        task["upload_task_ids"] = [u["task_id"] for u in import_upload_tasks(
+            m, task["archive_file_id"], task["key_file_id"])]
+    (m.BackupTask.update(status=STATUS_FAILED, error_message=message, completed_time=now)
+     .where(m.BackupTask.id.in_([t["backup_task_id"] for t in pending])).execute())
+    m.BackupTask.update(username=DELETED_OWNER).where(owned).execute()
+    for task in pending:
+        task.update(status=STATUS_FAILED, error_message=message, completed_time=now,
+                    username=DELETED_OWNER)
+    return pending
 
 
 def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:

@@ -65,6 +65,11 @@ def open_upload_task_ids(m, now: float) -> set[str]:
         & (m.FileTask.end_time > now))}
 
 
+def task_ids_of(m, username: str) -> list[str]:
+    """Every file task (upload or download) `username` holds."""
+    return [t.id for t in m.FileTask.select(m.FileTask.id).where(m.FileTask.user == username)]
+
+
 def close_expired_tasks(m, now: float) -> int:
     """Mark every open task past its expiry closed; returns how many."""
     return (m.FileTask.update(status="closed")
