@@ -17,6 +17,7 @@ from cfms_trio.conventions import SHA256_HEX_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
 from .listings import decode_json, is_number
+from .recipients import Unlock, parse_identity_file
 from .segments import KEY_BYTES
 
 ALGORITHM_V2 = "AES-256-GCM-STREAM"
@@ -122,3 +123,11 @@ def parse_key_file(data: bytes, limits: ArchiveLimits) -> KeyInfo:
         created_at=float(created_at) if created_at is not None else None,
         archive_sha256=archive_sha256.lower() if archive_sha256 else None,
     )
+
+
+def parse_key_upload(data: bytes, limits: ArchiveLimits) -> KeyInfo | Unlock:
+    """What an import's "key" upload holds: a JSON key file (formats 2 and 1.0) or an identity
+    file (format 3), told apart by its first character."""
+    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"{":
+        return parse_key_file(data, limits)
+    return Unlock(identities=parse_identity_file(data, limits))
