@@ -125,9 +125,14 @@ def parse_key_file(data: bytes, limits: ArchiveLimits) -> KeyInfo:
     )
 
 
+_IDENTITY_TEXT = re.compile(rb"(#|CFMS-SECRET-|[0-9A-Za-z][0-9A-Za-z \t-]*\r?\n?\Z)", re.I)
+
+
 def parse_key_upload(data: bytes, limits: ArchiveLimits) -> KeyInfo | Unlock:
-    """What an import's "key" upload holds: a JSON key file (formats 2 and 1.0) or an identity
-    file (format 3), told apart by its first character."""
-    if data.removeprefix(codecs.BOM_UTF8).lstrip()[:1] == b"{":
-        return parse_key_file(data, limits)
-    return Unlock(identities=parse_identity_file(data, limits))
+    """What an import's "key" upload holds: an identity file (format 3) when it starts with a
+    ``#`` comment or ``CFMS-SECRET-``, or is one line of letters, digits, dashes and spaces (a
+    typed paper phrase); otherwise a JSON key file (formats 2 and 1.0)."""
+    text = data.removeprefix(codecs.BOM_UTF8).lstrip()
+    if len(data) <= limits.key_file_bytes and _IDENTITY_TEXT.match(text):
+        return Unlock(identities=parse_identity_file(data, limits))
+    return parse_key_file(data, limits)
