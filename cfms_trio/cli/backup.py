@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from ..backup.export import default_backup_name, export_store
-from ..backup.format import BackupContents, KeyInfo, read_backup_archive
+from ..backup.format import BackupContents, KeyInfo, read_backup_archive, summarize_archive
 from ..backup.restore import check_contents, read_key_file
 from ..client.files import file_sha256
 from ..config import ArchiveLimits
@@ -112,6 +112,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print()
         return 0
     print(json.dumps(contents.metadata, indent=2, sort_keys=True))
+    with open(args.archive, "rb") as f:
+        summary = summarize_archive(f)
+    if summary.format == 3:
+        print("format 3; opens with: " + "; ".join(summary.recipients))
+        print(f"payload region: from byte {summary.payload_offset}, "
+              f"sha256 {summary.payload_sha256}")
     files = {f["id"]: f for f in contents.files}
     children: dict = {}
     for folder in contents.folders:
