@@ -25,6 +25,10 @@ class ArchiveLimits:
     key_file_bytes: int = 64 * 1024
     # zstd frames may not ask the decoder for a window larger than this (bomb protection).
     zstd_window_bytes: int = 128 * MiB
+    # Passphrase stanzas of format 3 name their own scrypt factors; a reader refuses, before
+    # deriving, more memory (128·r·N bytes) or work (N·r·p block mixes) than this.
+    scrypt_memory_bytes: int = 256 * MiB
+    scrypt_work: int = 2**21
 
 
 @dataclasses.dataclass(frozen=True)

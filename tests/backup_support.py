@@ -268,12 +268,14 @@ async def export_to(client, folder: Path, name: str | None = None, compression: 
     return await export_backup(client, folder, name, compression)
 
 
-async def import_from(client, archive: Path, key: Path, timeout_seconds: int = 120):
+async def import_from(client, archive: Path, key: Path | None, timeout_seconds: int = 120,
+                      passphrase: str | None = None):
     """The whole import flow; returns (final status, every status seen while polling)."""
     seen: list[dict] = []
     with trio.fail_after(IMPORT_DEADLINE_S):
         final = await import_backup(client, archive, key, timeout_seconds=timeout_seconds,
-                                    poll_interval_s=POLL_INTERVAL_S, on_status=seen.append)
+                                    poll_interval_s=POLL_INTERVAL_S, on_status=seen.append,
+                                    passphrase=passphrase)
     return final, seen
 
 
@@ -318,12 +320,14 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "cfms_trio", *args]
 
 
-async def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+async def run_cli(*args: str, env: dict | None = None,
+                  stdin_text: str | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
+    stdin = stdin_text.encode() if stdin_text is not None else b""
     with trio.fail_after(SUBPROCESS_TIMEOUT_S):
         return await trio.run_process(list(args), capture_stdout=True, capture_stderr=True,
-                                      check=False, env=full_env)
+                                      check=False, env=full_env, stdin=stdin)
 
 
 LISTENING = re.compile(r"^listening on (wss?://\S+)$")

@@ -7,18 +7,36 @@ import logging
 import trio
 
 from ..backup.export import check_backup_name, default_backup_name, export_store
+from ..backup.format import Passphrase, parse_recipient
 from ..conventions import STATUS_FAILED
 from ..dispatch import Context
-from ..errors import CfmsError, internal_error
+from ..errors import ArchiveError, BadRequest, CfmsError, internal_error
 from ..storage import backup_tasks
 
 log = logging.getLogger(__name__)
+
+MAX_RECIPIENTS = 16
+PASSPHRASE_MAX_CHARS = 1024
+
+
+def wrap_targets(data: dict) -> tuple:
+    """The recipients and passphrase a backup is made for (empty: a plain key file)."""
+    targets = []
+    for index, text in enumerate(data["recipients"] or ()):
+        try:
+            targets.append(parse_recipient(text))
+        except ArchiveError as exc:
+            raise BadRequest(f"field 'data.recipients[{index}]': {exc.message}") from None
+    if data["passphrase"] is not None:
+        targets.append(Passphrase(data["passphrase"]))
+    return tuple(targets)
 
 
 async def generate_backup(ctx: Context, data: dict) -> dict:
     app = ctx.app
     now = app.now()
     name = check_backup_name(data["backup_name"] or default_backup_name(now))
+    wrap_for = wrap_targets(data)
     ctx.audit_target = name
     task_id = await app.store.write(backup_tasks.create_export_task, ctx.user.username, name,
                                     now)
@@ -26,7 +44,7 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
         with app.reaper.hold():
             result = await trio.to_thread.run_sync(
                 lambda: export_store(app.store, app.paths.content, app.paths.backups, name,
-                                     data["compression"], now=now),
+                                     data["compression"], now=now, wrap_for=wrap_for),
                 limiter=app.io_limiter)
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None
@@ -49,8 +67,10 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
         app.now() + app.settings.transfer_task_ttl_s, app.now(),
         archive=(app.paths.relative(result.archive_path), result.archive_size,
                  result.archive_sha256),
-        key=(app.paths.relative(result.key_path), result.key_size, result.key_sha256),
+        key=(None if result.key_path is None else
+             (app.paths.relative(result.key_path), result.key_size, result.key_sha256)),
         counts={field: meta[field]
                 for field in ("documents_count", "folders_count", "files_count")})
     return {"backup_task_id": task_id, **recorded, "archive_size": result.archive_size,
-            "archive_sha256": result.archive_sha256, "backup_name": name, "metadata": meta}
+            "archive_sha256": result.archive_sha256, "backup_name": name, "metadata": meta,
+            "recipients": result.recipients, "passphrase": result.passphrase}

@@ -46,10 +46,16 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
             raise DeadlinePassed(f"backup task '{task_id}' timed out; initiate a new import")
         if task["status"] == STATUS_PENDING and task["timeout_time"] <= app.now():
             raise DeadlinePassed(f"the deadline of backup task '{task_id}' has passed")
+        passphrase = data["passphrase"]
+        with_key = True
         if task["status"] == STATUS_PENDING:
             uploads = await app.store.read(backup_tasks.import_upload_tasks,
                                            task["archive_file_id"], task["key_file_id"])
             missing = sorted(u["what"] for u in uploads if not u["done"])
+            if passphrase is not None and "key" in missing:
+                # A passphrase stands in for the key upload (format 3 archives).
+                missing.remove("key")
+                with_key = False
             if missing:
                 verb = "uploads are" if len(missing) > 1 else "upload is"
                 raise BadRequest(f"the {' and '.join(missing)} {verb} not complete; "
@@ -59,7 +65,7 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                                      STATUS_PENDING, status=STATUS_PROCESSING,
                                      started_time=app.now(), current_step=FIRST_STEP,
                                      progress_percent=STEP_PERCENT[FIRST_STEP][0])
-        app.imports.start(task)
+        app.imports.start(task, passphrase=passphrase, with_key=with_key)
     return {"backup_task_id": task_id, "status": STATUS_PROCESSING, "message": START_MESSAGE}
 
 

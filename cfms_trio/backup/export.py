@@ -1,4 +1,5 @@
-"""Exporting the whole store into an encrypted archive and its key file (SPEC §7).
+"""Exporting the whole store into an encrypted archive and its key file (SPEC §7), or, for
+recipients and passphrases, into a format 3 archive with no key file at all.
 
 `export_store` is blocking: the server runs it in a worker thread, the offline
 `cfms-trio backup export` command calls it directly. The archive is written under a hidden
@@ -26,6 +27,8 @@ from .format import (
     KEY_BYTES,
     VERSION_V2,
     HashingWriter,
+    Passphrase,
+    Recipient,
     WriteBehind,
     make_key_file,
     write_backup_archive,
@@ -38,12 +41,14 @@ from .gc_pause import cyclic_gc_paused
 class ExportResult:
     name: str
     archive_path: Path
-    key_path: Path
+    key_path: Path | None  # None for a format 3 archive: its key exists only wrapped inside it
     archive_size: int
     archive_sha256: str
-    key_size: int
-    key_sha256: str
+    key_size: int | None
+    key_sha256: str | None
     metadata: dict
+    recipients: list[str] = dataclasses.field(default_factory=list)
+    passphrase: bool = False
 
 
 def default_backup_name(now: float) -> str:
@@ -79,8 +84,13 @@ def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
 
 
 def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, compression: str,
-                 *, now: float | None = None, chunk_log2: int = 20) -> ExportResult:
-    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot."""
+                 *, now: float | None = None, chunk_log2: int = 20,
+                 wrap_for: tuple[Recipient | Passphrase, ...] = ()) -> ExportResult:
+    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot.
+
+    With `wrap_for` (recipients and/or passphrases) the archive is format 3 and no key file is
+    written: the random file key exists only wrapped for them, so this process forgets it.
+    """
     check_backup_name(name)
     now = time.time() if now is None else now
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -126,20 +136,28 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
                     write_backup_archive(behind, key, compression=compression, metadata=metadata,
                                          folders=snap["folders"], documents=snap["documents"],
                                          files=snap["files"], open_file=open_file,
-                                         chunk_log2=chunk_log2)
+                                         chunk_log2=chunk_log2, wrap_for=wrap_for)
                 raw.flush()
                 os.fsync(raw.fileno())
             digest = out.hexdigest()
-            key_file = make_key_file(key, name, now, digest)
-            _write_exclusive(temp_key, key_file, 0o600)
-            _publish(temp_key, key_path)
+            key_file = None if wrap_for else make_key_file(key, name, now, digest)
+            del key
+            if key_file is not None:
+                _write_exclusive(temp_key, key_file, 0o600)
+                _publish(temp_key, key_path)
             try:
                 _publish(temp_archive, archive_path)
             except Conflict:
-                key_path.unlink(missing_ok=True)
+                if key_file is not None:
+                    key_path.unlink(missing_ok=True)
                 raise
         finally:
             temp_archive.unlink(missing_ok=True)
             temp_key.unlink(missing_ok=True)
+    recipients = [str(r) for r in wrap_for if isinstance(r, Recipient)]
+    passphrase = any(isinstance(r, Passphrase) for r in wrap_for)
+    if key_file is None:
+        return ExportResult(name, archive_path, None, out.size, digest, None, None, metadata,
+                            recipients, passphrase)
     return ExportResult(name, archive_path, key_path, out.size, digest, len(key_file),
                         hashlib.sha256(key_file).hexdigest(), metadata)

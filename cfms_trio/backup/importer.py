@@ -61,8 +61,10 @@ class ImportJob:
     """One running import: its task row as started, its progress and its abort flag (set when
     the server shuts down; the stages check it between pieces of work)."""
 
-    def __init__(self, task: dict):
+    def __init__(self, task: dict, *, passphrase: str | None = None, with_key: bool = True):
         self.task = task
+        self.passphrase = passphrase  # never stored: a restart fails the import anyway
+        self.with_key = with_key
         self.task_id = task["backup_task_id"]
         self.progress = ImportProgress()
         self.abort = threading.Event()
@@ -104,7 +106,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     task_id = job.task_id
     staging = env.paths.import_staging(task_id)
     archive_path = env.paths.import_archive(task["archive_file_id"])
-    key_path = env.paths.import_key(task["key_file_id"])
+    key_path = env.paths.import_key(task["key_file_id"]) if job.with_key else None
     mover = FileMover(staging, env.paths.restore_files)
     report = job.progress.report
     try:
@@ -113,7 +115,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         with cyclic_gc_paused():
             contents = await trio.to_thread.run_sync(
                 unpack, archive_path, key_path, staging, env.limits, report, job.abort,
-                limiter=env.io_limiter)
+                job.passphrase, limiter=env.io_limiter)
             counts = {"documents_count": len(contents.documents),
                       "folders_count": len(contents.folders), "files_count": len(contents.files)}
             await env.store.write(backup_tasks.update_backup_task, task_id,

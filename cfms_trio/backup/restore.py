@@ -20,24 +20,49 @@ from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
 from ..storage import restore_rows
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
-from .format import BackupContents, parse_key_file, read_backup_archive
+from .format import (
+    BackupContents,
+    KeyInfo,
+    Passphrase,
+    Unlock,
+    parse_key_upload,
+    read_backup_archive,
+)
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
 
 
-def read_key_file(path: Path, limits: ArchiveLimits):
+def read_key_file(path: Path, limits: ArchiveLimits) -> KeyInfo | Unlock:
+    """A key file (formats 2 and 1.0) or an identity file (format 3)."""
     size = path.stat().st_size
     if size > limits.key_file_bytes:
         raise ArchiveLimitExceeded(
             f"key file is {size} bytes; the limit is {limits.key_file_bytes} bytes")
-    return parse_key_file(path.read_bytes(), limits)
+    return parse_key_upload(path.read_bytes(), limits)
 
 
-def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: ArchiveLimits,
-           report: StepReporter, abort: threading.Event) -> BackupContents:
+def key_material(key_path: Path | None, passphrase: str | None,
+                 limits: ArchiveLimits) -> KeyInfo | Unlock:
+    """What opens the archive: the key upload (key file or identity file), the passphrase, or
+    an identity file and a passphrase together."""
+    key_info = read_key_file(key_path, limits) if key_path is not None else None
+    if passphrase is None:
+        if key_info is None:
+            raise ArchiveError("no key file, identity file or passphrase was given")
+        return key_info
+    if isinstance(key_info, KeyInfo):
+        raise ArchiveError("a passphrase was given together with a key file; a key file opens "
+                           "a format 2 archive by itself, a passphrase only a format 3 one")
+    identities = key_info.identities if key_info is not None else ()
+    return Unlock(identities=identities, passphrase=Passphrase(passphrase))
+
+
+def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits: ArchiveLimits,
+           report: StepReporter, abort: threading.Event,
+           passphrase: str | None = None) -> BackupContents:
     """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet)."""
     report("Decrypting archive", 0.0)
-    key_info = read_key_file(key_path, limits)
+    key_info = key_material(key_path, passphrase, limits)
     archive_size = archive_path.stat().st_size
 
     def on_bytes(consumed: int, total: int) -> None:

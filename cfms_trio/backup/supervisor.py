@@ -187,10 +187,11 @@ class ImportSupervisor:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def start(self, task: dict) -> None:
-        """Run a task that just became `processing` in the background."""
+    def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True) -> None:
+        """Run a task that just became `processing` in the background. The passphrase, if
+        any, lives only in the job's memory; `with_key` is False when no key was uploaded."""
         self._stop_watching(task["backup_task_id"])
-        job = ImportJob(task)
+        job = ImportJob(task, passphrase=passphrase, with_key=with_key)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 

@@ -12,6 +12,8 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from ..client import ClientError, ProgressBar, export_backup, import_backup, open_client
 from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX, STATUS_COMPLETED
+from ..errors import CfmsError
+from .keys import read_passphrase_file
 
 
 def _password(args) -> str:
@@ -41,12 +43,26 @@ def _run(args, flow) -> int:
     return 1
 
 
+def _passphrase(args) -> str | None:
+    return read_passphrase_file(args.passphrase_file) if args.passphrase_file else None
+
+
 def cmd_backup_import(args) -> int:
-    archive, key = Path(args.archive), Path(args.key)
+    archive = Path(args.archive)
+    key = Path(args.key or args.identity) if (args.key or args.identity) else None
+    if key is None and not args.passphrase_file:
+        print("error: give --key FILE, --identity FILE or --passphrase-file FILE",
+              file=sys.stderr)
+        return 2
     for path in (archive, key):
-        if not path.is_file():
+        if path is not None and not path.is_file():
             print(f"error: {path} is not a file", file=sys.stderr)
             return 2
+    try:
+        passphrase = _passphrase(args)
+    except (CfmsError, OSError) as err:
+        print(f"error: {getattr(err, 'message', None) or err}", file=sys.stderr)
+        return 2
 
     async def flow(client) -> int:
         upload_bar = ProgressBar(sys.stderr, "upload  ")
@@ -62,7 +78,7 @@ def cmd_backup_import(args) -> int:
         final = await import_backup(client, archive, key, timeout_seconds=args.timeout,
                                     poll_interval_s=args.poll,
                                     upload_progress=upload_bar.bytes_progress,
-                                    on_status=on_status)
+                                    on_status=on_status, passphrase=passphrase)
         status_bar.done()
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
@@ -76,13 +92,24 @@ def cmd_backup_import(args) -> int:
 
 
 def cmd_backup_export(args) -> int:
+    try:
+        passphrase = _passphrase(args)
+    except (CfmsError, OSError) as err:
+        print(f"error: {getattr(err, 'message', None) or err}", file=sys.stderr)
+        return 2
+
     async def flow(client) -> int:
         bar = ProgressBar(sys.stderr, "download ")
         archive, key, result = await export_backup(client, Path(args.out), args.name,
-                                                   args.compression, bar.bytes_progress)
+                                                   args.compression, bar.bytes_progress,
+                                                   recipients=tuple(args.recipient or ()),
+                                                   passphrase=passphrase)
         bar.done()
         meta = result["metadata"]
-        print(f"archive: {archive}\nkey:     {key}\n"
+        opens = ([f"recipient {r}" for r in result.get("recipients") or ()]
+                 + (["the passphrase"] if result.get("passphrase") else []))
+        print(f"archive: {archive}\n"
+              + (f"key:     {key}\n" if key else f"opens with: {'; '.join(opens)}\n") +
               f"content: {meta['folders_count']} folders, {meta['documents_count']} documents, "
               f"{meta['files_count']} files")
         return 0
@@ -107,7 +134,10 @@ def register(sub) -> None:
     imp = commands.add_parser("backup-import", help="restore a backup on a server")
     _connection_args(imp)
     imp.add_argument("--archive", required=True, help=f"the NAME{ARCHIVE_SUFFIX} file")
-    imp.add_argument("--key", required=True, help=f"the NAME{KEY_SUFFIX} file")
+    secret = imp.add_mutually_exclusive_group()
+    secret.add_argument("--key", help=f"the NAME{KEY_SUFFIX} file")
+    secret.add_argument("--identity", help="identity file of a recipient (format 3 backups)")
+    imp.add_argument("--passphrase-file", help="file holding the backup's passphrase")
     imp.add_argument("--timeout", type=int, default=3600,
                      help="seconds allowed for the uploads (default 3600)")
     imp.add_argument("--poll", type=float, default=2.0, help="status poll interval in seconds")
@@ -118,4 +148,7 @@ def register(sub) -> None:
                      "never replaced)")
     exp.add_argument("--name", help="backup name")
     exp.add_argument("--compression", choices=("zstd", "none"), default="zstd")
+    exp.add_argument("--recipient", action="append", help="make the backup for this recipient "
+                     "(cfms1...; repeatable); no key file exists then")
+    exp.add_argument("--passphrase-file", help="let this passphrase open the backup")
     exp.set_defaults(func=cmd_backup_export)

@@ -17,17 +17,24 @@ StatusCallback = Callable[[dict], None]
 
 async def export_backup(client: Client, out_dir: Path, name: str | None = None,
                         compression: str = "zstd",
-                        progress: Progress | None = None) -> tuple[Path, Path, dict]:
+                        progress: Progress | None = None, *,
+                        recipients: tuple[str, ...] = (),
+                        passphrase: str | None = None) -> tuple[Path, Path | None, dict]:
     """Ask the server for a backup and download its archive and key into `out_dir`.
 
     The server's answer is not trusted to name local files: a backup name that is not one
     plain file name (the server's own rule) is refused before anything is written. Existing
     files in `out_dir` are never replaced, and the key file is 0600 from its creation on.
-    If a download fails, neither file of the pair is left behind.
+    If a download fails, neither file of the pair is left behind. A backup made for
+    `recipients` (or only a `passphrase`) has no key file: the key returned is None.
     """
     data: dict = {"compression": compression}
     if name:
         data["backup_name"] = name
+    if recipients:
+        data["recipients"] = list(recipients)
+    if passphrase is not None:
+        data["passphrase"] = passphrase
     result = await client.call("generate_backup", data)
     backup_name = result.get("backup_name")
     if not is_backup_name(backup_name):
@@ -46,6 +53,8 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
             raise ClientError(0, f"{path} already exists; not overwriting it")
     await client.download_file(result["archive_task_id"], archive, progress=progress,
                                exclusive=True)
+    if result.get("key_task_id") is None:
+        return archive, None, result
     try:
         await client.download_file(result["key_task_id"], key, exclusive=True, secret=True)
     except BaseException:
@@ -55,17 +64,24 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
     return archive, key, result
 
 
-async def import_backup(client: Client, archive: Path, key: Path, *, timeout_seconds: int = 3600,
+async def import_backup(client: Client, archive: Path, key: Path | None, *,
+                        timeout_seconds: int = 3600,
                         poll_interval_s: float = 2.0,
                         upload_progress: Progress | None = None,
-                        on_status: StatusCallback | None = None) -> dict:
+                        on_status: StatusCallback | None = None,
+                        passphrase: str | None = None) -> dict:
     """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
-    get_backup_import_status until the task is completed, failed or timed out."""
+    get_backup_import_status until the task is completed, failed or timed out. `key` is a key
+    file or an identity file; with a `passphrase` it may be None (nothing uploaded for it)."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
     task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
-    await client.upload_file(init["key_task_id"], key)
-    await client.call("start_backup_import", {"backup_task_id": task_id})
+    if key is not None:
+        await client.upload_file(init["key_task_id"], key)
+    start: dict = {"backup_task_id": task_id}
+    if passphrase is not None:
+        start["passphrase"] = passphrase
+    await client.call("start_backup_import", start)
     while True:
         status = await client.call("get_backup_import_status", {"backup_task_id": task_id})
         if on_status:

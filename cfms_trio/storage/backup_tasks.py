@@ -150,17 +150,21 @@ def create_export_task(m, owner: str, name: str, now: float) -> str:
 
 def complete_export(m, task_id: str, owner: str, now: float, expires: float,
                     completed_time: float, *, archive: tuple[str, int, str],
-                    key: tuple[str, int, str], counts: dict) -> dict:
+                    key: tuple[str, int, str] | None, counts: dict) -> dict:
     """Record a backup written from the snapshot taken at `now`: File rows for its archive
-    and key (each `(relative path, size, sha256)`), download tasks for `owner` until
-    `expires`, the task completed."""
-    archive_file_id, key_file_id = new_id(), new_id()
+    and key (each `(relative path, size, sha256)`; `key` is None for an archive made for
+    recipients, which has no key file), download tasks for `owner` until `expires`, the task
+    completed."""
+    archive_file_id = new_id()
+    key_file_id = key_task = None
     transfers.register_file(m, archive_file_id, *archive, now)
-    transfers.register_file(m, key_file_id, *key, now)
     archive_task = transfers.create_task(m, archive_file_id, "download", owner, now, expires,
                                          purpose="export")
-    key_task = transfers.create_task(m, key_file_id, "download", owner, now, expires,
-                                     purpose="export")
+    if key is not None:
+        key_file_id = new_id()
+        transfers.register_file(m, key_file_id, *key, now)
+        key_task = transfers.create_task(m, key_file_id, "download", owner, now, expires,
+                                         purpose="export")
     update_backup_task(m, task_id, status=STATUS_COMPLETED, current_step="Export completed",
                        progress_percent=100, archive_file_id=archive_file_id,
                        key_file_id=key_file_id, completed_time=completed_time, **counts)

@@ -1,13 +1,26 @@
-"""Backup archive formats (SPEC §7): format 2 written and read, legacy 1.0 read.
+"""Backup archive formats (SPEC §7, docs/BACKUP_FORMAT.md): formats 2 and 3 written and read,
+legacy 1.0 read.
 
 Blocking and pure: from cfms_trio it imports only ``errors``, ``config`` and ``conventions``, and
 the server runs it in worker threads. Code outside the package uses only the names below; the
-submodules (segments, nonces, subkeys, tar members) are the package's own business.
+submodules (segments, nonces, subkeys, stanzas, tar members) are the package's own business.
 """
 
-from .keyfile import KeyInfo, make_key_file, parse_key_file
+from .envelope import ArchiveSummary, RekeyResult, rekey_archive, summarize_archive
+from .keyfile import KeyInfo, make_key_file, parse_key_file, parse_key_upload
 from .listings import FORMAT_NAME, VERSION_V2, BackupContents
 from .reader import read_backup_archive
+from .recipients import (
+    Identity,
+    Passphrase,
+    Recipient,
+    Unlock,
+    generate_identity,
+    identity_file_text,
+    parse_identity,
+    parse_identity_file,
+    parse_recipient,
+)
 from .segments import KEY_BYTES
 from .streams import HashingWriter, WriteBehind
 from .writer import COMPRESSION_NAMES, write_backup_archive
@@ -16,10 +29,25 @@ __all__ = [
     # entry points
     "write_backup_archive",
     "read_backup_archive",
+    "rekey_archive",
+    "summarize_archive",
     "make_key_file",
     "parse_key_file",
+    "parse_key_upload",
     "BackupContents",
     "KeyInfo",
+    "RekeyResult",
+    "ArchiveSummary",
+    # who may open a format 3 archive
+    "Identity",
+    "Recipient",
+    "Passphrase",
+    "Unlock",
+    "generate_identity",
+    "identity_file_text",
+    "parse_identity",
+    "parse_identity_file",
+    "parse_recipient",
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",

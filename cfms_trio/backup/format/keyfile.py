@@ -17,6 +17,7 @@ from cfms_trio.conventions import SHA256_HEX_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
 from .listings import decode_json, is_number
+from .recipients import Unlock, parse_identity_file
 from .segments import KEY_BYTES
 
 ALGORITHM_V2 = "AES-256-GCM-STREAM"
@@ -122,3 +123,16 @@ def parse_key_file(data: bytes, limits: ArchiveLimits) -> KeyInfo:
         created_at=float(created_at) if created_at is not None else None,
         archive_sha256=archive_sha256.lower() if archive_sha256 else None,
     )
+
+
+_IDENTITY_TEXT = re.compile(rb"(#|CFMS-SECRET-|[0-9A-Za-z][0-9A-Za-z \t-]*\r?\n?\Z)", re.I)
+
+
+def parse_key_upload(data: bytes, limits: ArchiveLimits) -> KeyInfo | Unlock:
+    """What an import's "key" upload holds: an identity file (format 3) when it starts with a
+    ``#`` comment or ``CFMS-SECRET-``, or is one line of letters, digits, dashes and spaces (a
+    typed paper phrase); otherwise a JSON key file (formats 2 and 1.0)."""
+    text = data.removeprefix(codecs.BOM_UTF8).lstrip()
+    if len(data) <= limits.key_file_bytes and _IDENTITY_TEXT.match(text):
+        return Unlock(identities=parse_identity_file(data, limits))
+    return parse_key_file(data, limits)

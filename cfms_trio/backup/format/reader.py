@@ -20,11 +20,13 @@ import zstandard
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
+from .envelope import MAGIC_V3, open_envelope, read_envelope
 from .keyfile import FORMAT_LEGACY, FORMAT_V2, KeyInfo
 from .legacy import LegacyCbcReader
 from .listings import BackupContents
+from .recipients import Unlock
 from .segments import COMPRESSION_ZSTD, SegmentReader
-from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain
+from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain, read_up_to
 from .tarmembers import Extractor, GuardedTarInfo
 
 ERROR_DETAIL_CHARS = 200
@@ -36,13 +38,35 @@ def _open_staging_dir(staging_dir: Path) -> int:
     return os.open(staging_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def _plaintext_stream(source: BinaryIO, key_info: KeyInfo, limits: ArchiveLimits):
-    """Return ``(tar_stream, segment_reader_or_None)`` for the archive's format."""
-    if key_info.format == FORMAT_LEGACY:
-        return LegacyCbcReader(source, key_info.key), None
+def _is_legacy(key_info: KeyInfo | Unlock) -> bool:
+    return isinstance(key_info, KeyInfo) and key_info.format == FORMAT_LEGACY
+
+
+def _open_segments(source: BinaryIO, key_info: KeyInfo | Unlock,
+                   limits: ArchiveLimits) -> SegmentReader:
+    """The segment reader of a format 2 archive, or of the payload of a format 3 one."""
+    magic = read_up_to(source, len(MAGIC_V3))
+    if magic == MAGIC_V3:
+        envelope = read_envelope(source)
+        if not isinstance(key_info, Unlock):
+            raise ArchiveError("this is a format 3 archive: it opens with an identity file or "
+                               "its passphrase, not a key file (it opens with: "
+                               f"{'; '.join(envelope.describe())})")
+        file_key = open_envelope(envelope, key_info, limits)
+        return SegmentReader(source, file_key, envelope.payload_header)
+    if isinstance(key_info, Unlock):
+        raise ArchiveError("an identity or a passphrase opens only format 3 archives "
+                           "(CFMSBAK3); this one needs its key file")
     if key_info.format != FORMAT_V2:
         raise ArchiveError(f"unsupported key file format {key_info.format}")
-    segments = SegmentReader(source, key_info.key)
+    return SegmentReader(source, key_info.key, magic)
+
+
+def _plaintext_stream(source: BinaryIO, key_info: KeyInfo | Unlock, limits: ArchiveLimits):
+    """Return ``(tar_stream, segment_reader_or_None)`` for the archive's format."""
+    if _is_legacy(key_info):
+        return LegacyCbcReader(source, key_info.key), None
+    segments = _open_segments(source, key_info, limits)
     if segments.header.compression == COMPRESSION_ZSTD:
         decompressor = zstandard.ZstdDecompressor(max_window_size=limits.zstd_window_bytes)
         reader = decompressor.stream_reader(segments, read_across_frames=True, closefd=False)
@@ -51,9 +75,9 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo, limits: ArchiveLimits
 
 
 def _extract_all(
-    source: BinaryIO, key_info: KeyInfo, staging_fd: int, limits: ArchiveLimits
+    source: BinaryIO, key_info: KeyInfo | Unlock, staging_fd: int, limits: ArchiveLimits
 ) -> BackupContents:
-    legacy = key_info.format == FORMAT_LEGACY
+    legacy = _is_legacy(key_info)
     plaintext, segments = _plaintext_stream(source, key_info, limits)
     extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits)
     with ReadAhead(plaintext) as ahead:
@@ -81,7 +105,7 @@ def _describe(exc: BaseException) -> str:
 
 def read_backup_archive(
     archive: BinaryIO,
-    key_info: KeyInfo,
+    key_info: KeyInfo | Unlock,
     staging_dir: Path,
     limits: ArchiveLimits,
     progress: Callable[[int, int], None] | None = None,
@@ -90,7 +114,8 @@ def read_backup_archive(
     """Decrypt, verify and extract a backup archive; return its validated listings.
 
     File contents are written to ``staging_dir/<file_id>`` and checked against their size and
-    sha256. ``progress(consumed, total)`` is called with the encrypted bytes read so far and
+    sha256. ``key_info`` is a parsed key file (formats 2 and 1.0) or an ``Unlock`` of
+    identities and/or a passphrase (format 3). ``progress(consumed, total)`` is called with the encrypted bytes read so far and
     ``archive_size`` (0 when unknown). Any problem with the archive raises ``ArchiveError``;
     the caller removes ``staging_dir`` on failure.
     """
@@ -99,7 +124,7 @@ def read_backup_archive(
             f"archive is {archive_size} bytes; the limit is {limits.archive_bytes} bytes"
         )
     source = CountingSource(archive, limits.archive_bytes, progress, archive_size or 0)
-    legacy = key_info.format == FORMAT_LEGACY
+    legacy = _is_legacy(key_info)
     staging_fd = _open_staging_dir(staging_dir)
     try:
         return _extract_all(source, key_info, staging_fd, limits)

@@ -177,10 +177,13 @@ class SegmentWriter(io.RawIOBase):
         *,
         compression: int = COMPRESSION_NONE,
         chunk_log2: int = DEFAULT_CHUNK_LOG2,
+        header: ArchiveHeader | None = None,
     ):
         super().__init__()
         self._out = out
-        self.header = build_header(key, compression=compression, chunk_log2=chunk_log2)
+        if header is None:
+            header = build_header(key, compression=compression, chunk_log2=chunk_log2)
+        self.header = header
         self._header_bytes = self.header.to_bytes()
         self._payload_key, _ = derive_subkeys(key, self.header.salt)
         self._segment_bytes = self.header.segment_plain_bytes
@@ -243,17 +246,22 @@ class SegmentWriter(io.RawIOBase):
 class SegmentReader(io.RawIOBase):
     """Readable stream of the plaintext of a format 2 archive read from ``source``.
 
-    The header is read and the key verified at construction, before any payload byte. Segments
+    The header is read (or taken from ``header_bytes``, the header bytes the caller already
+    read) and the key verified at construction, before any payload byte. Segments
     are then authenticated and decrypted one at a time as the plaintext is consumed. Every
     failure — bad tag, reordered or missing segments, end of file before the final segment,
     bytes after it — raises ``ArchiveError``. Plaintext is only released after its segment
     verified. ``source`` is never closed.
     """
 
-    def __init__(self, source: BinaryIO, key: bytes):
+    def __init__(self, source: BinaryIO, key: bytes, header_bytes: bytes | None = None):
         super().__init__()
         self._source = source
-        header_bytes = read_up_to(source, HEADER_BYTES)
+        if header_bytes is None or len(header_bytes) < HEADER_BYTES:
+            # A caller that already read the start of the header (to tell formats apart)
+            # passes it on; the rest comes from the source.
+            header_bytes = (header_bytes or b"")
+            header_bytes += read_up_to(source, HEADER_BYTES - len(header_bytes))
         self.header = parse_header(header_bytes)
         self._header_bytes = header_bytes
         self._payload_key = check_key(self.header, key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Sequence
 
 import zstandard
 
@@ -28,7 +28,15 @@ from .listings import (
     parse_metadata,
     validate_references,
 )
-from .segments import COMPRESSION_NONE, COMPRESSION_ZSTD, DEFAULT_CHUNK_LOG2, SegmentWriter
+from .envelope import envelope_bytes
+from .recipients import Passphrase, Recipient
+from .segments import (
+    COMPRESSION_NONE,
+    COMPRESSION_ZSTD,
+    DEFAULT_CHUNK_LOG2,
+    SegmentWriter,
+    build_header,
+)
 from .streams import COPY_BYTES, VerifyingSource
 from .tarmembers import member_info
 
@@ -90,8 +98,11 @@ def write_backup_archive(
     files: list,
     open_file: Callable[[str], BinaryIO],
     chunk_log2: int = DEFAULT_CHUNK_LOG2,
+    wrap_for: Sequence[Recipient | Passphrase] = (),
 ) -> None:
-    """Write a complete format 2 archive of the given listings and file contents to ``out``.
+    """Write a complete format 2 archive of the given listings and file contents to ``out``,
+    or, when ``wrap_for`` names recipients or passphrases, a format 3 archive whose file key
+    ``key`` is wrapped for each of them (and not stored anywhere else).
 
     ``open_file(file_id)`` must return a readable binary file with exactly the size and sha256
     recorded in ``files``; any difference raises ``ValueError``, as does invalid data. On error
@@ -103,9 +114,10 @@ def write_backup_archive(
         raise ValueError(f"compression must be one of {', '.join(COMPRESSION_NAMES)}")
     contents = _normalise_export(metadata, folders, documents, files)
     mtime = int(contents.metadata["created_at"])
-    sealer = SegmentWriter(
-        out, key, compression=COMPRESSION_NAMES[compression], chunk_log2=chunk_log2
-    )
+    header = build_header(key, compression=COMPRESSION_NAMES[compression], chunk_log2=chunk_log2)
+    if wrap_for:
+        out.write(envelope_bytes(key, wrap_for, header))
+    sealer = SegmentWriter(out, key, header=header)
     try:
         sink: Any = sealer
         if compression == "zstd":
