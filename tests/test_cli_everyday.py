@@ -136,7 +136,7 @@ async def test_put_ls_get_round_trip_a_folder(admin_cli, tmp_path):
     files = make_tree(src)
     done = await admin_cli("put", str(src), "/")
     assert done.code == 0, done
-    assert done.out == "4 created, 4 mkdir (300.0K)\n"
+    assert done.out == "4 created, 4 folders made (300.0K)\n"
     again = await admin_cli("put", str(src), "/", "--json")
     assert {r["action"] for r in again.json()["results"]} == {"unchanged"}
 

@@ -146,7 +146,9 @@ def _summary(outcomes: list[dict], skipped: list[str]) -> str:
     for outcome in outcomes:
         counts[outcome["action"]] = counts.get(outcome["action"], 0) + 1
     total = sum(o.get("size", 0) or 0 for o in outcomes if o["action"] != "mkdir")
-    parts = [f"{n} {action}" for action, n in sorted(counts.items())] or ["nothing to do"]
+    labels = {"mkdir": "folders made"}
+    parts = [f"{n} {labels.get(action, action)}" for action, n in sorted(counts.items())] \
+        or ["nothing to do"]
     text = ", ".join(parts) + f" ({human_size(total)})"
     for path in skipped:
         text += f"\nskipped {path}"
