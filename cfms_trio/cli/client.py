@@ -1,46 +1,27 @@
-"""`cfms-trio client ...`: drive a running server from the command line."""
+"""`cfms-trio client ...`: drive a running server from the command line.
+
+This module registers the `client` group and holds the backup commands; the others live in
+`profile` (login, logout, profiles), `docs` (documents and folders by path) and `admin` (users,
+groups, audit, info). `common` has what they share: flags, sessions, output and exit codes.
+"""
 
 from __future__ import annotations
 
-import getpass
-import os
 import sys
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError
 
-from ..client import ClientError, ProgressBar, export_backup, import_backup, open_client
-from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX, STATUS_COMPLETED
+from ..client import export_backup, import_backup
+from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, STATUS_COMPLETED
 from ..errors import CfmsError
+from . import admin, docs, profile
+from .common import EXIT_REFUSED, EXIT_USAGE, Output, add_connection_args, fail, progress_bar, run
 from .keys import read_passphrase_file
 
 
-def _password(args) -> str:
-    if args.password_file:
-        return Path(args.password_file).read_text().strip()
-    if os.environ.get("CFMS_PASSWORD"):
-        return os.environ["CFMS_PASSWORD"]
-    return getpass.getpass(f"password for {args.username}: ")
-
-
 def _run(args, flow) -> int:
-    password = _password(args)
-
-    async def main():
-        async with open_client(args.server, cafile=args.cafile, insecure=args.insecure,
-                               check_certificate_first=True) as client:
-            await client.login(args.username, password)
-            return await flow(client)
-
-    try:
-        return trio.run(main)
-    except ClientError as err:
-        code = f" (code {err.code})" if err.code else ""  # 0: found by the client itself
-        print(f"error: {err.message}{code}", file=sys.stderr)
-    except (OSError, HandshakeError, ConnectionClosed) as err:
-        print(f"error: cannot talk to {args.server}: {err}", file=sys.stderr)
-    return 1
+    return run(args, flow)
 
 
 def _passphrase(args) -> str | None:
@@ -51,22 +32,18 @@ def cmd_backup_import(args) -> int:
     archive = Path(args.archive)
     key = Path(args.key or args.identity) if (args.key or args.identity) else None
     if key is None and not args.passphrase_file:
-        print("error: give --key FILE, --identity FILE or --passphrase-file FILE",
-              file=sys.stderr)
-        return 2
+        return fail(args, EXIT_USAGE, "give --key FILE, --identity FILE or --passphrase-file FILE")
     for path in (archive, key):
         if path is not None and not path.is_file():
-            print(f"error: {path} is not a file", file=sys.stderr)
-            return 2
+            return fail(args, EXIT_USAGE, f"{path} is not a file")
     try:
         passphrase = _passphrase(args)
     except (CfmsError, OSError) as err:
-        print(f"error: {getattr(err, 'message', None) or err}", file=sys.stderr)
-        return 2
+        return fail(args, EXIT_USAGE, getattr(err, "message", None) or str(err))
 
     async def flow(client) -> int:
-        upload_bar = ProgressBar(sys.stderr, "upload  ")
-        status_bar = ProgressBar(sys.stderr, "restore ")
+        upload_bar = progress_bar(args, "upload  ")
+        status_bar = progress_bar(args, "restore ")
         started = []
 
         def on_status(status):
@@ -80,6 +57,8 @@ def cmd_backup_import(args) -> int:
                                     upload_progress=upload_bar.bytes_progress,
                                     on_status=on_status, passphrase=passphrase)
         status_bar.done()
+        if args.json:
+            return Output(final, exit_code=0 if final["status"] == STATUS_COMPLETED else 1)
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
             return 1
@@ -95,17 +74,18 @@ def cmd_backup_export(args) -> int:
     try:
         passphrase = _passphrase(args)
     except (CfmsError, OSError) as err:
-        print(f"error: {getattr(err, 'message', None) or err}", file=sys.stderr)
-        return 2
+        return fail(args, EXIT_USAGE, getattr(err, "message", None) or str(err))
 
     async def flow(client) -> int:
-        bar = ProgressBar(sys.stderr, "download ")
+        bar = progress_bar(args, "download ")
         archive, key, result = await export_backup(client, Path(args.out), args.name,
                                                    args.compression, bar.bytes_progress,
                                                    recipients=tuple(args.recipient or ()),
                                                    passphrase=passphrase)
         bar.done()
         meta = result["metadata"]
+        if args.json:
+            return Output(dict(result, archive=str(archive), key=str(key) if key else None))
         opens = ([f"recipient {r}" for r in result.get("recipients") or ()]
                  + (["the passphrase"] if result.get("passphrase") else []))
         print(f"archive: {archive}\n"
@@ -117,20 +97,39 @@ def cmd_backup_export(args) -> int:
     return _run(args, flow)
 
 
+def cmd_backup_status(args) -> int:
+    async def flow(client) -> Output:
+        bar = progress_bar(args, "restore ")
+        while True:
+            status = await client.call("get_backup_import_status",
+                                       {"backup_task_id": args.task})
+            bar.show(status["progress_percent"], status["current_step"] or "")
+            if not args.follow or status["status"] in FINAL_STATUSES:
+                break
+            await trio.sleep(args.poll)
+        bar.done()
+        failed = args.follow and status["status"] != STATUS_COMPLETED
+        text = (f"{status['status']}: {status['progress_percent']:.0f}% "
+                f"{status['current_step'] or ''}".rstrip()
+                + f"\n{status['folders_count']} folders, {status['documents_count']} documents, "
+                  f"{status['files_count']} files")
+        if status["error_message"]:
+            text += f"\nerror: {status['error_message']}"
+        return Output(status, text, EXIT_REFUSED if failed else 0)
+
+    return _run(args, flow)
+
+
 def _connection_args(parser) -> None:
-    parser.add_argument("--server", required=True, help="e.g. wss://backup-host:5104")
-    parser.add_argument("--username", default="admin")
-    parser.add_argument("--password-file", help="file holding the password "
-                        "(default: $CFMS_PASSWORD, else a prompt)")
-    parser.add_argument("--cafile", help="CA or self-signed certificate to trust "
-                        "(the server's content/tls/cert.pem)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="do not verify the server's certificate")
+    add_connection_args(parser)
 
 
 def register(sub) -> None:
-    client = sub.add_parser("client", help="talk to a running server")
+    client = sub.add_parser("client", help="talk to a running server (docs/CLI.md)")
     commands = client.add_subparsers(dest="client_command", required=True)
+    profile.register(commands)
+    docs.register(commands)
+    admin.register(commands)
     imp = commands.add_parser("backup-import", help="restore a backup on a server")
     _connection_args(imp)
     imp.add_argument("--archive", required=True, help=f"the NAME{ARCHIVE_SUFFIX} file")
@@ -152,3 +151,10 @@ def register(sub) -> None:
                      "(cfms1...; repeatable); no key file exists then")
     exp.add_argument("--passphrase-file", help="let this passphrase open the backup")
     exp.set_defaults(func=cmd_backup_export)
+    status = commands.add_parser("backup-status", help="the state of a backup import")
+    _connection_args(status)
+    status.add_argument("task", metavar="TASK", help="the import's backup_task_id")
+    status.add_argument("--follow", action="store_true", help="wait until it ends "
+                        "(exit 1 unless it completed)")
+    status.add_argument("--poll", type=float, default=1.0, help="poll interval in seconds")
+    status.set_defaults(func=cmd_backup_status)

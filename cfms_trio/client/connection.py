@@ -52,6 +52,10 @@ class ClientError(Exception):
         self.data = data or {}
 
 
+class TlsError(ClientError):
+    """The server's certificate is not trusted (found by the client, so its code is 0)."""
+
+
 def client_ssl_context(cafile: str | Path | None = None, insecure: bool = False) -> ssl.SSLContext:
     """Verify against `cafile` (e.g. the server's content/tls/cert.pem), the system store, or
     nothing at all when `insecure`."""
@@ -327,7 +331,7 @@ async def check_tls(url: str, ssl_context: ssl.SSLContext) -> None:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
             if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-                raise ClientError(0, f"the certificate of {host}:{port} is not trusted "
+                raise TlsError(0, f"the certificate of {host}:{port} is not trusted "
                                      f"({exc.__cause__.verify_message}); trust the server's "
                                      "certificate (its content/tls/cert.pem; --cafile on the "
                                      "command line) or connect insecurely (--insecure)") from None
