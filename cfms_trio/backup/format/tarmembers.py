@@ -22,6 +22,7 @@ from .listings import (
     FILES_PREFIX,
     FOLDERS_MEMBER,
     JSON_MEMBERS,
+    JsonArray,
     METADATA_MEMBER,
     VERSION_LEGACY,
     VERSION_V2,
@@ -297,23 +298,30 @@ class Extractor:
     # -- JSON listings
 
     def _read_listing(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
-        if member.size > self.limits.json_member_bytes:
-            raise ArchiveLimitExceeded(
-                f"archive member {name} is {member.size} bytes; "
-                f"the limit is {self.limits.json_member_bytes} bytes"
-            )
-        data = tar.extractfile(member).read(member.size)
-        if len(data) != member.size:
-            raise ArchiveError(f"archive member {name} is truncated")
-        value = decode_json(data, f"archive member {name}", self.limits.json_depth)
+        """Validate a JSON listing; the entry lists are parsed one entry at a time."""
+        limit = self.limits.json_member_bytes
         if name == METADATA_MEMBER:
+            limit = min(limit, self.limits.metadata_member_bytes)
+        if member.size > limit:
+            raise ArchiveLimitExceeded(
+                f"archive member {name} is {member.size} bytes; the limit is {limit} bytes"
+            )
+        what = f"archive member {name}"
+        source = tar.extractfile(member)
+        if name == METADATA_MEMBER:
+            data = source.read(member.size)
+            if len(data) != member.size:
+                raise ArchiveError(f"{what} is truncated")
+            value = decode_json(data, what, self.limits.json_depth)
             self.listings[name] = parse_metadata(value, self.version)
-        elif name == FOLDERS_MEMBER:
-            self.listings[name] = parse_folders(value, self.legacy)
+            return
+        entries = JsonArray(source, member.size, name, what, self.limits.json_depth)
+        if name == FOLDERS_MEMBER:
+            self.listings[name] = parse_folders(entries, self.legacy)
         elif name == DOCUMENTS_MEMBER:
-            self.listings[name] = parse_documents(value, self.legacy)
+            self.listings[name] = parse_documents(entries, self.legacy)
         else:
-            self.listings[name] = parse_files(value, self.legacy)
+            self.listings[name] = parse_files(entries, self.legacy)
             self.listed = unique_index(self.listings[name], "file")
             for file_id in self.extracted:  # legacy: files that came before their listing
                 self._verify_extracted(file_id)
