@@ -21,6 +21,8 @@ class ArchiveLimits:
     extracted_bytes: int = 256 * GiB
     member_count: int = 2_000_000
     json_member_bytes: int = 512 * MiB
+    # metadata.json is one small object, decoded whole: it gets a bound of its own.
+    metadata_member_bytes: int = 1 * MiB
     json_depth: int = 64
     key_file_bytes: int = 64 * 1024
     # zstd frames may not ask the decoder for a window larger than this (bomb protection).

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 import trio
 
@@ -22,7 +23,7 @@ from ..paths import Paths
 from ..reaper import remove_tree, unlink_all
 from ..storage import Store, backup_tasks
 from .gc_pause import cyclic_gc_paused
-from .restore import FileMover, commit_restore, unpack
+from .restore import FileMover, StepReporter, commit_restore, unpack
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ STEP_PERCENT = {
     "Restore completed": (100, 100),
 }
 FIRST_STEP = "Decrypting archive"  # where start_backup_import leaves a task (SPEC §8)
+COMPLETED_STEP = "Restore completed"  # recorded with the restored rows, reported after them
 SHUTDOWN_MESSAGE = "the server shut down during the import"
 
 
@@ -101,7 +103,11 @@ def failure_message(exc: BaseException) -> str:
 
 async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     """Restore `job`'s uploaded backup; always ends in `completed` or `failed`, and returns the
-    task's final row (on cancellation, records the failure and re-raises)."""
+    task's final row (on cancellation, records the failure and re-raises).
+
+    Success is recorded by the restore's own transaction (`commit_restore`); what follows the
+    commit is clean-up only, which the restart recovery finishes if a crash interrupts it.
+    """
     task = job.task
     task_id = job.task_id
     staging = env.paths.import_staging(task_id)
@@ -121,12 +127,12 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             await env.store.write(backup_tasks.update_backup_task, task_id,
                                   current_step=job.progress.step,
                                   progress_percent=job.progress.percent, **counts)
-            await env.store.write(commit_restore, contents, mover, report, job.abort)
+            outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
+                       "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
+                       "error_message": None, **counts}
+            await env.store.write(commit_restore, contents, mover, report, job.abort,
+                                  task_id, outcome)
             del contents
-        job.progress.report("Restore completed", 1.0)
-        outcome = {"status": STATUS_COMPLETED, "current_step": "Restore completed",
-                   "progress_percent": 100, "error_message": None, **counts}
-        log.info("import %s completed: %s", task_id, counts)
     except BaseException as exc:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(mover.take_back)
@@ -140,23 +146,44 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
                    "documents_count": 0, "folders_count": 0, "files_count": 0}
         if not isinstance(exc, Exception):
             with trio.CancelScope(shield=True):
-                await _finish(env, job, staging, outcome)
+                await _finish_failed(env, job, staging, outcome)
             raise
+        with trio.CancelScope(shield=True):
+            return await _finish_failed(env, job, staging, outcome)
+    # Committed: no checkpoint before the shield, so a shutdown cannot turn this into a failure.
     with trio.CancelScope(shield=True):
-        return await _finish(env, job, staging, outcome)
+        log.info("import %s completed: %s", task_id, counts)
+        await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
+        await _clean_up_uploads(env, job)
+        return await env.store.read(backup_tasks.get_backup_task, task_id)
 
 
-async def _finish(env: ImportEnvironment, job: ImportJob, staging, outcome: dict) -> dict:
-    """Remove staging and uploads, record the outcome; return the final row.
+def _report_completed_and_remove_staging(report: StepReporter, staging: Path) -> None:
+    """The first step after the commit, in a worker thread like every step of the import."""
+    report(COMPLETED_STEP, 1.0)
+    remove_tree(staging)
 
-    Clean-up comes first, so a client that sees the final status never finds the uploads
-    still there; a crash in between is failed and cleaned up again by the restart recovery.
-    """
+
+async def _clean_up_uploads(env: ImportEnvironment, job: ImportJob) -> None:
     try:
-        await trio.to_thread.run_sync(remove_tree, staging)
         await discard_uploads(env, job.task)
     except Exception:
         log.exception("could not clean up after import %s", job.task_id)
+
+
+async def _finish_failed(env: ImportEnvironment, job: ImportJob, staging: Path,
+                         outcome: dict) -> dict:
+    """Remove staging and uploads, record the failure; return the final row.
+
+    Clean-up comes first, so a client that sees `failed` never finds the uploads still there;
+    a crash in between leaves the task `processing`, which the restart recovery fails and
+    cleans up again.
+    """
+    try:
+        await trio.to_thread.run_sync(remove_tree, staging)
+    except Exception:
+        log.exception("could not clean up after import %s", job.task_id)
+    await _clean_up_uploads(env, job)
     await env.store.write(backup_tasks.update_backup_task, job.task_id,
                           completed_time=time.time(), **outcome)
     return await env.store.read(backup_tasks.get_backup_task, job.task_id)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 from ..config import ArchiveLimits
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
-from ..storage import restore_rows
+from ..storage import backup_tasks, restore_rows
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
 from .format import (
     BackupContents,
@@ -157,11 +158,14 @@ class FileMover:
 
 
 def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepReporter,
-                   abort: threading.Event) -> None:
-    """Stage 2, run inside one write transaction: rows in, files into place.
+                   abort: threading.Event, task_id: str, outcome: dict) -> None:
+    """Stage 2, run inside one write transaction: rows in, files into place, and the task's
+    final `outcome` (its completed status and counts) recorded with them.
 
-    Raises Conflict naming an id that already exists. The transaction commits when this
-    returns; if anything here or in the commit fails, the caller calls `mover.take_back()`.
+    The task says `completed` exactly when the restored rows exist: a crash after the commit
+    leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming an id
+    that already exists. The transaction commits when this returns; if anything here or in the
+    commit fails, the caller calls `mover.take_back()`.
     """
     collision = (restore_rows.find_collision(m, contents)
                  or restore_rows.find_root_name_clash(m, contents))
@@ -179,6 +183,7 @@ def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepRe
                                   lambda frac: report("Importing documents", frac))
     _check_abort(abort)
     report("Finalizing import", 0.0)
+    backup_tasks.update_backup_task(m, task_id, completed_time=time.time(), **outcome)
 
 
 def _check_abort(abort: threading.Event) -> None:

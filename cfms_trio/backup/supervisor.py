@@ -1,8 +1,9 @@
 """The import supervisor: the one owner of backup imports, from deadline to outcome.
 
 It is a long-lived service (`await nursery.start(supervisor.run)`). Started, it first recovers
-what a previous run left: imports that were processing are failed and cleaned up, and pending
-ones get their deadline watchers back. Then it runs, in its own nursery:
+what a previous run left: imports that were processing are failed and cleaned up, finished
+ones that still hold their uploads (a crash right after a restore committed) are cleaned up,
+and pending ones get their deadline watchers back. Then it runs, in its own nursery:
 
 - a watcher per pending import that sleeps until the task's deadline; if the task is still
   pending then, it becomes `timeout` by itself: uploads in flight are aborted, its upload tasks
@@ -231,6 +232,10 @@ class ImportSupervisor:
                               completed_time=time.time())
             await discard_uploads(self._env, task)
             log.warning("import %s was interrupted by a restart; marked failed",
+                        task["backup_task_id"])
+        for task in await store.read(backup_tasks.finished_imports_holding_uploads):
+            await discard_uploads(self._env, task)
+            log.warning("import %s ended before a restart but kept its uploads; removed them",
                         task["backup_task_id"])
         for task in await store.read(backup_tasks.tasks_in_status, OPERATION_EXPORT,
                                      STATUS_PROCESSING):

@@ -126,6 +126,17 @@ def abandon_tasks_of(m, username: str, message: str, now: float) -> list[dict]:
     return pending
 
 
+def finished_imports_holding_uploads(m) -> list[dict]:
+    """Import tasks past pending and processing whose uploads are still stored: a crash came
+    between recording the outcome and removing them (a completed import records its status in
+    the restore's transaction and cleans up after)."""
+    stored = m.File.select(m.File.id)
+    return [backup_task_dict(t) for t in m.BackupTask.select().where(
+        (m.BackupTask.operation == OPERATION_IMPORT)
+        & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PROCESSING])
+        & (m.BackupTask.archive_file_id.in_(stored) | m.BackupTask.key_file_id.in_(stored)))]
+
+
 def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
     """Forget an import's uploads: tasks and File rows. Returns the task ids and relative paths
     whose files the caller removes from disk."""

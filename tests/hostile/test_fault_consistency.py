@@ -2,9 +2,10 @@
 
 11. A server killed right after the restore transaction commits says, after the restart, that
     the task `completed`, and the restored data is there: the final status is written in the
-    same transaction as the rows. The kill lands at the test pause point "Restore completed"
-    ($CFMS_TEST_PAUSE_AT_STEP, to move into the test launcher): it must hold the import after
-    the commit and before the clean-up and the completion event.
+    same transaction as the rows. The kill lands where `paused_serve.py` holds the import
+    when it reports "Restore completed": the importer reports that step from the worker thread
+    that starts the clean-up, after the commit and before the uploads are removed and the
+    completion event is published. The restart removes the uploads left behind.
 12. An upload that fills the disk answers 507 (or 413) with a message about disk space, its
     partial file is gone at once, and logins keep working.
 """
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 
 STEP_TIMEOUT_S = 30
 PAUSE_STEP = "Restore completed"
+PAUSED_LINE = f"import paused at {PAUSE_STEP!r}"  # what paused_serve.py prints
 
 
 async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # noqa: F811
@@ -39,14 +41,12 @@ async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # n
         async with admin_client(server.url) as admin:
             task_id = await start_import(admin, archive, key, tmp_path)
             with trio.fail_after(STEP_TIMEOUT_S):
-                while True:
-                    status = await admin.call("get_backup_import_status",
-                                              {"backup_task_id": task_id})
-                    if status["current_step"] == PAUSE_STEP:
-                        break
+                while PAUSED_LINE not in (tmp_path / "stderr.txt").read_text():
                     await trio.sleep(0.02)
-            # Held after the commit, before the completion is published.
-            assert status["status"] == "processing", status
+            status = await admin.call("get_backup_import_status", {"backup_task_id": task_id})
+            # Held after the commit: the task already says so; its uploads are still there.
+            assert (status["status"], status["current_step"]) == ("completed", PAUSE_STEP), status
+            assert entries(root / "content" / "backups" / "import"), "cleaned up already"
             await server.kill()
     async with serve_process(root) as server:
         async with admin_client(server.url) as admin:

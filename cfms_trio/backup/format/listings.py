@@ -8,7 +8,6 @@ JSON is decoded strictly and every failure is an ``ArchiveError`` naming the mem
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from typing import Any, Iterable
 
@@ -19,7 +18,9 @@ from cfms_trio.conventions import (
     RULE_MATCH_VALUES,
     SHA256_HEX_PATTERN,
 )
-from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
+from cfms_trio.errors import ArchiveError
+
+from .jsonstream import JsonArray, decode_json  # noqa: F401  (decode_json: for keyfile)
 
 FORMAT_NAME = "cfms-backup"
 VERSION_V2 = "2.0"
@@ -82,8 +83,9 @@ def _as_object(value, where: str) -> dict:
     return value
 
 
-def _as_list(value, where: str) -> list:
-    if not isinstance(value, list):
+def _as_list(value, where: str) -> list | JsonArray:
+    """A JSON array: a list, or a listing streamed from its member (it checks its own type)."""
+    if not isinstance(value, (list, JsonArray)):
         raise ArchiveError(f"{where} must be a JSON array")
     return value
 
@@ -366,62 +368,3 @@ def check_metadata_counts(contents: BackupContents) -> None:
                 f"{METADATA_MEMBER} says total_file_bytes is "
                 f"{contents.metadata['total_file_bytes']}, but {FILES_MEMBER} adds up to {total}"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding untrusted JSON (listings and key files)
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    result = dict(pairs)  # called for every object of a listing: the common case stays in C
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        for key, _value in pairs:
-            if key in seen:
-                raise ValueError(f"duplicate key {show_name(key)}")
-            seen.add(key)
-    return result
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed")
-
-
-def _json_depth_exceeds(value, limit: int) -> bool:
-    """True when arrays/objects nest deeper than ``limit`` (the top-level value is depth 1)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
-    return False
-
-
-def decode_json(data: bytes, what: str, depth_limit: int | None = None):
-    """Decode untrusted UTF-8 JSON strictly; every failure is an ``ArchiveError`` naming ``what``.
-
-    Duplicate object keys and ``NaN``/``Infinity`` are refused. With ``depth_limit``, nesting
-    deeper than it (or deep enough to exhaust the parser) raises ``ArchiveLimitExceeded``;
-    without one, exhausting the parser is simply invalid JSON.
-    """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ArchiveError(f"{what} is not valid UTF-8") from None
-    too_deep = f"{what} nests deeper than the limit of {depth_limit}"
-    try:
-        value = json.loads(
-            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
-        )
-    except RecursionError:
-        if depth_limit is None:
-            raise ArchiveError(f"{what} is not valid JSON (nested too deeply)") from None
-        raise ArchiveLimitExceeded(too_deep) from None
-    except ValueError as exc:
-        raise ArchiveError(f"{what} is not valid JSON: {exc}") from None
-    if depth_limit is not None and isinstance(value, (dict, list)):
-        if _json_depth_exceeds(value, depth_limit):
-            raise ArchiveLimitExceeded(too_deep)
-    return value

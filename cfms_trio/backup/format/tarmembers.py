@@ -22,6 +22,7 @@ from .listings import (
     FILES_PREFIX,
     FOLDERS_MEMBER,
     JSON_MEMBERS,
+    JsonArray,
     METADATA_MEMBER,
     VERSION_LEGACY,
     VERSION_V2,
@@ -41,6 +42,13 @@ from .streams import COPY_BYTES
 # pax and GNU long-name headers are read whole by tarfile; ours never need more than a few
 # records, and a cap keeps a hostile header from costing memory or quadratic parsing time.
 TAR_EXTENDED_HEADER_MAX_BYTES = 8 * 1024
+# Extended headers in a row before one member (pax, GNU long name and long link, a global
+# header): tarfile reads each recursively, so a chain of them must stop short of the stack.
+TAR_EXTENDED_HEADERS_PER_MEMBER_MAX = 4
+# Keys and values of the global pax headers, which tarfile keeps and copies for every member.
+TAR_GLOBAL_HEADERS_MAX_BYTES = TAR_EXTENDED_HEADER_MAX_BYTES
+_SPARSE_PAX_PREFIX = "GNU.sparse."
+_CHAIN_ATTRIBUTE = "_cfms_extended_header_chain"  # set on the TarFile being read
 STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
 _EXTENDED_HEADER_TYPES = (
@@ -64,14 +72,34 @@ def member_info(name: str, size: int, mtime: int) -> tarfile.TarInfo:
     return info
 
 
+def _sparse_error(name: str) -> ArchiveError:
+    return ArchiveError(
+        f"sparse member {show_name(name)} is not allowed; only regular files are allowed"
+    )
+
+
+def _pax_member_name(next_info: tarfile.TarInfo, pax_headers: dict) -> str:
+    """The name a pax header gives the member after it (its own header's name otherwise)."""
+    return pax_headers.get("GNU.sparse.name") or pax_headers.get("path") or next_info.name
+
+
 class GuardedTarInfo(tarfile.TarInfo):
     """TarInfo that refuses what tarfile would otherwise accept silently or expensively.
 
-    - Extended headers (pax, GNU long names) are read into memory whole by tarfile: cap them.
-    - GNU sparse members are not regular files.
+    tarfile parses every header inside ``TarFile.next()``, before the ``Extractor`` sees the
+    member, so everything whose cost the headers decide is refused here, before tarfile acts:
+    - Extended headers (pax, GNU long names) are read into memory whole: cap their size, the
+      number of them in a row (each recurses) and the global pax headers kept across members.
+    - GNU sparse members in every encoding (old GNU type 'S', pax 0.0, 0.1 and 1.0): the 1.0
+      map is read from the data with no bound, the old format's extension blocks too. They are
+      refused before any map is read, naming the member.
+    - Negative sizes (base-256 header numbers or a pax ``size``).
     - A corrupt or truncated header after the first one makes tarfile end the archive quietly,
       hiding the members behind it; make it an error instead.
-    Errors are raised as ``tarfile.ReadError`` (not a ``HeaderError``), which tarfile passes on.
+    Header errors are raised as ``tarfile.ReadError`` (not a ``HeaderError``, which tarfile
+    would swallow) and the rest as ``ArchiveError``; tarfile passes both on.
+    The hooks are tarfile's documented ``_proc_member`` and the ``_proc_gnusparse_*`` and
+    ``_apply_pax_info`` steps it calls from ``_proc_pax``/``_proc_builtin``.
     """
 
     @classmethod
@@ -89,17 +117,57 @@ class GuardedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tar):
         # tarfile documents _proc_member as the hook for subclasses.
-        if self.type in _EXTENDED_HEADER_TYPES and self.size > TAR_EXTENDED_HEADER_MAX_BYTES:
+        if self.size < 0:
+            raise ArchiveError(f"tar header of {show_name(self.name)} has a negative size")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise _sparse_error(self.name)  # before tarfile reads its extension blocks
+        if self.type not in _EXTENDED_HEADER_TYPES:
+            return super()._proc_member(tar)
+        if self.size > TAR_EXTENDED_HEADER_MAX_BYTES:
             raise ArchiveLimitExceeded(
                 f"tar extended header of {self.size} bytes exceeds the limit of "
                 f"{TAR_EXTENDED_HEADER_MAX_BYTES} bytes"
             )
-        if self.type == tarfile.GNUTYPE_SPARSE:
-            raise ArchiveError(
-                f"archive member {show_name(self.name)} is a sparse file; "
-                "only regular files are allowed"
+        chain = getattr(tar, _CHAIN_ATTRIBUTE, 0) + 1
+        if chain > TAR_EXTENDED_HEADERS_PER_MEMBER_MAX:
+            raise ArchiveLimitExceeded(
+                f"tar member is preceded by more than {TAR_EXTENDED_HEADERS_PER_MEMBER_MAX} "
+                "extended headers"
             )
-        return super()._proc_member(tar)
+        setattr(tar, _CHAIN_ATTRIBUTE, chain)
+        try:
+            member = super()._proc_member(tar)
+        finally:
+            setattr(tar, _CHAIN_ATTRIBUTE, chain - 1)
+        if self.type == tarfile.XGLTYPE:
+            kept = sum(len(key) + len(value) for key, value in tar.pax_headers.items())
+            if kept > TAR_GLOBAL_HEADERS_MAX_BYTES:
+                raise ArchiveLimitExceeded(
+                    f"tar global headers hold {kept} bytes; the limit is "
+                    f"{TAR_GLOBAL_HEADERS_MAX_BYTES} bytes"
+                )
+        return member
+
+    # _proc_pax calls these once the header after a sparse pax header is read; 1.0 would then
+    # read the sparse map from the member's data.
+    def _proc_gnusparse_00(self, next, pax_headers, buf):
+        raise _sparse_error(_pax_member_name(next, pax_headers))
+
+    def _proc_gnusparse_01(self, next, pax_headers):
+        raise _sparse_error(_pax_member_name(next, pax_headers))
+
+    def _proc_gnusparse_10(self, next, pax_headers, tarfile):
+        raise _sparse_error(_pax_member_name(next, pax_headers))
+
+    def _apply_pax_info(self, pax_headers, encoding, errors):
+        # Every member returned passes here (local and global pax headers alike): any other
+        # GNU.sparse.* keyword (realsize, name, numblocks ...) marks a sparse member too, and
+        # tarfile would convert some of them with int() unguarded.
+        if any(keyword.startswith(_SPARSE_PAX_PREFIX) for keyword in pax_headers):
+            raise _sparse_error(_pax_member_name(self, pax_headers))
+        super()._apply_pax_info(pax_headers, encoding, errors)
+        if self.size < 0:
+            raise ArchiveError(f"tar member {show_name(self.name)} has a negative size")
 
 
 def _member_kind_error(member: tarfile.TarInfo, name: str) -> str | None:
@@ -115,7 +183,7 @@ def _member_kind_error(member: tarfile.TarInfo, name: str) -> str | None:
     elif member.isdir():
         what = "a directory"
     elif member.issparse():
-        what = "a sparse file"
+        return f"sparse member {show_name(name)} is not allowed; only regular files are allowed"
     elif member.type not in _REGULAR_TYPES:
         what = f"of unsupported type {member.type!r}"
     else:
@@ -230,23 +298,30 @@ class Extractor:
     # -- JSON listings
 
     def _read_listing(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
-        if member.size > self.limits.json_member_bytes:
-            raise ArchiveLimitExceeded(
-                f"archive member {name} is {member.size} bytes; "
-                f"the limit is {self.limits.json_member_bytes} bytes"
-            )
-        data = tar.extractfile(member).read(member.size)
-        if len(data) != member.size:
-            raise ArchiveError(f"archive member {name} is truncated")
-        value = decode_json(data, f"archive member {name}", self.limits.json_depth)
+        """Validate a JSON listing; the entry lists are parsed one entry at a time."""
+        limit = self.limits.json_member_bytes
         if name == METADATA_MEMBER:
+            limit = min(limit, self.limits.metadata_member_bytes)
+        if member.size > limit:
+            raise ArchiveLimitExceeded(
+                f"archive member {name} is {member.size} bytes; the limit is {limit} bytes"
+            )
+        what = f"archive member {name}"
+        source = tar.extractfile(member)
+        if name == METADATA_MEMBER:
+            data = source.read(member.size)
+            if len(data) != member.size:
+                raise ArchiveError(f"{what} is truncated")
+            value = decode_json(data, what, self.limits.json_depth)
             self.listings[name] = parse_metadata(value, self.version)
-        elif name == FOLDERS_MEMBER:
-            self.listings[name] = parse_folders(value, self.legacy)
+            return
+        entries = JsonArray(source, member.size, name, what, self.limits.json_depth)
+        if name == FOLDERS_MEMBER:
+            self.listings[name] = parse_folders(entries, self.legacy)
         elif name == DOCUMENTS_MEMBER:
-            self.listings[name] = parse_documents(value, self.legacy)
+            self.listings[name] = parse_documents(entries, self.legacy)
         else:
-            self.listings[name] = parse_files(value, self.legacy)
+            self.listings[name] = parse_files(entries, self.legacy)
             self.listed = unique_index(self.listings[name], "file")
             for file_id in self.extracted:  # legacy: files that came before their listing
                 self._verify_extracted(file_id)
