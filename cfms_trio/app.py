@@ -29,9 +29,11 @@ class App:
     store: Store
     hub: EventHub
     transfers: TransferRegistry  # transfers running now, so one task has one at a time
-    # Disk and crypto work of transfers and backups; bounded so bulk I/O cannot take every
-    # worker thread from the database.
+    # Disk and crypto work of short requests: transfer chunks, removing files. Long jobs never
+    # take these slots, so a download never waits behind an import.
     io_limiter: trio.CapacityLimiter
+    # The long jobs: unpacking imports, writing exports. More of them wait (FIFO) for a slot.
+    bulk_io_limiter: trio.CapacityLimiter
     reaper: FileReaper
     imports: ImportSupervisor
     sweeper: UploadSweeper

@@ -41,8 +41,21 @@ class Limits:
     upload_bytes: int = 64 * GiB
     transfer_chunk_bytes: int = 1 * MiB
     listener_queue_events: int = 256
-    # Pending imports one user may hold at once (each may receive an archive_bytes upload).
+    # Imports one user may hold at once, pending or running (each may receive an
+    # archive_bytes upload, and a running one holds a bulk worker).
     pending_imports_per_user: int = 4
+    # Connections, bounded when they are accepted, before any TLS or WebSocket handshake.
+    # Behind a reverse proxy every client has the proxy's address: raise the per-address bound.
+    connections_max: int = 512
+    connections_per_address_max: int = 64
+    # TLS plus WebSocket handshake of a new connection; slower ones are dropped.
+    handshake_timeout_s: float = 10.0
+    # A connection must authenticate (log in, or send a request with a valid token) within this
+    # long of its handshake, or it is closed (code 1008).
+    login_timeout_s: float = 30.0
+    # The largest WebSocket message before a connection has authenticated: a login is tiny, and
+    # a partial message is buffered whole, so strangers get little memory each (code 1009).
+    unauthenticated_message_bytes: int = 64 * 1024
     archive: ArchiveLimits = dataclasses.field(default_factory=ArchiveLimits)
 
 

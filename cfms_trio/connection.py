@@ -1,5 +1,10 @@
 """One client's WebSocket connection: its life from handshake to close, ordered sends,
-bounded receives, and the event pump of a listener."""
+bounded receives, and the event pump of a listener.
+
+Until a connection authenticates (a successful login, or any request with a valid token) it
+may send only small messages (`Limits.unauthenticated_message_bytes`) and must authenticate
+within `Limits.login_timeout_s`; a stranger costs little memory and not for long.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,10 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from . import protocol
+from .config import Limits
 from .errors import BadRequest, TooLarge
 from .events import EventHub
+from .listener import ConnectionGate, peer_of
 from .protocol import encode
 
 log = logging.getLogger(__name__)
@@ -27,26 +34,50 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 0.2
 TextHandler = Callable[["Connection", str], Awaitable[dict]]
 
 
+LOGIN_TIMEOUT_REASON = "no login within the time allowed"
+
+
 async def serve_connection(request: WebSocketRequest, handle_text: TextHandler,
-                           hub: EventHub, message_bytes: int) -> None:
+                           hub: EventHub, limits: Limits, frame_bytes: int,
+                           gate: ConnectionGate) -> None:
     """One connection's life. Nothing escapes: an escaped exception would take the whole
-    listener, and every other connection, down with it."""
+    listener, and every other connection, down with it. `frame_bytes` is the WebSocket message
+    limit once the connection has authenticated."""
+    try:
+        remote = request.remote
+        peer = peer_of(str(remote.address), remote.port)
+    except (OSError, AttributeError):
+        return  # reset before we got here; the gate forgets it when it next needs room
+    try:
+        await _serve_accepted(request, handle_text, hub, limits, frame_bytes, str(peer[0]))
+    finally:
+        # trio-websocket leaves the socket open after some closes (a 1009, a peer that went
+        # away): closing it here is what gives the connection's place back.
+        with trio.CancelScope(shield=True):
+            await gate.close(peer)
+
+
+async def _serve_accepted(request: WebSocketRequest, handle_text: TextHandler, hub: EventHub,
+                          limits: Limits, frame_bytes: int, address: str) -> None:
     try:
         ws = await request.accept()
     except ConnectionClosed:
         return
-    remote = ws.remote
-    address = f"{getattr(remote, 'address', remote)}"
-    conn = Connection(ws, address, message_bytes)
+    login_scope = trio.CancelScope(deadline=trio.current_time() + limits.login_timeout_s)
+    conn = Connection(ws, address, limits.message_bytes, frame_bytes=frame_bytes,
+                      login_scope=login_scope)
     try:
-        async with trio.open_nursery() as nursery:
-            conn.nursery = nursery
-            await _answer_requests(conn, handle_text)
-            nursery.cancel_scope.cancel()
+        with login_scope:
+            async with trio.open_nursery() as nursery:
+                conn.nursery = nursery
+                await _answer_requests(conn, handle_text)
+                nursery.cancel_scope.cancel()
     except Exception:
         log.exception("connection from %s failed", address)
     finally:
         code, reason, close_timeout = 1000, None, CLOSE_TIMEOUT_S
+        if login_scope.cancelled_caught:
+            code, reason = 1008, LOGIN_TIMEOUT_REASON
         if conn.listener is not None:
             hub.unregister(conn.listener)
             if conn.listener.dropped:
@@ -81,14 +112,31 @@ class Connection:
     """Wraps a WebSocket with a send lock (responses and events interleave safely) and the
     text-message size limit."""
 
-    def __init__(self, ws: WebSocketConnection, address: str, message_bytes: int):
+    def __init__(self, ws: WebSocketConnection, address: str, message_bytes: int, *,
+                 frame_bytes: int, login_scope: trio.CancelScope):
         self.ws = ws
         self.address = address
         self.message_bytes = message_bytes
+        self._frame_bytes = frame_bytes
+        self._login_scope = login_scope
+        self.is_authenticated = False
         self._send_lock = trio.Lock()
         self.listener = None
         # The nursery owning this connection's tasks; set by the server while it serves.
         self.nursery: trio.Nursery | None = None
+
+    def authenticated(self) -> None:
+        """The client proved who it is: lift the login deadline and the small message limit
+        of strangers (from the next message on)."""
+        if self.is_authenticated:
+            return
+        self.is_authenticated = True
+        self._login_scope.deadline = math.inf
+        # trio-websocket takes one max_message_size for every connection of a server and reads
+        # it from this attribute for each message; there is no public per-connection setter.
+        if not hasattr(self.ws, "_max_message_size"):
+            raise RuntimeError("trio-websocket no longer has a per-connection message limit")
+        self.ws._max_message_size = self._frame_bytes
 
     async def send_json(self, message: dict) -> None:
         async with self._send_lock:

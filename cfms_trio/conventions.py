@@ -35,6 +35,13 @@ ACCESS_TYPES = ("read", "write", "move", "manage")
 MAX_TREE_DEPTH = 1000  # levels of folders; deeper trees are refused, by the API and by imports
 NAME_MAX_CHARS = 255  # folder names and document titles
 RULE_MATCH_VALUES = ("all", "any")
+# Bounds on access rules wherever they enter (the API and backup archives): every access check
+# of an object and of everything below it evaluates its rules, and storing them holds the one
+# database writer, so neither may grow with what a client chooses to send.
+RULES_PER_ACCESS_TYPE_MAX = 1000  # rules of one object for one access type
+RULE_MATCH_GROUPS_MAX = 32  # entries of one rule's `match_groups`
+RULE_REQUIRE_NAMES_MAX = 128  # names in one `rights.require` or `groups.require`
+RULE_DATA_MAX_BYTES = 16 * 1024  # one rule as compact JSON (UTF-8)
 ID_MAX_CHARS = 64
 # Ids we accept from clients and archives; ids we make are `new_id()` hex strings.
 ID_PATTERN = re.compile(r"[0-9A-Za-z_-]{1,64}")

@@ -14,7 +14,8 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from . import auth, protocol
-from .errors import BadRequest, CfmsError, Forbidden, Unauthorized, internal_error
+from .errors import (BadRequest, CfmsError, Forbidden, Unauthorized, disk_error,
+                     internal_error)
 from .permissions import Principal
 from .schema import Field, validate
 from .storage import accounts
@@ -86,7 +87,10 @@ class Dispatcher:
             raise
         except Exception as exc:
             doing = f"handling {request.action!r}" if request else "reading a message"
-            return protocol.error_response(internal_error(log, doing, exc), request)
+            # A full disk anywhere is a 507 the client can act on; anything else a bare 500.
+            error = (disk_error(log, exc, doing) if isinstance(exc, OSError)
+                     else internal_error(log, doing, exc))
+            return protocol.error_response(error, request)
 
     async def _authenticate(self, request: protocol.Request) -> Principal:
         if not request.username or not request.token:
@@ -103,6 +107,8 @@ class Dispatcher:
         if route is None:
             raise BadRequest(f"unknown action '{request.action}'")
         principal = None if route.anonymous else await self._authenticate(request)
+        if principal is not None:
+            conn.authenticated()
         ctx = Context(self.app, conn, request, principal)
         code = 500
         try:

@@ -66,6 +66,13 @@ class TooLarge(CfmsError):
     code = 413
 
 
+class InsufficientStorage(CfmsError):
+    """The server's disk (or its quota) is full: nothing was stored, and retrying later, once
+    space was freed, can succeed (507)."""
+
+    code = 507
+
+
 class InternalError(CfmsError):
     """Unexpected failure; the message carries only a log reference (500)."""
 
@@ -100,6 +107,19 @@ def internal_error(log: logging.Logger, doing: str, exc: BaseException | None = 
     log.error("internal error while %s [ref %s]", doing, reference,
               exc_info=exc if exc is not None else True)
     return InternalError(f"internal error while {doing} (log reference {reference})")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_error(log: logging.Logger, exc: OSError, doing: str) -> CfmsError:
+    """The error a client sees for a failed disk operation: 507 with the cause when the disk
+    or quota is full (the client can retry later), otherwise a 500 with a log reference."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        message = describe_os_error(exc, doing)
+        log.warning("%s", message)
+        return InsufficientStorage(message)
+    return internal_error(log, doing, exc)
 
 
 def describe_os_error(exc: OSError, doing: str) -> str:

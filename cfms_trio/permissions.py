@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from .conventions import ACCESS_TYPES, SYSOP_GROUP
+import json
+
+from .conventions import (
+    ACCESS_TYPES,
+    RULE_DATA_MAX_BYTES,
+    RULE_MATCH_GROUPS_MAX,
+    RULE_REQUIRE_NAMES_MAX,
+    RULES_PER_ACCESS_TYPE_MAX,
+    SYSOP_GROUP,
+)
+from .errors import BadRequest, TooLarge
 
 
 def _matches(mode: str, results: list[bool]) -> bool:
@@ -42,7 +52,11 @@ def rules_allow(rules: list[dict], permissions: set[str], groups: set[str]) -> b
 
 
 def validate_rule(rule) -> str | None:
-    """Return a description of what is wrong with a rule, or None when it is well formed."""
+    """Return a description of what is wrong with a rule, or None when it is well formed.
+
+    Counts are checked before anything is walked, so a hostile rule costs no more than a
+    bounded one to refuse.
+    """
     if not isinstance(rule, dict):
         return "a rule must be an object"
     if rule.get("match", "all") not in ("all", "any"):
@@ -50,6 +64,8 @@ def validate_rule(rule) -> str | None:
     groups = rule.get("match_groups", [])
     if not isinstance(groups, list):
         return "rule 'match_groups' must be a list"
+    if len(groups) > RULE_MATCH_GROUPS_MAX:
+        return f"rule 'match_groups' has {len(groups)} entries, more than {RULE_MATCH_GROUPS_MAX}"
     extra = set(rule) - {"match", "match_groups"}
     if extra:
         return f"unknown rule field '{sorted(extra)[0]}'"
@@ -69,25 +85,44 @@ def validate_rule(rule) -> str | None:
             if sub.get("match", "all") not in ("all", "any"):
                 return f"'{key}.match' must be 'all' or 'any'"
             req = sub.get("require", [])
-            if not isinstance(req, list) or not all(isinstance(x, str) for x in req):
+            if not isinstance(req, list):
+                return f"'{key}.require' must be a list of strings"
+            if len(req) > RULE_REQUIRE_NAMES_MAX:
+                return (f"'{key}.require' lists {len(req)} names, more than "
+                        f"{RULE_REQUIRE_NAMES_MAX}")
+            if not all(isinstance(x, str) for x in req):
                 return f"'{key}.require' must be a list of strings"
     return None
 
 
-def validate_rules(rules) -> str | None:
-    """Validate a {access_type: [rule, ...]} mapping; None when well formed."""
+def rule_data_bytes(rule: dict) -> int:
+    """The size of a rule as it is stored: compact JSON, UTF-8."""
+    return len(json.dumps(rule, separators=(",", ":")).encode())
+
+
+def validate_rules(rules, field: str = "data.access_rules") -> None:
+    """Check a {access_type: [rule, ...]} mapping or raise naming `field` and the access type:
+    BadRequest (400) for a malformed rule, TooLarge (413) past a bound. Nothing is stored
+    before this passes, so an oversized request costs only this check."""
     if not isinstance(rules, dict):
-        return "access rules must be an object keyed by access type"
+        raise BadRequest(f"field '{field}': access rules must be an object keyed by access type")
     for access_type, items in rules.items():
         if access_type not in ACCESS_TYPES:
-            return f"unknown access type '{access_type}'"
+            raise BadRequest(f"field '{field}': unknown access type '{access_type}'")
+        where = f"field '{field}.{access_type}'"
         if not isinstance(items, list):
-            return f"rules for '{access_type}' must be a list"
-        for rule in items:
+            raise BadRequest(f"{where}: rules for '{access_type}' must be a list")
+        if len(items) > RULES_PER_ACCESS_TYPE_MAX:
+            raise TooLarge(f"{where}: {len(items)} rules for '{access_type}', more than the "
+                           f"limit of {RULES_PER_ACCESS_TYPE_MAX} per access type")
+        for index, rule in enumerate(items):
             problem = validate_rule(rule)
             if problem:
-                return problem
-    return None
+                raise BadRequest(f"{where}[{index}]: {problem}")
+            size = rule_data_bytes(rule)
+            if size > RULE_DATA_MAX_BYTES:
+                raise TooLarge(f"{where}[{index}]: the rule takes {size} bytes, more than the "
+                               f"limit of {RULE_DATA_MAX_BYTES}")
 
 
 class Principal:

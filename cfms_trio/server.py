@@ -17,7 +17,7 @@ import secrets
 import time
 
 import trio
-from trio_websocket import serve_websocket
+from trio_websocket import WebSocketServer
 
 from . import auth
 from .actions import ROUTES
@@ -27,6 +27,7 @@ from .config import Settings
 from .connection import serve_connection
 from .dispatch import Dispatcher
 from .events import EventHub
+from .listener import ConnectionGate, GatedListener
 from .paths import Paths
 from .reaper import FileReaper
 from .storage import Store, accounts
@@ -39,11 +40,14 @@ log = logging.getLogger(__name__)
 # WebSocket frames may exceed a transfer chunk's ciphertext by this much before the library
 # itself refuses them (close code 1009); text messages are held to the smaller message limit.
 FRAME_SLACK_BYTES = 64 * 1024
-HANDSHAKE_TIMEOUT_S = 30
 # Bytes asked of the TLS stream per read. trio-websocket's default (4 KiB) turns every 1 MiB
 # chunk into hundreds of reads and parser passes; larger reads keep transfers at disk speed.
 WS_RECEIVE_BYTES = 256 * 1024
+# Worker threads for the disk and crypto work of short requests (transfer chunks, removals).
 IO_THREADS = 4
+# Worker threads for long jobs (an import's unpacking, an export): running jobs beyond this
+# many wait in line, so they never take the threads that transfers need.
+BULK_IO_THREADS = 4
 
 
 @dataclasses.dataclass
@@ -85,10 +89,12 @@ def build_app(settings: Settings, store: Store, paths: Paths) -> App:
     hub = EventHub(store, settings.limits.listener_queue_events)
     transfers = TransferRegistry()
     io_limiter = trio.CapacityLimiter(IO_THREADS)
+    bulk_io_limiter = trio.CapacityLimiter(BULK_IO_THREADS)
     return App(
         settings=settings, paths=paths, store=store, hub=hub, transfers=transfers,
-        io_limiter=io_limiter, reaper=FileReaper(io_limiter),
-        imports=ImportSupervisor(store, paths, hub, transfers, io_limiter,
+        io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=FileReaper(io_limiter),
+        # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
+        imports=ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
                                  settings.limits.archive),
         sweeper=UploadSweeper(store, paths, transfers))
 
@@ -109,19 +115,28 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         app = build_app(settings, store, paths)
         ssl_context = await trio.to_thread.run_sync(_tls_context, settings, paths)
         dispatcher = Dispatcher(app, ROUTES)
+        limits = settings.limits
+        frame_limit = max(limits.message_bytes,
+                          limits.transfer_chunk_bytes + 16) + FRAME_SLACK_BYTES
+        gate = ConnectionGate(limits.connections_max, limits.connections_per_address_max)
         handler = functools.partial(serve_connection, handle_text=dispatcher.handle_text,
-                                    hub=app.hub, message_bytes=settings.limits.message_bytes)
-        frame_limit = max(settings.limits.message_bytes,
-                          settings.limits.transfer_chunk_bytes + 16) + FRAME_SLACK_BYTES
+                                    hub=app.hub, limits=limits, frame_bytes=frame_limit,
+                                    gate=gate)
         async with trio.open_nursery() as nursery:
             await nursery.start(app.imports.run)
             await nursery.start(app.sweeper.run)
-            ws_server = await nursery.start(functools.partial(
-                serve_websocket, handler, settings.host, settings.port, ssl_context,
-                handler_nursery=nursery, max_message_size=frame_limit,
+            listeners = [GatedListener(listener, gate, ssl_context) for listener in
+                         await trio.open_tcp_listeners(settings.port, host=settings.host)]
+            # Every connection starts with the strangers' message limit; `serve_connection`
+            # raises it to `frame_limit` once the connection authenticates.
+            ws_server = WebSocketServer(
+                handler, listeners, handler_nursery=nursery,
+                max_message_size=min(limits.unauthenticated_message_bytes, frame_limit),
                 receive_buffer_size=WS_RECEIVE_BYTES,
-                connect_timeout=HANDSHAKE_TIMEOUT_S, disconnect_timeout=HANDSHAKE_TIMEOUT_S))
-            port = ws_server.port
+                connect_timeout=limits.handshake_timeout_s,
+                disconnect_timeout=limits.handshake_timeout_s)
+            await nursery.start(ws_server.run)
+            port = listeners[0].port
             scheme = "wss" if ssl_context else "ws"
             host = settings.host if ":" not in settings.host else f"[{settings.host}]"
             task_status.started(Running(app, port, f"{scheme}://{host}:{port}", generated))

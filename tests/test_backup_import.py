@@ -654,4 +654,4 @@ async def test_pending_imports_per_user_are_capped(start_server):
         with pytest.raises(ClientError) as info:
             await client.call("initiate_backup_import", {"timeout_seconds": 60})
         assert info.value.code == 409
-        assert "2 pending imports" in info.value.message
+        assert "2 imports pending or running" in info.value.message

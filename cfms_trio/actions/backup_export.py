@@ -10,7 +10,7 @@ from ..backup.export import check_backup_name, default_backup_name, export_store
 from ..backup.format import Passphrase, parse_recipient
 from ..conventions import STATUS_FAILED
 from ..dispatch import Context
-from ..errors import ArchiveError, BadRequest, CfmsError, internal_error
+from ..errors import ArchiveError, BadRequest, CfmsError, disk_error, internal_error
 from ..storage import backup_tasks
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,12 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
             result = await trio.to_thread.run_sync(
                 lambda: export_store(app.store, app.paths.content, app.paths.backups, name,
                                      data["compression"], now=now, wrap_for=wrap_for),
-                limiter=app.io_limiter)
+                limiter=app.bulk_io_limiter)
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None
-        if failure is None and isinstance(exc, Exception):
+        if failure is None and isinstance(exc, OSError):
+            failure = disk_error(log, exc, "exporting")  # a full disk is a 507, not a 500
+        elif failure is None and isinstance(exc, Exception):
             failure = internal_error(log, "exporting", exc)
         with trio.CancelScope(shield=True):
             await app.store.write(backup_tasks.update_backup_task, task_id,

@@ -51,7 +51,9 @@ async def login(ctx: Context, data: dict) -> dict:
         # A short pause makes guessing slow; it is a trio sleep, so nobody else waits.
         await trio.sleep(ctx.app.settings.login_failure_delay_s)
         raise Unauthorized("wrong username or password")
-    return await _issue_token(ctx, username)
+    issued = await _issue_token(ctx, username)
+    ctx.conn.authenticated()
+    return issued
 
 
 async def refresh_token(ctx: Context, data: dict) -> dict:

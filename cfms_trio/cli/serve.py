@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         archive_bytes=args.max_archive_bytes or defaults.archive.archive_bytes,
         extracted_bytes=args.max_extracted_bytes or defaults.archive.extracted_bytes)
     limits = dataclasses.replace(
-        defaults, archive=archive, upload_bytes=args.max_upload_bytes or defaults.upload_bytes)
+        defaults, archive=archive, upload_bytes=args.max_upload_bytes or defaults.upload_bytes,
+        **_connection_limits(args, defaults))
     settings = Settings(root=root, host=args.host, port=args.port, tls=not args.no_tls,
                         certfile=Path(args.certfile) if args.certfile else None,
                         keyfile=Path(args.keyfile) if args.keyfile else None,
@@ -96,6 +97,40 @@ def _find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+# -- connection bounds (issue 12 item 7) --------------------------------------------------------
+
+def _connection_limits(args: argparse.Namespace, defaults: Limits) -> dict:
+    return {"connections_max": args.max_connections or defaults.connections_max,
+            "connections_per_address_max": (args.max_connections_per_address
+                                            or defaults.connections_per_address_max),
+            "login_timeout_s": args.login_timeout or defaults.login_timeout_s}
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+    return parse
+
+
+def _add_connection_flags(serve) -> None:
+    defaults = Limits()
+    serve.add_argument("--max-connections", type=_positive(int), metavar="N",
+                       help="open connections in total; more are closed when accepted "
+                            f"(default {defaults.connections_max})")
+    serve.add_argument("--max-connections-per-address", type=_positive(int), metavar="N",
+                       help="open connections from one address (default "
+                            f"{defaults.connections_per_address_max}; raise it behind a proxy)")
+    serve.add_argument("--login-timeout", type=_positive(float), metavar="SECONDS",
+                       help="close a connection that has not logged in this long after "
+                            f"connecting (default {defaults.login_timeout_s:g})")
+
+
 def _size(text: str) -> int:
     try:
         return parse_size(text)
@@ -117,5 +152,6 @@ def register(sub) -> None:
                        help="largest backup archive an import accepts (default 64G)")
     serve.add_argument("--max-extracted-bytes", type=_size, metavar="SIZE",
                        help="most bytes one import may unpack (default 256G)")
+    _add_connection_flags(serve)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)

@@ -71,13 +71,17 @@ def tasks_in_status(m, operation: str, status: str) -> list[dict]:
 def create_import_task(m, owner: str, now: float, deadline: float, *, pending_limit: int,
                        archive_max_bytes: int, key_max_bytes: int) -> dict:
     """A pending import with its two upload tasks, unless `owner` holds `pending_limit`
-    pending imports already (409). Returns the three task ids."""
-    pending = (m.BackupTask.select().where(
+    imports pending or running already (409). Returns the three task ids.
+
+    Running imports count too: each holds its uploads on disk and a worker for as long as it
+    runs, so starting them must not make room for more."""
+    unfinished = (m.BackupTask.select().where(
         (m.BackupTask.username == owner) & (m.BackupTask.operation == OPERATION_IMPORT)
-        & (m.BackupTask.status == STATUS_PENDING)).count())
-    if pending >= pending_limit:
-        raise Conflict(f"you already have {pending} pending imports (the limit); start "
-                       "or let them time out before initiating another")
+        & (m.BackupTask.status.in_((STATUS_PENDING, STATUS_PROCESSING)))).count())
+    if unfinished >= pending_limit:
+        raise Conflict(f"you already have {unfinished} imports pending or running (the limit "
+                       f"is {pending_limit}); let them finish or time out before initiating "
+                       "another")
     archive_file_id, key_file_id = new_id(), new_id()
     m.File.create(id=archive_file_id, path=paths.import_archive_relative(archive_file_id),
                   created_time=now, active=False)

@@ -98,13 +98,20 @@ def _check_container_write(m, principal, folder_id: str | None) -> None:
         _check_folder_access(m, principal, folder_id, "write")
 
 
+# Rows per INSERT statement: a few statements for the most rules an object may have, each well
+# under SQLite's limit of bound variables (6 columns a row).
+RULE_INSERT_BATCH_ROWS = 500
+
+
 def _replace_rules(m, object_type: str, object_id: str, rules: dict[str, list]) -> None:
+    """Replace an object's rules (validated and bounded by the caller) in a few bulk inserts."""
     m.AccessRule.delete().where((m.AccessRule.object_type == object_type)
                                 & (m.AccessRule.object_id == object_id)).execute()
-    for access_type, items in rules.items():
-        for seq, rule in enumerate(items):
-            m.AccessRule.create(id=new_id(), object_type=object_type, object_id=object_id,
-                                access_type=access_type, rule_data=json.dumps(rule), seq=seq)
+    rows = [{"id": new_id(), "object_type": object_type, "object_id": object_id,
+             "access_type": access_type, "rule_data": json.dumps(rule), "seq": seq}
+            for access_type, items in rules.items() for seq, rule in enumerate(items)]
+    for start in range(0, len(rows), RULE_INSERT_BATCH_ROWS):
+        m.AccessRule.insert_many(rows[start:start + RULE_INSERT_BATCH_ROWS]).execute()
 
 
 def _rules_dict(m, object_type: str, object_id: str) -> dict[str, list]:

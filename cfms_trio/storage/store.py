@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import peewee as pw
 import trio
 
-from ..errors import Conflict
+from ..errors import Conflict, InsufficientStorage
 from . import models as models_module
 
 log = logging.getLogger(__name__)
@@ -26,15 +27,39 @@ READER_THREADS = 4
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
+DATABASE_FULL_MESSAGE = ("the server ran out of disk space while writing to its database; "
+                         "nothing was changed")
+
+
+def _is_database_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the disk (or the database's size limit) is full. peewee keeps the
+    driver's exception as its first argument; SQLite rolls the transaction back itself, so
+    what reaches us may be peewee's failed rollback, with the full write as its context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        original = seen.args[0] if seen.args else seen
+        for candidate in (seen, original):
+            if getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                return True
+        seen = seen.__context__
+    return False
+
+
 @contextlib.contextmanager
 def translated_driver_errors() -> Iterator[None]:
-    """Constraint violations become Conflict; other driver errors stay internal (500)."""
+    """Constraint violations become Conflict (409), a full disk InsufficientStorage (507);
+    other driver errors stay internal (500)."""
     try:
         yield
     except pw.IntegrityError as exc:
         log.info("write refused by a database constraint: %s", exc)
         raise Conflict("the change conflicts with an object that already exists "
                        "(same id or name); reload and try again") from None
+    except pw.OperationalError as exc:
+        if not _is_database_full(exc):
+            raise
+        log.warning("database write failed: %s", exc)
+        raise InsufficientStorage(DATABASE_FULL_MESSAGE) from None
 
 
 class Store:

@@ -65,7 +65,12 @@ class PartialUpload:
             self._file = None
 
     def discard(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except OSError:
+            pass  # flushing the last buffered bytes failed (a full disk): they are unwanted
+        finally:
+            self._file = None
         try:
             self.path.unlink()
         except FileNotFoundError:

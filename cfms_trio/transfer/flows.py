@@ -15,7 +15,7 @@ import trio
 
 from ..conventions import SHA256_HEX_PATTERN
 from ..deadlines import trio_deadline
-from ..errors import BadRequest, DeadlinePassed, TooLarge
+from ..errors import BadRequest, DeadlinePassed, TooLarge, disk_error
 from ..protocol import event
 from ..reaper import unlink_all
 from ..storage import transfers
@@ -83,9 +83,9 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
         await app.store.write(transfers.record_declared, task["task_id"], file_size, sha256)
     existing = await trio.to_thread.run_sync(partial.existing_bytes) if same_upload else 0
     resumable = min(existing, file_size) // chunk_size * chunk_size
-    offset = await trio.to_thread.run_sync(partial.open, resumable, limiter=app.io_limiter)
     committed = False
     try:
+        offset = await trio.to_thread.run_sync(partial.open, resumable, limiter=app.io_limiter)
         key, prefix = new_session()
         await conn.send_json(event("ready", {"key": _b64(key), "nonce_prefix": _b64(prefix),
                                              "chunk_size": chunk_size, "offset": offset}))
@@ -120,6 +120,11 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
                 # e.g. the document was deleted meanwhile: its content must not linger.
                 await trio.to_thread.run_sync(unlink_all, [final])
                 raise
+    except OSError as exc:
+        # A full disk (or any failed write): what was received cannot be resumed reliably, and
+        # keeping it would only hold the space that is missing. Remove it now, answer 507/500.
+        await _discard(app, partial, task)
+        raise disk_error(log, exc, "storing the upload") from None
     finally:
         if not committed:
             with trio.CancelScope(shield=True):
@@ -129,9 +134,16 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
 
 
 async def _discard(app, partial: PartialUpload, task: dict) -> None:
+    """Remove the partial file first, then forget the declared size: when the disk is full the
+    database write may fail too, and the file must be gone all the same (a resumed upload of
+    a missing file starts from 0 whatever was declared)."""
     with trio.CancelScope(shield=True):
         await trio.to_thread.run_sync(partial.discard)
-        await app.store.write(transfers.record_declared, task["task_id"], None, None)
+        try:
+            await app.store.write(transfers.record_declared, task["task_id"], None, None)
+        except Exception:
+            log.warning("could not reset the declared upload of task %s", task["task_id"],
+                        exc_info=True)
 
 
 async def send_download(ctx: "Context", task: dict, offset: int) -> dict:

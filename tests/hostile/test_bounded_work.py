@@ -6,20 +6,24 @@
 6. Running imports do not take the I/O workers that short requests need: another user's 1-byte
    download completes within seconds while four imports run; and the per-user cap of
    `Limits.pending_imports_per_user` (4) counts running imports too.
-7. Connections that never log in are bounded. Assumed serve options (and the Settings limits
-   behind them): `--max-connections-per-address N` (connections from one address beyond N are
-   refused or closed) and `--idle-timeout SECONDS` (an unauthenticated connection idle that long
-   is closed; a logged-in one is not). A partial large frame parked by each of 48
-   unauthenticated connections does not grow the server by more than a few MiB (buffered
-   partial messages before login are bounded), and a new client logs in meanwhile.
+7. Connections that never log in are bounded. Serve options (and the Settings limits behind
+   them): `--max-connections-per-address N` (connections from one address beyond N are closed
+   when accepted) and `--login-timeout SECONDS` (a connection that has not logged in that long
+   after connecting is closed; a logged-in one is not, however long it idles). A partial large
+   frame parked by each of 48 unauthenticated connections does not grow the server by more
+   than a few MiB (buffered partial messages before login are bounded), and a new client logs
+   in meanwhile.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import copy
+import itertools
 import os
 import struct
+import threading
 import time
 
 import psutil
@@ -27,13 +31,13 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from cfms_trio.backup.importer import PAUSE_AT_STEP_ENV
+from cfms_trio.backup import importer
 from cfms_trio.client import ClientError, open_client
 
 from helpers import ADMIN_PASSWORD, USER_PASSWORD, make_user
 
 from . import corpus
-from .support import start_import, upload_bytes
+from .support import run_import, start_import, upload_bytes
 from .test_crash_restart import serve_process
 
 pytestmark = pytest.mark.timeout(90)
@@ -74,16 +78,20 @@ class Bystander:
             await trio.sleep(0.02)
 
 
+_targets = itertools.count()
+
+
 async def hostile_rules_request(client, action: str, rules: dict) -> dict:
-    """The request of `action` carrying `rules`, on objects of the caller's own."""
+    """The request of `action` carrying `rules`, on objects of the caller's own (a fresh one
+    each call)."""
     if action == "create_directory":
         return await client.request(action, {"name": "hostile", "access_rules": rules})
     if action == "create_document":
         return await client.request(action, {"title": "hostile", "access_rules": rules})
     if action == "set_directory_rules":
-        folder = await client.call("create_directory", {"name": "target"})
+        folder = await client.call("create_directory", {"name": f"target-{next(_targets)}"})
         return await client.request(action, {"folder_id": folder["id"], "access_rules": rules})
-    document = await client.call("create_document", {"title": "target"})
+    document = await client.call("create_document", {"title": f"target-{next(_targets)}"})
     return await client.request(action, {"document_id": document["document_id"],
                                          "access_rules": rules})
 
@@ -143,10 +151,37 @@ async def test_rule_count_and_rule_size_are_bounded(server, admin, action):
 RUNNING_IMPORTS = 4
 
 
+PAUSE_LIMIT_S = 60  # released by the test long before this
+
+
+@contextlib.contextmanager
+def imports_paused_at(monkeypatch, step: str):
+    """Imports hold still in their worker thread once they report `step` (as a long stage
+    would), until the block ends: the pause wraps the importer's progress reporter, as
+    `paused_serve.py` does for subprocess servers."""
+    release = threading.Event()
+    report = importer.ImportProgress.report
+
+    def report_then_pause(progress, name: str, fraction: float) -> None:
+        report(progress, name, fraction)
+        if name == step and threading.current_thread() is not threading.main_thread():
+            release.wait(PAUSE_LIMIT_S)
+
+    monkeypatch.setattr(importer.ImportProgress, "report", report_then_pause)
+    try:
+        yield
+    finally:
+        release.set()
+
+
 async def test_running_imports_do_not_starve_downloads(start_server, tmp_path, monkeypatch):
     """Four imports hold still in extraction (as a long one would); meanwhile another user's
     1-byte download completes fast, and a fifth import of the same user is refused."""
-    monkeypatch.setenv(PAUSE_AT_STEP_ENV, "Extracting archive")
+    with imports_paused_at(monkeypatch, "Extracting archive"):
+        await _downloads_while_imports_run(start_server, tmp_path)
+
+
+async def _downloads_while_imports_run(start_server, tmp_path):
     server = await start_server("imports")
     archive, key = corpus.valid_v2_archive()
     async with server.connect("admin") as admin:
@@ -281,10 +316,10 @@ async def test_connections_per_address_are_capped(tmp_path):
         await assert_new_client_logs_in(server.url)
 
 
-async def test_idle_unauthenticated_connections_are_closed(tmp_path):
+async def test_connections_that_do_not_log_in_are_closed(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
-    async with serve_process(root, extra_args=("--idle-timeout", "1")) as server:
+    async with serve_process(root, extra_args=("--login-timeout", "1")) as server:
         async with open_client(server.url) as idle, open_client(server.url) as working:
             await working.login("admin", ADMIN_PASSWORD)
             with trio.fail_after(4):
@@ -293,3 +328,35 @@ async def test_idle_unauthenticated_connections_are_closed(tmp_path):
             await trio.sleep(1.5)  # the logged-in one has been idle past the timeout too
             assert (await working.call("server_info"))["name"] == "cfms-trio"
         await assert_new_client_logs_in(server.url)
+
+
+# -- 5. rules in archives -----------------------------------------------------------------------
+
+
+def archive_with_rules(version: str, rules: list[dict]) -> tuple[bytes, bytes]:
+    dataset = copy.deepcopy(corpus.base_dataset())
+    dataset["folders"][0]["access_rules"] = rules
+    if version == "1.0":
+        return corpus.valid_legacy_archive(dataset)
+    dataset["metadata"] = corpus.metadata_for(dataset)
+    return corpus.valid_v2_archive(dataset)
+
+
+@pytest.mark.parametrize("version", ["2.0", "1.0"])
+async def test_archive_rules_are_bounded_like_the_api(server, admin, tmp_path, version):
+    await admin.listen()
+    too_many = [{"id": f"r{index}", "access_type": "read", "rule_data": group_rule(["user"])}
+                for index in range(RULES_PER_TYPE_LIMIT + 1)]
+    with trio.fail_after(IO_TIMEOUT_S):
+        outcome = await run_import(admin, *archive_with_rules(version, too_many), tmp_path)
+    assert outcome["status"] == "failed", outcome
+    assert "access_rules" in outcome["error_message"], outcome
+    assert f"{RULES_PER_TYPE_LIMIT} 'read' rules" in outcome["error_message"], outcome
+    huge = [{"id": "r-huge", "access_type": "read",
+             "rule_data": group_rule([f"g{i:05d}" for i in range(30_000)])}]
+    with trio.fail_after(IO_TIMEOUT_S):
+        outcome = await run_import(admin, *archive_with_rules(version, huge), tmp_path)
+    assert outcome["status"] == "failed", outcome
+    assert "'r-huge'" in outcome["error_message"] and "30000 names" in outcome["error_message"]
+    names = [f["name"] for f in (await admin.call("list_directory"))["folders"]]
+    assert "hTop" not in names

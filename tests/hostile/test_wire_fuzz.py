@@ -19,6 +19,7 @@ from trio_websocket import ConnectionClosed
 
 from cfms_trio.actions import ROUTES
 from cfms_trio.client import ClientError
+from cfms_trio.config import Limits
 from cfms_trio.server import FRAME_SLACK_BYTES
 from cfms_trio.transfer.crypto import seal_chunk
 
@@ -26,6 +27,8 @@ CASE_TIMEOUT_S = 30
 CHUNK = 1024 * 1024  # the default transfer chunk size
 MESSAGE_LIMIT = 1024 * 1024  # the default message_bytes
 FRAME_LIMIT = max(MESSAGE_LIMIT, CHUNK + 16) + FRAME_SLACK_BYTES
+# Until a connection authenticates, larger messages close it with 1009 (issue 12 item 7).
+STRANGER_LIMIT = Limits().unauthenticated_message_bytes
 ERROR_CODES = (400, 401, 403, 404, 408, 409, 413)
 ACTIONS = [route.action for route in ROUTES]
 # Actions a fuzzer may call with the admin's token without changing what other cases rely on.
@@ -167,12 +170,32 @@ EXPECTED_CODES = {"bad_token": (401,), "duplicate_keys": (401,), "over_the_size_
                   "multibyte_over_the_size_limit": (413,)}
 
 
+async def authenticate(client, server) -> None:
+    """Make `client`'s connection an authenticated one (a request with a valid token)."""
+    client.username, client.token = "admin", server.admin_token
+    await client.call("list_users")
+
+
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 async def test_malformed_text_message(plain_server, name):
+    """Messages too large for a stranger are sent on an authenticated connection, where the
+    message limit (not the strangers' one) applies."""
     async with fuzz_connections(plain_server) as (fuzzed, bystander):
+        if len(MALFORMED[name].encode()) > STRANGER_LIMIT:
+            await authenticate(fuzzed, plain_server)
         await fuzzed.send_raw(MALFORMED[name])
         reply = await error_reply(fuzzed, *EXPECTED_CODES.get(name, (400,)))
         assert "internal" not in reply["message"]
+
+
+@pytest.mark.parametrize("name", ["deeply_nested", "over_the_size_limit"])
+async def test_large_message_from_a_stranger_closes_only_that_connection(plain_server, name):
+    async with fuzz_connections(plain_server) as (fuzzed, bystander):
+        with pytest.raises(ConnectionClosed):
+            with contextlib.suppress(ConnectionClosed):  # the close may come during the send
+                await fuzzed.send_raw(MALFORMED[name])
+            await fuzzed.receive_reply()
+        assert fuzzed.closed_reason is not None and fuzzed.closed_reason.code == 1009
 
 
 JSON_VALUES = st.recursive(
@@ -419,8 +442,10 @@ async def test_connection_dropped_mid_transfer(plain_server, moment):
 async def test_frame_over_the_websocket_limit_closes_only_that_connection(plain_server, kind):
     payload = "x" * (FRAME_LIMIT + 1)
     async with fuzz_connections(plain_server) as (fuzzed, bystander):
-        await fuzzed.send_raw(payload if kind is str else payload.encode())
+        await authenticate(fuzzed, plain_server)
         with pytest.raises(ConnectionClosed):
+            with contextlib.suppress(ConnectionClosed):  # the close may come during the send
+                await fuzzed.send_raw(payload if kind is str else payload.encode())
             await fuzzed.receive_reply()
         assert fuzzed.closed_reason is not None and fuzzed.closed_reason.code == 1009
 

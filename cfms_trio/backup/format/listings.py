@@ -15,7 +15,11 @@ from cfms_trio.conventions import (
     ACCESS_TYPES,
     ID_MAX_CHARS,
     ID_PATTERN,
+    RULE_DATA_MAX_BYTES,
+    RULE_MATCH_GROUPS_MAX,
     RULE_MATCH_VALUES,
+    RULE_REQUIRE_NAMES_MAX,
+    RULES_PER_ACCESS_TYPE_MAX,
     SHA256_HEX_PATTERN,
 )
 from cfms_trio.errors import ArchiveError
@@ -145,6 +149,9 @@ def _check_requirement(value, where: str) -> None:
     if "match" in clause:
         _check_match(clause["match"], where)
     require = _as_list(clause.get("require", []), f"{where}: require")
+    if len(require) > RULE_REQUIRE_NAMES_MAX:
+        raise ArchiveLimitExceeded(
+            f"{where}: require lists {len(require)} names, more than {RULE_REQUIRE_NAMES_MAX}")
     if not all(isinstance(item, str) for item in require):
         raise ArchiveError(f"{where}: require must list strings")
 
@@ -155,6 +162,9 @@ def _check_rule_data(value, where: str) -> dict:
     if "match" in rule:
         _check_match(rule["match"], f"{where}: rule_data")
     groups = _as_list(rule.get("match_groups", []), f"{where}: rule_data.match_groups")
+    if len(groups) > RULE_MATCH_GROUPS_MAX:
+        raise ArchiveLimitExceeded(f"{where}: rule_data.match_groups has {len(groups)} "
+                                   f"entries, more than {RULE_MATCH_GROUPS_MAX}")
     for position, group in enumerate(groups):
         group_where = f"{where}: rule_data.match_groups[{position}]"
         group = _as_object(group, group_where)
@@ -163,6 +173,10 @@ def _check_rule_data(value, where: str) -> dict:
         for clause in ("rights", "groups"):
             if clause in group:
                 _check_requirement(group[clause], f"{group_where}.{clause}")
+    size = len(json.dumps(rule, separators=(",", ":")).encode())
+    if size > RULE_DATA_MAX_BYTES:
+        raise ArchiveLimitExceeded(
+            f"{where}: rule_data takes {size} bytes, more than the limit of {RULE_DATA_MAX_BYTES}")
     return rule
 
 
@@ -171,6 +185,7 @@ def _parse_access_rules(owner: dict, where: str, legacy: bool) -> list[dict]:
         return []  # legacy exports may omit an empty rule list
     rules = _as_list(_require(owner, "access_rules", where), f"{where}: access_rules")
     parsed = []
+    per_type: dict[str, int] = {}
     for index, rule in enumerate(rules):
         rule_where = f"{where}: access rule {index}"
         rule = _as_object(rule, rule_where)
@@ -181,6 +196,11 @@ def _parse_access_rules(owner: dict, where: str, legacy: bool) -> list[dict]:
             raise ArchiveError(
                 f"{rule_where}: access_type must be one of {', '.join(ACCESS_TYPES)}"
             )
+        per_type[access_type] = per_type.get(access_type, 0) + 1
+        if per_type[access_type] > RULES_PER_ACCESS_TYPE_MAX:
+            raise ArchiveLimitExceeded(
+                f"{where}: access_rules has more than {RULES_PER_ACCESS_TYPE_MAX} "
+                f"'{access_type}' rules (the limit per access type)")
         rule_data = _check_rule_data(_require(rule, "rule_data", rule_where), rule_where)
         parsed.append({"id": rule_id, "access_type": access_type, "rule_data": rule_data})
     return parsed
