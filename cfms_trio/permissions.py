@@ -116,12 +116,13 @@ def validate_rules(rules, field: str = "data.access_rules") -> None:
             raise TooLarge(f"{where}: {len(items)} rules for '{access_type}', more than the "
                            f"limit of {RULES_PER_ACCESS_TYPE_MAX} per access type")
         for index, rule in enumerate(items):
+            rule_where = f"field '{field}.{access_type}[{index}]'"
             problem = validate_rule(rule)
             if problem:
-                raise BadRequest(f"{where}[{index}]: {problem}")
+                raise BadRequest(f"{rule_where}: {problem}")
             size = rule_data_bytes(rule)
             if size > RULE_DATA_MAX_BYTES:
-                raise TooLarge(f"{where}[{index}]: the rule takes {size} bytes, more than the "
+                raise TooLarge(f"{rule_where}: the rule takes {size} bytes, more than the "
                                f"limit of {RULE_DATA_MAX_BYTES}")
 
 

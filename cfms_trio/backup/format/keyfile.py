@@ -16,7 +16,8 @@ from cfms_trio.config import ArchiveLimits
 from cfms_trio.conventions import SHA256_HEX_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
-from .listings import decode_json, is_number
+from .jsonstream import decode_json
+from .listings import is_number
 from .recipients import Unlock, parse_identity_file
 from .segments import KEY_BYTES
 

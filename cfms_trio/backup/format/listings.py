@@ -8,6 +8,7 @@ JSON is decoded strictly and every failure is an ``ArchiveError`` naming the mem
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Any, Iterable
 
@@ -22,9 +23,9 @@ from cfms_trio.conventions import (
     RULES_PER_ACCESS_TYPE_MAX,
     SHA256_HEX_PATTERN,
 )
-from cfms_trio.errors import ArchiveError
+from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
-from .jsonstream import JsonArray, decode_json  # noqa: F401  (decode_json: for keyfile)
+from .jsonstream import JsonArray
 
 FORMAT_NAME = "cfms-backup"
 VERSION_V2 = "2.0"

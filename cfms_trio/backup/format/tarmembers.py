@@ -16,19 +16,18 @@ from cfms_trio.config import ArchiveLimits
 from cfms_trio.conventions import ID_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
+from .jsonstream import JsonArray, decode_json
 from .listings import (
     DOCUMENTS_MEMBER,
     FILES_MEMBER,
     FILES_PREFIX,
     FOLDERS_MEMBER,
     JSON_MEMBERS,
-    JsonArray,
     METADATA_MEMBER,
     VERSION_LEGACY,
     VERSION_V2,
     BackupContents,
     check_metadata_counts,
-    decode_json,
     parse_documents,
     parse_files,
     parse_folders,
