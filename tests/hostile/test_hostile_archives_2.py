@@ -20,7 +20,7 @@ import pytest
 import trio
 import zstandard
 
-from cfms_trio.backup import crypto_stream as cs
+from cfms_trio.backup.format import segments as cs
 from cfms_trio.client import open_client
 
 from helpers import ADMIN_PASSWORD
