@@ -30,7 +30,7 @@ DEFAULT_USER_PERMISSIONS = (
 # -- objects (SPEC §4, §5) ----------------------------------------------------------------------
 ACCESS_TYPES = ("read", "write", "move", "manage")
 MAX_TREE_DEPTH = 1000  # levels of folders; deeper trees are refused, by the API and by imports
-NAME_MAX_CHARS = 255  # folder names and document titles
+NAME_MAX_CHARS = 1024  # folder names and document titles (the upstream has no limit)
 RULE_MATCH_VALUES = ("all", "any")
 ID_MAX_CHARS = 64
 # Ids we accept from clients and archives; ids we make are `new_id()` hex strings.

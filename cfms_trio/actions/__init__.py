@@ -109,7 +109,9 @@ ROUTES: list[Route] = [
           {"timeout_seconds": optional(int, default=3600, min=1, max=86400)},
           permission="import_backup", audited=True),
     Route("start_backup_import", backup_import.start_backup_import,
-          {"backup_task_id": object_id()}, permission="import_backup", audited=True),
+          {"backup_task_id": object_id(),
+           "allow_missing_content": optional(bool, default=False)},
+          permission="import_backup", audited=True),
     Route("get_backup_import_status", backup_import.get_backup_import_status,
           {"backup_task_id": object_id()}, permission="import_backup"),
 ]

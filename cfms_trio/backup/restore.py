@@ -20,7 +20,7 @@ from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
 from ..storage import restore_rows
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
-from .format import BackupContents, parse_key_file, read_backup_archive
+from .format import VERSION_LEGACY, BackupContents, itemised, parse_key_file, read_backup_archive
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
 
@@ -34,8 +34,10 @@ def read_key_file(path: Path, limits: ArchiveLimits):
 
 
 def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: ArchiveLimits,
-           report: StepReporter, abort: threading.Event) -> BackupContents:
-    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet)."""
+           report: StepReporter, abort: threading.Event, *,
+           allow_missing_content: bool = False) -> BackupContents:
+    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet).
+    `allow_missing_content`: see `read_backup_archive`."""
     report("Decrypting archive", 0.0)
     key_info = read_key_file(key_path, limits)
     archive_size = archive_path.stat().st_size
@@ -47,7 +49,8 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
 
     with open(archive_path, "rb") as archive:
         contents = read_backup_archive(archive, key_info, staging_dir, limits,
-                                       progress=on_bytes, archive_size=archive_size)
+                                       progress=on_bytes, archive_size=archive_size,
+                                       allow_missing_content=allow_missing_content)
     report("Loading metadata", 0.0)
     check_contents(contents)
     _check_abort(abort)
@@ -57,8 +60,11 @@ def unpack(archive_path: Path, key_path: Path, staging_dir: Path, limits: Archiv
 def check_contents(contents: BackupContents) -> None:
     """The checks of this server's own rules that need no database: tree depth and names.
     Shared by the import and `cfms-trio backup verify`. References and cycles were already
-    checked by `read_backup_archive`, which returns only contents that passed them."""
+    checked by `read_backup_archive`, which returns only contents that passed them. Sibling
+    names an upstream 1.0 archive repeats are made unique first (reported in its warnings)."""
     check_folder_depth(contents.folders)
+    if contents.format_version == VERSION_LEGACY:
+        contents.warnings += unique_sibling_names(contents)
     check_names(contents)
 
 
@@ -80,6 +86,34 @@ def check_folder_depth(folders: list[dict]) -> None:
             if level > MAX_TREE_DEPTH:
                 raise ArchiveError(f"folder {folder_id!r} is nested {level} levels deep; "
                                    f"this server allows at most {MAX_TREE_DEPTH}")
+
+
+def unique_sibling_names(contents: BackupContents) -> list[str]:
+    """Rename the folders and documents whose name a sibling before them (in archive order)
+    already has to `name (2)`, `name (3)`...: the upstream allows repeated names, the API does
+    not. A new name is one no sibling has in the archive. Returns a warning per rename."""
+    renames: list[str] = []
+    for kind, items, name_field, parent_field in (
+            ("folder", contents.folders, "name", "parent_id"),
+            ("document", contents.documents, "title", "folder_id")):
+        taken: set[tuple] = {(item[parent_field], item[name_field]) for item in items}
+        kept: set[tuple] = set()
+        for item in items:
+            parent, name = item[parent_field], item[name_field]
+            if (parent, name) not in kept:
+                kept.add((parent, name))
+                continue
+            number = 2
+            while (parent, f"{name} ({number})") in taken:
+                number += 1
+            new_name = f"{name} ({number})"
+            taken.add((parent, new_name))
+            kept.add((parent, new_name))
+            item[name_field] = new_name
+            where = f"folder {parent!r}" if parent else "the root"
+            renames.append(f"{kind} {item['id']!r}: another {kind} in {where} is also named "
+                           f"{name!r}; imported as {new_name!r}")
+    return itemised(renames, "... and {count} more folders and documents renamed the same way")
 
 
 def check_names(contents: BackupContents) -> None:
@@ -143,8 +177,10 @@ def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepRe
     if collision:
         raise Conflict(collision)
     report("Importing files", 0.0)
-    restore_rows.insert_files(m, contents.files, restore_file_relative)
-    mover.move_all([f["id"] for f in contents.files], report, abort)
+    restore_rows.insert_files(m, contents.files, restore_file_relative,
+                              contents.inactive_file_ids)
+    mover.move_all([f["id"] for f in contents.files if f["id"] not in contents.absent_file_ids],
+                   report, abort)
     report("Importing folders", 0.0)
     restore_rows.insert_folders(m, contents.folders,
                                 lambda frac: report("Importing folders", frac))

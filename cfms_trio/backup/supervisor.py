@@ -165,10 +165,10 @@ class ImportSupervisor:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def start(self, task: dict) -> None:
+    def start(self, task: dict, *, allow_missing_content: bool = False) -> None:
         """Run a task that just became `processing` in the background."""
         self._stop_watching(task["backup_task_id"])
-        job = ImportJob(task)
+        job = ImportJob(task, allow_missing_content=allow_missing_content)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 

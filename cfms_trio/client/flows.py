@@ -58,14 +58,19 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
 async def import_backup(client: Client, archive: Path, key: Path, *, timeout_seconds: int = 3600,
                         poll_interval_s: float = 2.0,
                         upload_progress: Progress | None = None,
-                        on_status: StatusCallback | None = None) -> dict:
+                        on_status: StatusCallback | None = None,
+                        allow_missing_content: bool = False) -> dict:
     """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
-    get_backup_import_status until the task is completed, failed or timed out."""
+    get_backup_import_status until the task is completed, failed or timed out.
+    `allow_missing_content`: restore a legacy archive that lists files it does not hold."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
     task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
     await client.upload_file(init["key_task_id"], key)
-    await client.call("start_backup_import", {"backup_task_id": task_id})
+    start: dict = {"backup_task_id": task_id}
+    if allow_missing_content:
+        start["allow_missing_content"] = True
+    await client.call("start_backup_import", start)
     while True:
         status = await client.call("get_backup_import_status", {"backup_task_id": task_id})
         if on_status:

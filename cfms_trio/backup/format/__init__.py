@@ -6,7 +6,7 @@ submodules (segments, nonces, subkeys, tar members) are the package's own busine
 """
 
 from .keyfile import KeyInfo, make_key_file, parse_key_file
-from .listings import FORMAT_NAME, VERSION_V2, BackupContents
+from .listings import FORMAT_NAME, VERSION_LEGACY, VERSION_V2, BackupContents, itemised
 from .reader import read_backup_archive
 from .segments import KEY_BYTES
 from .streams import HashingWriter, WriteBehind
@@ -20,12 +20,14 @@ __all__ = [
     "parse_key_file",
     "BackupContents",
     "KeyInfo",
+    "itemised",
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",
+    "VERSION_LEGACY",
     "KEY_BYTES",
     "COMPRESSION_NAMES",
 ]

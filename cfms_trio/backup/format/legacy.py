@@ -1,9 +1,11 @@
 """Legacy format 1.0 made by earlier CFMS servers: 16-byte IV ‖ AES-256-CBC over a plain tar.
 
 Only reading is supported. Nothing authenticates this format: the tar layer and the sha256 of
-every file do the validation. The leniencies of 1.0 listings and tars (optional fields, ``./``
-names, directory members, any member order) are the ``legacy`` cases of ``listings`` and
-``tarmembers``.
+every file do the validation. The leniencies of 1.0 tars (``./`` names, directory members, any
+member order) and of optional listing fields are the ``legacy`` cases of ``tarmembers`` and
+``listings``; what the upstream CFMS server writes that format 2 does not allow is turned into
+the format 2 shape here, before the listings are parsed (``LegacyListings``), and each change is
+reported as a warning.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import BinaryIO
 
 from Crypto.Cipher import AES
 
+from cfms_trio.conventions import new_id
 from cfms_trio.errors import ArchiveError
 
+from .listings import DOCUMENTS_MEMBER, FILES_MEMBER, FOLDERS_MEMBER
 from .segments import MAGIC
 from .streams import read_up_to
 
@@ -88,3 +92,76 @@ class LegacyCbcReader(io.RawIOBase):
         plaintext = self._held + self._cipher.decrypt(ciphertext[:usable])
         self._held = plaintext[-AES_BLOCK_BYTES:]
         return plaintext[:-AES_BLOCK_BYTES]
+
+
+def _is_integer(value) -> bool:
+    return type(value) is int
+
+
+def _integer_ids(count: int, kind: str) -> str:
+    return f"1 {kind} id was an integer" if count == 1 else f"{count} {kind} ids were integers"
+
+
+class LegacyListings:
+    """What the upstream CFMS server writes into 1.0 listings, in the format 2 shape.
+
+    - Revision ids and access-rule ids are JSON integers (folder and document rules are numbered
+      in separate tables, so one integer occurs in both): each gets a new id. Nothing refers to
+      these ids, so nothing else changes.
+    - File entries carry ``active``; an inactive file is an upload that never happened (or the
+      stock ``hello`` file): its id is kept in ``inactive_file_ids`` and the entry loses the
+      field, so it is restored but never served.
+    Values are raw JSON from the archive: only the shapes changed here are looked at, everything
+    else is left for the strict parsers of ``listings`` to judge.
+    """
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.inactive_file_ids: set[str] = set()
+
+    def normalise(self, member: str, value):
+        if member == FOLDERS_MEMBER:
+            self._fresh_rule_ids(member, value)
+        elif member == DOCUMENTS_MEMBER:
+            self._fresh_rule_ids(member, value)
+            self._fresh_revision_ids(value)
+        elif member == FILES_MEMBER:
+            self._take_active_flags(value)
+        return value
+
+    @staticmethod
+    def _objects(value) -> list[dict]:
+        return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+    def _fresh_ids(self, entries) -> int:
+        changed = 0
+        for entry in self._objects(entries):
+            if _is_integer(entry.get("id")):
+                entry["id"] = new_id()
+                changed += 1
+        return changed
+
+    def _fresh_rule_ids(self, member: str, value) -> None:
+        changed = sum(self._fresh_ids(owner.get("access_rules")) for owner in self._objects(value))
+        if changed:
+            self.warnings.append(
+                f"{member}: {_integer_ids(changed, 'access rule')} (the upstream "
+                "server's numbering); each was given a new id")
+
+    def _fresh_revision_ids(self, value) -> None:
+        changed = sum(self._fresh_ids(document.get("revisions"))
+                      for document in self._objects(value))
+        if changed:
+            self.warnings.append(
+                f"{DOCUMENTS_MEMBER}: {_integer_ids(changed, 'revision')} (the upstream "
+                "server's numbering); each was given a new id, the history order is kept")
+
+    def _take_active_flags(self, value) -> None:
+        for index, entry in enumerate(value if isinstance(value, list) else []):
+            if not isinstance(entry, dict) or "active" not in entry:
+                continue
+            active = entry.pop("active")
+            if not isinstance(active, bool):
+                raise ArchiveError(f"{FILES_MEMBER}: entry {index}: active must be true or false")
+            if not active and isinstance(entry.get("id"), str):
+                self.inactive_file_ids.add(entry["id"])

@@ -51,11 +51,14 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo, limits: ArchiveLimits
 
 
 def _extract_all(
-    source: BinaryIO, key_info: KeyInfo, staging_fd: int, limits: ArchiveLimits
+    source: CountingSource, key_info: KeyInfo, staging_fd: int, limits: ArchiveLimits,
+    allow_missing_content: bool,
 ) -> BackupContents:
     legacy = key_info.format == FORMAT_LEGACY
     plaintext, segments = _plaintext_stream(source, key_info, limits)
-    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits)
+    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits,
+                          allow_missing_content=allow_missing_content,
+                          before_listing=source.report)
     with ReadAhead(plaintext) as ahead:
         limited = LimitedReader(ahead, limits.extracted_bytes)
         with tarfile.open(
@@ -86,13 +89,17 @@ def read_backup_archive(
     limits: ArchiveLimits,
     progress: Callable[[int, int], None] | None = None,
     archive_size: int | None = None,
+    allow_missing_content: bool = False,
 ) -> BackupContents:
     """Decrypt, verify and extract a backup archive; return its validated listings.
 
     File contents are written to ``staging_dir/<file_id>`` and checked against their size and
     sha256. ``progress(consumed, total)`` is called with the encrypted bytes read so far and
-    ``archive_size`` (0 when unknown). Any problem with the archive raises ``ArchiveError``;
-    the caller removes ``staging_dir`` on failure.
+    ``archive_size`` (0 when unknown), at least every MiB and before each JSON listing. Any
+    problem with the archive raises ``ArchiveError``; the caller removes ``staging_dir`` on
+    failure. A legacy 1.0 archive may list files it does not hold: that fails unless
+    ``allow_missing_content``, which restores them as inactive files without content (see
+    ``BackupContents``; its ``warnings`` say what was changed).
     """
     if archive_size is not None and archive_size > limits.archive_bytes:
         raise ArchiveLimitExceeded(
@@ -102,7 +109,7 @@ def read_backup_archive(
     legacy = key_info.format == FORMAT_LEGACY
     staging_fd = _open_staging_dir(staging_dir)
     try:
-        return _extract_all(source, key_info, staging_fd, limits)
+        return _extract_all(source, key_info, staging_fd, limits, allow_missing_content)
     except (ArchiveError, OSError):
         raise  # archive problems are already precise; OSError is the server's own I/O failing
     except CallbackFailed as exc:
