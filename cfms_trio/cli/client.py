@@ -67,6 +67,9 @@ def cmd_backup_import(args) -> int:
         status_bar.done()
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
+            if "allow_missing_content" in (final["error_message"] or ""):
+                print("(to do so, run this command again with --allow-missing-content)",
+                      file=sys.stderr)
             return 1
         print(f"import completed: {final['folders_count']} folders, "
               f"{final['documents_count']} documents, {final['files_count']} files "
