@@ -330,3 +330,23 @@ async def test_a_websockets_client_with_the_default_limit_can_download(server, a
         websockets_download, server.url, client_ssl, created["document_id"])
     assert largest <= WEBSOCKETS_DEFAULT_MAX_BYTES
     assert hashlib.sha256(received).hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+async def test_client_backup_import_offers_and_takes_allow_missing_content(tmp_path):
+    fixture = load_fixture("C06_missing_content")
+    async with serve_subprocess(tmp_path / "cli-target") as served:
+        command = ("client", "backup-import", "--server", served.url, "--cafile",
+                   str(served.cafile), "--password-file", str(served.password_file),
+                   "--poll", "0.05", "--timeout", "120", "--archive", str(fixture.archive),
+                   "--key", str(fixture.key))
+        refused = await run_cli(*cli_command(*command))
+        assert refused.returncode == 1
+        stderr = refused.stderr.decode()
+        assert MISSING_FILE_ID in stderr and "--allow-missing-content" in stderr, stderr
+        done = await run_cli(*cli_command(*command, "--allow-missing-content"))
+    stdout = done.stdout.decode()
+    assert done.returncode == 0, (stdout, done.stderr.decode())
+    assert "import completed: 0 folders, 1 documents, 2 files" in stdout
+    final_lines = stdout[stdout.index("import completed"):]
+    assert any(MISSING_FILE_ID in line and line.startswith("warning: ")
+               for line in final_lines.splitlines()), final_lines
