@@ -36,6 +36,7 @@ from cfms_trio.backup.format import (
 )
 from cfms_trio.backup.format import segments as cs
 from cfms_trio.backup.format.listings import validate_references
+from cfms_trio.backup.restore import check_contents
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
@@ -1005,3 +1006,23 @@ def test_any_bit_flip_is_rejected(data):
     with tempfile.TemporaryDirectory() as tmp:
         with pytest.raises(ArchiveError):
             read_backup_archive(io.BytesIO(bytes(archive)), V2_KEY, Path(tmp) / "s", LIMITS)
+
+
+def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
+    """In archive order the first keeps its name; a new name is one no sibling has."""
+    def folder(folder_id, name, parent=None):
+        return {"id": folder_id, "name": name, "parent_id": parent, "created_time": 1.0,
+                "access_rules": []}
+
+    folders = [folder("a", "x"), folder("b", "x"), folder("c", "x (2)"), folder("d", "x"),
+               folder("e", "x", parent="a")]
+    contents = BackupContents("1.0", {"version": "1.0"}, folders, [], [])
+    check_contents(contents)
+    assert [f["name"] for f in folders] == ["x", "x (3)", "x (2)", "x (4)", "x"]
+    assert len(contents.warnings) == 2
+    assert "folder 'b': another folder in the root is also named 'x'; imported as 'x (3)'" in (
+        contents.warnings)
+    twins = [folder(f"t{i}", "twin") for i in range(3)]
+    strict = BackupContents("2.0", {"version": "2.0"}, twins, [], [])
+    with pytest.raises(ArchiveError, match="two folders named 'twin' in the root"):
+        check_contents(strict)  # format 2 archives are held to the API's rules

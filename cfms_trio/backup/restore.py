@@ -98,14 +98,16 @@ def unique_sibling_names(contents: BackupContents) -> list[str]:
             ("document", contents.documents, "title", "folder_id")):
         taken: set[tuple] = {(item[parent_field], item[name_field]) for item in items}
         kept: set[tuple] = set()
+        next_number: dict[tuple, int] = {}  # so 10,000 twins cost 10,000 steps, not 50 million
         for item in items:
             parent, name = item[parent_field], item[name_field]
             if (parent, name) not in kept:
                 kept.add((parent, name))
                 continue
-            number = 2
+            number = next_number.get((parent, name), 2)
             while (parent, f"{name} ({number})") in taken:
                 number += 1
+            next_number[(parent, name)] = number + 1
             new_name = f"{name} ({number})"
             taken.add((parent, new_name))
             kept.add((parent, new_name))
