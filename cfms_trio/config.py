@@ -11,6 +11,11 @@ from pathlib import Path
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+# A sealed transfer chunk is its plaintext plus the 16-byte AES-GCM tag (SPEC §6). WebSocket
+# libraries commonly refuse messages over 1 MiB by default (the `websockets` library does), so
+# the default chunk keeps every binary frame at exactly 1 MiB.
+TRANSFER_FRAME_DEFAULT_BYTES = 1 * MiB
+TRANSFER_TAG_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +44,7 @@ class Limits:
 
     message_bytes: int = 1 * MiB
     upload_bytes: int = 64 * GiB
-    transfer_chunk_bytes: int = 1 * MiB
+    transfer_chunk_bytes: int = TRANSFER_FRAME_DEFAULT_BYTES - TRANSFER_TAG_BYTES
     listener_queue_events: int = 256
     # Imports one user may hold at once, pending or running (each may receive an
     # archive_bytes upload, and a running one holds a bulk worker).

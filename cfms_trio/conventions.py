@@ -33,7 +33,7 @@ DEFAULT_USER_PERMISSIONS = (
 # -- objects (SPEC §4, §5) ----------------------------------------------------------------------
 ACCESS_TYPES = ("read", "write", "move", "manage")
 MAX_TREE_DEPTH = 1000  # levels of folders; deeper trees are refused, by the API and by imports
-NAME_MAX_CHARS = 255  # folder names and document titles
+NAME_MAX_CHARS = 1024  # folder names and document titles (the upstream has no limit)
 RULE_MATCH_VALUES = ("all", "any")
 # Bounds on access rules wherever they enter (the API and backup archives): every access check
 # of an object and of everything below it evaluates its rules, and storing them holds the one

@@ -36,6 +36,7 @@ from cfms_trio.backup.format import (
 )
 from cfms_trio.backup.format import segments as cs
 from cfms_trio.backup.format.listings import validate_references
+from cfms_trio.backup.restore import check_contents
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
@@ -720,6 +721,14 @@ def test_unknown_metadata_version_is_rejected(tmp_path, version):
         (lambda d: d["files"][0].update(size=True), "size must be a non-negative integer"),
         (lambda d: d["files"][0].pop("size"), "missing field 'size'"),
         (lambda d: d["files"][0].update(sha256="xyz"), "sha256 must be 64 hex digits"),
+        (lambda d: d["files"][0].update(sha256=None), "sha256 must be 64 hex digits"),
+        # Integer ids are what the upstream's 1.0 archives hold; in 2.0 they are refused,
+        # saying which value and where.
+        (lambda d: d["documents"][0]["revisions"][0].update(id=1),
+         "documents.json: revision id 1 of document 'd1' is an integer; ids in a format 2.0 "
+         "archive are strings"),
+        (lambda d: d["folders"][2]["access_rules"][0].update(id=7),
+         "folders.json: access rule id 7 of folder 'fc' is an integer"),
         (lambda d: d["metadata"].update(format="tarball"), "format must be"),
         (lambda d: d["metadata"].pop("backup_name"), "missing field 'backup_name'"),
         (lambda d: d.update(folders={"fa": {}}), "folders.json must be a JSON array"),
@@ -813,6 +822,60 @@ def test_legacy_archive_is_read_and_normalised(tmp_path):
     assert contents.documents == dataset["documents"]
     for file_id, data in dataset["blobs"].items():
         assert (staging / file_id).read_bytes() == data
+
+
+def test_legacy_upstream_habits_are_normalised_and_reported(tmp_path):
+    """What the upstream CFMS server writes into 1.0 listings: integer revision and rule ids
+    (the same integer in a folder rule and a document rule), a null sha256, an inactive file
+    whose upload never happened (no content in the archive)."""
+    dataset = legacy_dataset()
+    dataset["folders"][0]["access_rules"][0]["id"] = 1
+    dataset["documents"][0]["access_rules"][0]["id"] = 1
+    for number, revision in enumerate(dataset["documents"][0]["revisions"], start=1):
+        revision["id"] = number
+    dataset["files"][1]["sha256"] = None  # "small"
+    dataset["files"].append({"id": "never", "sha256": None, "path": "/srv/x", "active": False,
+                             "created_time": 8.0})
+    for entry in dataset["files"][:3]:
+        entry["active"] = True
+    dataset["documents"][1]["revisions"].append(
+        {"id": 3, "file_id": "never", "created_time": 9.0})
+    contents, staging = read_archive(legacy_archive(dataset), tmp_path, LEGACY_KEY)
+    revision_ids = [r["id"] for d in contents.documents for r in d["revisions"]]
+    assert len(set(revision_ids)) == 4 and all(isinstance(i, str) for i in revision_ids)
+    assert "1" not in revision_ids
+    rule_ids = [contents.folders[0]["access_rules"][0]["id"],
+                contents.documents[0]["access_rules"][0]["id"]]
+    assert rule_ids[0] != rule_ids[1] and "1" not in rule_ids
+    files = {f["id"]: f for f in contents.files}
+    assert files["small"]["sha256"] == sha(b"hello, backup")
+    assert files["never"]["sha256"] is None and files["never"]["size"] is None
+    assert contents.inactive_file_ids == contents.absent_file_ids == {"never"}
+    assert not (staging / "never").exists()
+    text = "\n".join(contents.warnings)
+    assert "3 revision ids were integers" in text
+    assert "folders.json: 1 access rule id was an integer" in text
+    assert "file small: sha256 was null" in text
+    assert "file never: inactive upstream" in text
+
+
+def test_legacy_inactive_flag_must_be_a_boolean(tmp_path):
+    dataset = legacy_dataset()
+    dataset["files"][0]["active"] = "yes"
+    expect_error(legacy_archive(dataset), tmp_path, "files.json: entry 0: active must be true "
+                 "or false", key_info=LEGACY_KEY)
+
+
+def test_legacy_missing_content_fails_unless_allowed(tmp_path):
+    dataset = legacy_dataset()
+    del dataset["blobs"]["small"]
+    expect_error(legacy_archive(dataset), tmp_path,
+                 "file small: listed in files.json but missing from the archive; .* "
+                 "allow_missing_content", key_info=LEGACY_KEY)
+    contents, _ = read_archive(legacy_archive(dataset), tmp_path, LEGACY_KEY,
+                               allow_missing_content=True)
+    assert contents.inactive_file_ids == contents.absent_file_ids == {"small"}
+    assert any("file small: listed in files.json but missing" in w for w in contents.warnings)
 
 
 def test_legacy_wrong_key_is_rejected(tmp_path):
@@ -944,3 +1007,23 @@ def test_any_bit_flip_is_rejected(data):
     with tempfile.TemporaryDirectory() as tmp:
         with pytest.raises(ArchiveError):
             read_backup_archive(io.BytesIO(bytes(archive)), V2_KEY, Path(tmp) / "s", LIMITS)
+
+
+def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
+    """In archive order the first keeps its name; a new name is one no sibling has."""
+    def folder(folder_id, name, parent=None):
+        return {"id": folder_id, "name": name, "parent_id": parent, "created_time": 1.0,
+                "access_rules": []}
+
+    folders = [folder("a", "x"), folder("b", "x"), folder("c", "x (2)"), folder("d", "x"),
+               folder("e", "x", parent="a")]
+    contents = BackupContents("1.0", {"version": "1.0"}, folders, [], [])
+    check_contents(contents)
+    assert [f["name"] for f in folders] == ["x", "x (3)", "x (2)", "x (4)", "x"]
+    assert len(contents.warnings) == 2
+    assert "folder 'b': another folder in the root is also named 'x'; imported as 'x (3)'" in (
+        contents.warnings)
+    twins = [folder(f"t{i}", "twin") for i in range(3)]
+    strict = BackupContents("2.0", {"version": "2.0"}, twins, [], [])
+    with pytest.raises(ArchiveError, match="two folders named 'twin' in the root"):
+        check_contents(strict)  # format 2 archives are held to the API's rules

@@ -139,6 +139,7 @@ async def test_round_trip_between_two_servers_preserves_every_object(
         len(built.folders), len(built.documents), len(built.contents))
     assert final["progress_percent"] == 100 and final["current_step"] == "Restore completed"
     assert final["error_message"] is None
+    assert final["warnings"] == []  # a clean format 2 import changes nothing
     assert before_import <= final["created_time"] <= final["started_time"] <= final["completed_time"]
     assert set(final) >= {"backup_task_id", "status", "current_step", "progress_percent",
                           "documents_count", "folders_count", "files_count", "created_time",

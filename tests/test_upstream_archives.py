@@ -31,9 +31,6 @@ PLAIN_FIXTURES = ["A_rich", "C01_bk_testsuite", "C02_stock_init", "C04_shared_fi
                   "C05_pending_upload", "C13_null_sha256"]
 MISSING_FILE_ID = "9b837b11b88b9b61c6cde6879ac7a5d23230b9eb99fc3ab8adf25e027da4458f"  # C06
 WEBSOCKETS_DEFAULT_MAX_BYTES = 2 ** 20
-# Until issue 11 is fixed every test below fails (each for the server's refusal, see the issue);
-# strict, so each one that starts passing must have this marker removed.
-ISSUE_11 = pytest.mark.xfail(reason="issue 11: upstream archives are refused", strict=True)
 
 
 def test_every_fixture_folder_is_covered():
@@ -45,7 +42,6 @@ def test_every_fixture_folder_is_covered():
 
 
 @pytest.mark.parametrize("name", PLAIN_FIXTURES)
-@ISSUE_11
 async def test_upstream_archive_imports_and_reads_back_as_its_truth(admin, tmp_path, name):
     fixture = load_fixture(name)
     assert (await read_store(admin)).folders == {}  # a fresh server
@@ -57,7 +53,6 @@ async def test_upstream_archive_imports_and_reads_back_as_its_truth(admin, tmp_p
     await assert_matches_truth(admin, fixture, tmp_path / "downloads")
 
 
-@ISSUE_11
 async def test_integer_ids_get_fresh_ids_and_string_ids_are_kept(admin, tmp_path):
     """C13, C01 and C02 all number their revisions from 1: each gets fresh ids, so all three
     land in one store, and folder, document and file ids stay as they were."""
@@ -81,7 +76,6 @@ async def test_integer_ids_get_fresh_ids_and_string_ids_are_kept(admin, tmp_path
     assert len(set(revision_ids)) == len(revision_ids) == 4
 
 
-@ISSUE_11
 async def test_null_sha256_is_computed_from_the_content(admin, tmp_path):
     fixture = load_fixture("C13_null_sha256")
     (entry,) = fixture.truth["files"]
@@ -96,7 +90,6 @@ async def test_null_sha256_is_computed_from_the_content(admin, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["C02_stock_init", "C05_pending_upload"])
-@ISSUE_11
 async def test_inactive_revisions_are_kept_but_never_become_current(admin, tmp_path, name):
     """The upstream's `active: false` (an upload that never happened, or the stock `hello`
     file) does not come back as active: the document and its history are kept, the dead
@@ -123,7 +116,6 @@ async def test_inactive_revisions_are_kept_but_never_become_current(admin, tmp_p
     assert inactive == sum(1 for f in fixture.truth["files"] if not f["active"])
 
 
-@ISSUE_11
 async def test_missing_content_fails_by_default_naming_the_file(server, admin, tmp_path):
     fixture = load_fixture("C06_missing_content")
     before = (await dump_store(server), content_files(server))
@@ -135,7 +127,6 @@ async def test_missing_content_fails_by_default_naming_the_file(server, admin, t
     assert (await read_store(admin)).documents == {}
 
 
-@ISSUE_11
 async def test_missing_content_allowed_restores_everything_else_and_warns(admin, tmp_path):
     fixture = load_fixture("C06_missing_content")
     status = await import_upstream(admin, fixture, allow_missing_content=True)
@@ -149,7 +140,6 @@ async def test_missing_content_allowed_restores_everything_else_and_warns(admin,
         assert revision["active"] == (revision["file_id"] != MISSING_FILE_ID), revision
 
 
-@ISSUE_11
 async def test_duplicate_sibling_names_are_imported_under_unique_names(admin, tmp_path):
     fixture = load_fixture("C08_duplicate_names")
     names = unique_sibling_names(fixture.truth)
@@ -162,7 +152,6 @@ async def test_duplicate_sibling_names_are_imported_under_unique_names(admin, tm
         assert any(object_id in w or name in w for w in status["warnings"]), (name, status)
 
 
-@ISSUE_11
 async def test_names_longer_than_255_characters_are_kept(admin, tmp_path):
     """The upstream has no length limit (issue 11 met a 300-character title): a variant of the
     upstream's own test data with a 300-character folder name and document title."""
@@ -180,7 +169,6 @@ async def test_names_longer_than_255_characters_are_kept(admin, tmp_path):
     await assert_matches_truth(admin, fixture, tmp_path / "downloads")
 
 
-@ISSUE_11
 async def test_a_completed_upstream_import_reports_its_warnings(admin):
     """C04 has integer revision ids, so its import gave fresh ids and says so."""
     status = await import_upstream(admin, load_fixture("C04_shared_file"))
@@ -204,7 +192,6 @@ def _bad_access_type(listings, files) -> None:
     (_drop_a_file, "f41eb84910f9fac6e678b891900592eb263614308c5c53fd2f12656543f386de"),
     (_bad_access_type, "access_type"),
 ])
-@ISSUE_11
 async def test_a_failed_import_shows_the_step_that_failed(server, admin, tmp_path, damage,
                                                           message):
     """A_rich (2.4 MB) damaged after it was written: the archive decrypts, so the failed task
@@ -224,7 +211,6 @@ async def test_a_failed_import_shows_the_step_that_failed(server, admin, tmp_pat
 # -- the command line ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", PLAIN_FIXTURES + ["C08_duplicate_names"])
-@ISSUE_11
 async def test_backup_verify_accepts_upstream_archives(name):
     fixture = load_fixture(name)
     done = await run_cli(*cli_command("backup", "verify", str(fixture.archive),
@@ -237,7 +223,6 @@ async def test_backup_verify_accepts_upstream_archives(name):
     assert "segment" not in stdout  # format 1.0 has no segments
 
 
-@ISSUE_11
 async def test_backup_inspect_reads_the_rich_upstream_archive():
     fixture = load_fixture("A_rich")
     done = await run_cli(*cli_command("backup", "inspect", str(fixture.archive),
@@ -263,7 +248,6 @@ async def test_backup_inspect_reads_the_rich_upstream_archive():
         d["id"] for d in fixture.truth["documents"]]
 
 
-@ISSUE_11
 async def test_client_backup_import_of_the_rich_archive_lists_the_warnings(tmp_path):
     fixture = load_fixture("A_rich")
     async with serve_subprocess(tmp_path / "cli-target") as served:
@@ -337,7 +321,6 @@ def websockets_download(url: str, context: ssl.SSLContext, document_id: str) -> 
     return bytes(content), largest
 
 
-@ISSUE_11
 async def test_a_websockets_client_with_the_default_limit_can_download(server, admin, tmp_path,
                                                                        client_ssl):
     content = os.urandom(3 * 2 ** 20 + 12345)
@@ -347,3 +330,23 @@ async def test_a_websockets_client_with_the_default_limit_can_download(server, a
         websockets_download, server.url, client_ssl, created["document_id"])
     assert largest <= WEBSOCKETS_DEFAULT_MAX_BYTES
     assert hashlib.sha256(received).hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+async def test_client_backup_import_offers_and_takes_allow_missing_content(tmp_path):
+    fixture = load_fixture("C06_missing_content")
+    async with serve_subprocess(tmp_path / "cli-target") as served:
+        command = ("client", "backup-import", "--server", served.url, "--cafile",
+                   str(served.cafile), "--password-file", str(served.password_file),
+                   "--poll", "0.05", "--timeout", "120", "--archive", str(fixture.archive),
+                   "--key", str(fixture.key))
+        refused = await run_cli(*cli_command(*command))
+        assert refused.returncode == 1
+        stderr = refused.stderr.decode()
+        assert MISSING_FILE_ID in stderr and "--allow-missing-content" in stderr, stderr
+        done = await run_cli(*cli_command(*command, "--allow-missing-content"))
+    stdout = done.stdout.decode()
+    assert done.returncode == 0, (stdout, done.stderr.decode())
+    assert "import completed: 0 folders, 1 documents, 2 files" in stdout
+    final_lines = stdout[stdout.index("import completed"):]
+    assert any(MISSING_FILE_ID in line and line.startswith("warning: ")
+               for line in final_lines.splitlines()), final_lines

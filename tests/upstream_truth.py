@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from cfms_trio.client import ClientError
-from cfms_trio.client_flows import FINAL_STATUSES
+from cfms_trio.conventions import FINAL_STATUSES
 
 from backup_support import IMPORT_DEADLINE_S, POLL_INTERVAL_S, build_legacy_archive
 

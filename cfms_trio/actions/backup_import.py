@@ -65,13 +65,14 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                                      STATUS_PENDING, status=STATUS_PROCESSING,
                                      started_time=app.now(), current_step=FIRST_STEP,
                                      progress_percent=STEP_PERCENT[FIRST_STEP][0])
-        app.imports.start(task, passphrase=passphrase, with_key=with_key)
+        app.imports.start(task, passphrase=passphrase, with_key=with_key,
+                          allow_missing_content=data["allow_missing_content"])
     return {"backup_task_id": task_id, "status": STATUS_PROCESSING, "message": START_MESSAGE}
 
 
 STATUS_FIELDS = ("backup_task_id", "status", "current_step", "progress_percent",
                  "documents_count", "folders_count", "files_count", "created_time",
-                 "started_time", "completed_time", "error_message")
+                 "started_time", "completed_time", "error_message", "warnings")
 
 
 async def get_backup_import_status(ctx: Context, data: dict) -> dict:

@@ -9,6 +9,7 @@ meanwhile) and is written to the BackupTask row at stage boundaries and at the e
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -61,13 +62,16 @@ class ImportProgress:
 
 class ImportJob:
     """One running import: its task row as started, its progress and its abort flag (set when
-    the server shuts down; the stages check it between pieces of work)."""
+    the server shuts down; the stages check it between pieces of work), and the option of
+    start_backup_import (`allow_missing_content`, see `read_backup_archive`)."""
 
-    def __init__(self, task: dict, *, passphrase: str | None = None, with_key: bool = True):
+    def __init__(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
+                 allow_missing_content: bool = False):
         self.task = task
         self.passphrase = passphrase  # never stored: a restart fails the import anyway
         self.with_key = with_key
         self.task_id = task["backup_task_id"]
+        self.allow_missing_content = allow_missing_content
         self.progress = ImportProgress()
         self.abort = threading.Event()
 
@@ -120,8 +124,10 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         # loop; they are dropped before collection resumes.
         with cyclic_gc_paused():
             contents = await trio.to_thread.run_sync(
-                unpack, archive_path, key_path, staging, env.limits, report, job.abort,
-                job.passphrase, limiter=env.io_limiter)
+                functools.partial(unpack, archive_path, key_path, staging, env.limits, report,
+                                  job.abort, job.passphrase,
+                                  allow_missing_content=job.allow_missing_content),
+                limiter=env.io_limiter)
             counts = {"documents_count": len(contents.documents),
                       "folders_count": len(contents.folders), "files_count": len(contents.files)}
             await env.store.write(backup_tasks.update_backup_task, task_id,
@@ -129,7 +135,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
                                   progress_percent=job.progress.percent, **counts)
             outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                        "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
-                       "error_message": None, **counts}
+                       "error_message": None, "warnings": contents.warnings, **counts}
             await env.store.write(commit_restore, contents, mover, report, job.abort,
                                   task_id, outcome)
             del contents
@@ -143,7 +149,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         # Nothing was imported, so the counts say so; the step shows where it stopped.
         outcome = {"status": STATUS_FAILED, "current_step": job.progress.step,
                    "progress_percent": job.progress.percent, "error_message": message,
-                   "documents_count": 0, "folders_count": 0, "files_count": 0}
+                   "documents_count": 0, "folders_count": 0, "files_count": 0, "warnings": []}
         if not isinstance(exc, Exception):
             with trio.CancelScope(shield=True):
                 await _finish_failed(env, job, staging, outcome)

@@ -22,10 +22,12 @@ from ..paths import restore_file_relative
 from ..storage import backup_tasks, restore_rows
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
 from .format import (
+    VERSION_LEGACY,
     BackupContents,
     KeyInfo,
     Passphrase,
     Unlock,
+    itemised,
     parse_key_upload,
     read_backup_archive,
 )
@@ -59,9 +61,10 @@ def key_material(key_path: Path | None, passphrase: str | None,
 
 
 def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits: ArchiveLimits,
-           report: StepReporter, abort: threading.Event,
-           passphrase: str | None = None) -> BackupContents:
-    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet)."""
+           report: StepReporter, abort: threading.Event, passphrase: str | None = None, *,
+           allow_missing_content: bool = False) -> BackupContents:
+    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet).
+    `allow_missing_content`: see `read_backup_archive`."""
     report("Decrypting archive", 0.0)
     key_info = key_material(key_path, passphrase, limits)
     archive_size = archive_path.stat().st_size
@@ -73,7 +76,8 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
 
     with open(archive_path, "rb") as archive:
         contents = read_backup_archive(archive, key_info, staging_dir, limits,
-                                       progress=on_bytes, archive_size=archive_size)
+                                       progress=on_bytes, archive_size=archive_size,
+                                       allow_missing_content=allow_missing_content)
     report("Loading metadata", 0.0)
     check_contents(contents)
     _check_abort(abort)
@@ -83,8 +87,11 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
 def check_contents(contents: BackupContents) -> None:
     """The checks of this server's own rules that need no database: tree depth and names.
     Shared by the import and `cfms-trio backup verify`. References and cycles were already
-    checked by `read_backup_archive`, which returns only contents that passed them."""
+    checked by `read_backup_archive`, which returns only contents that passed them. Sibling
+    names an upstream 1.0 archive repeats are made unique first (reported in its warnings)."""
     check_folder_depth(contents.folders)
+    if contents.format_version == VERSION_LEGACY:
+        contents.warnings += unique_sibling_names(contents)
     check_names(contents)
 
 
@@ -106,6 +113,36 @@ def check_folder_depth(folders: list[dict]) -> None:
             if level > MAX_TREE_DEPTH:
                 raise ArchiveError(f"folder {folder_id!r} is nested {level} levels deep; "
                                    f"this server allows at most {MAX_TREE_DEPTH}")
+
+
+def unique_sibling_names(contents: BackupContents) -> list[str]:
+    """Rename the folders and documents whose name a sibling before them (in archive order)
+    already has to `name (2)`, `name (3)`...: the upstream allows repeated names, the API does
+    not. A new name is one no sibling has in the archive. Returns a warning per rename."""
+    renames: list[str] = []
+    for kind, items, name_field, parent_field in (
+            ("folder", contents.folders, "name", "parent_id"),
+            ("document", contents.documents, "title", "folder_id")):
+        taken: set[tuple] = {(item[parent_field], item[name_field]) for item in items}
+        kept: set[tuple] = set()
+        next_number: dict[tuple, int] = {}  # so 10,000 twins cost 10,000 steps, not 50 million
+        for item in items:
+            parent, name = item[parent_field], item[name_field]
+            if (parent, name) not in kept:
+                kept.add((parent, name))
+                continue
+            number = next_number.get((parent, name), 2)
+            while (parent, f"{name} ({number})") in taken:
+                number += 1
+            next_number[(parent, name)] = number + 1
+            new_name = f"{name} ({number})"
+            taken.add((parent, new_name))
+            kept.add((parent, new_name))
+            item[name_field] = new_name
+            where = f"folder {parent!r}" if parent else "the root"
+            renames.append(f"{kind} {item['id']!r}: another {kind} in {where} is also named "
+                           f"{name!r}; imported as {new_name!r}")
+    return itemised(renames, "... and {count} more folders and documents renamed the same way")
 
 
 def check_names(contents: BackupContents) -> None:
@@ -172,8 +209,10 @@ def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepRe
     if collision:
         raise Conflict(collision)
     report("Importing files", 0.0)
-    restore_rows.insert_files(m, contents.files, restore_file_relative)
-    mover.move_all([f["id"] for f in contents.files], report, abort)
+    restore_rows.insert_files(m, contents.files, restore_file_relative,
+                              contents.inactive_file_ids)
+    mover.move_all([f["id"] for f in contents.files if f["id"] not in contents.absent_file_ids],
+                   report, abort)
     report("Importing folders", 0.0)
     restore_rows.insert_folders(m, contents.folders,
                                 lambda frac: report("Importing folders", frac))

@@ -188,11 +188,14 @@ class ImportSupervisor:
 
     # -- running ----------------------------------------------------------------------------------
 
-    def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True) -> None:
+    def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
+              allow_missing_content: bool = False) -> None:
         """Run a task that just became `processing` in the background. The passphrase, if
-        any, lives only in the job's memory; `with_key` is False when no key was uploaded."""
+        any, lives only in the job's memory; `with_key` is False when no key was uploaded;
+        `allow_missing_content`: see `read_backup_archive`."""
         self._stop_watching(task["backup_task_id"])
-        job = ImportJob(task, passphrase=passphrase, with_key=with_key)
+        job = ImportJob(task, passphrase=passphrase, with_key=with_key,
+                        allow_missing_content=allow_missing_content)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 

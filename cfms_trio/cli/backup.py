@@ -10,7 +10,13 @@ import time
 from pathlib import Path
 
 from ..backup.export import default_backup_name, export_store
-from ..backup.format import BackupContents, KeyInfo, read_backup_archive, summarize_archive
+from ..backup.format import (
+    VERSION_LEGACY,
+    BackupContents,
+    KeyInfo,
+    read_backup_archive,
+    summarize_archive,
+)
 from ..backup.restore import check_contents, read_key_file
 from ..client.files import file_sha256
 from ..config import ArchiveLimits
@@ -94,10 +100,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     contents, failed = _load(args)
     if contents is None:
         return failed
-    total = sum(f["size"] for f in contents.files)
+    total = sum(f["size"] or 0 for f in contents.files)  # None: no content in the archive
+    if contents.format_version == VERSION_LEGACY:
+        checked = ("format 1.0 is not authenticated; every file's size and sha256 checked "
+                   "where files.json gives them (see the warnings)")
+    else:
+        checked = "every segment and every file's sha256 verified"
     print(f"OK: format {contents.format_version}, {len(contents.folders)} folders, "
           f"{len(contents.documents)} documents, {len(contents.files)} files, {total} file bytes; "
-          "every segment and every file's sha256 verified")
+          f"{checked}")
+    for warning in contents.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -107,8 +120,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return failed
     if args.json:
         json.dump({"metadata": contents.metadata, "folders": contents.folders,
-                   "documents": contents.documents, "files": contents.files}, sys.stdout,
-                  indent=2)
+                   "documents": contents.documents, "files": contents.files,
+                   "warnings": contents.warnings}, sys.stdout, indent=2)
         print()
         return 0
     print(json.dumps(contents.metadata, indent=2, sort_keys=True))
@@ -128,15 +141,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     def show(parent, depth):
         for document in sorted(docs.get(parent, []), key=lambda d: d["title"]):
-            sizes = [files[r["file_id"]]["size"] for r in document["revisions"]]
-            print(f"{'  ' * depth}{document['title']}  ({len(sizes)} revisions, "
-                  f"{sizes[-1] if sizes else 0} bytes)")
+            served = [files[r["file_id"]]["size"] for r in document["revisions"]
+                      if r["file_id"] not in contents.inactive_file_ids]
+            current = f"{served[-1]} bytes" if served else "no content"
+            print(f"{'  ' * depth}{document['title']}  ({len(document['revisions'])} "
+                  f"revisions, {current})")
         for folder in sorted(children.get(parent, []), key=lambda f: f["name"]):
             print(f"{'  ' * depth}{folder['name']}/")
             show(folder["id"], depth + 1)
 
     print("/")
     show(None, 1)
+    for warning in contents.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -151,7 +168,8 @@ def register(sub) -> None:
     export.add_argument("--compression", choices=("zstd", "none"), default="zstd")
     keys.add_wrap_options(export)
     export.set_defaults(func=cmd_export)
-    verify = commands.add_parser("verify", help="check every segment and file of an archive")
+    verify = commands.add_parser("verify", help="check every segment (format 2) and file of an "
+                                 "archive, as an import would")
     verify.add_argument("archive")
     verify.add_argument("key", nargs="?", help="key file (format 2 and 1.0) or identity file")
     keys.add_unlock_options(verify)

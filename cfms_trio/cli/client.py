@@ -55,16 +55,22 @@ def cmd_backup_import(args) -> int:
         final = await import_backup(client, archive, key, timeout_seconds=args.timeout,
                                     poll_interval_s=args.poll,
                                     upload_progress=upload_bar.bytes_progress,
-                                    on_status=on_status, passphrase=passphrase)
+                                    on_status=on_status, passphrase=passphrase,
+                                    allow_missing_content=args.allow_missing_content)
         status_bar.done()
         if args.json:
             return Output(final, exit_code=0 if final["status"] == STATUS_COMPLETED else 1)
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
+            if "allow_missing_content" in (final["error_message"] or ""):
+                print("(to do so, run this command again with --allow-missing-content)",
+                      file=sys.stderr)
             return 1
         print(f"import completed: {final['folders_count']} folders, "
               f"{final['documents_count']} documents, {final['files_count']} files "
               f"(task {final['backup_task_id']})")
+        for warning in final.get("warnings", []):
+            print(f"warning: {warning}")
         return 0
 
     return _run(args, flow)
@@ -140,6 +146,9 @@ def register(sub) -> None:
     imp.add_argument("--timeout", type=int, default=3600,
                      help="seconds allowed for the uploads (default 3600)")
     imp.add_argument("--poll", type=float, default=2.0, help="status poll interval in seconds")
+    imp.add_argument("--allow-missing-content", action="store_true",
+                     help="restore a legacy (1.0) archive that lists files it does not hold: "
+                     "everything else is restored and the missing files are reported")
     imp.set_defaults(func=cmd_backup_import)
     exp = commands.add_parser("backup-export", help="make a backup and download it")
     _connection_args(exp)

@@ -69,10 +69,12 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
                         poll_interval_s: float = 2.0,
                         upload_progress: Progress | None = None,
                         on_status: StatusCallback | None = None,
-                        passphrase: str | None = None) -> dict:
+                        passphrase: str | None = None,
+                        allow_missing_content: bool = False) -> dict:
     """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
     get_backup_import_status until the task is completed, failed or timed out. `key` is a key
-    file or an identity file; with a `passphrase` it may be None (nothing uploaded for it)."""
+    file or an identity file; with a `passphrase` it may be None (nothing uploaded for it).
+    `allow_missing_content`: restore a legacy archive that lists files it does not hold."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
     task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
@@ -81,6 +83,8 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
     start: dict = {"backup_task_id": task_id}
     if passphrase is not None:
         start["passphrase"] = passphrase
+    if allow_missing_content:
+        start["allow_missing_content"] = True
     await client.call("start_backup_import", start)
     while True:
         status = await client.call("get_backup_import_status", {"backup_task_id": task_id})

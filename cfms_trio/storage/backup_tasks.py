@@ -7,6 +7,8 @@ wrote. Both are created and finished here, so handlers never build rows.
 
 from __future__ import annotations
 
+import json
+
 from .. import paths
 from ..conventions import (
     DELETED_OWNER,
@@ -34,7 +36,7 @@ def backup_task_dict(task) -> dict:
             "files_count": task.files_count, "created_time": task.created_time,
             "started_time": task.started_time, "completed_time": task.completed_time,
             "timeout_time": task.timeout_time, "error_message": task.error_message,
-            "backup_name": task.backup_name}
+            "backup_name": task.backup_name, "warnings": json.loads(task.warnings)}
 
 
 def get_backup_task(m, task_id: str) -> dict:
@@ -45,6 +47,9 @@ def get_backup_task(m, task_id: str) -> dict:
 
 
 def update_backup_task(m, task_id: str, **fields) -> None:
+    """Set `fields` of a task (`warnings` as a list of strings)."""
+    if "warnings" in fields:
+        fields["warnings"] = json.dumps(fields["warnings"])
     m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
 
 

@@ -266,19 +266,24 @@ def _subtree(m, folder_id: str) -> list[str]:
 
 
 def _delete_documents(m, document_ids: list[str]) -> dict:
-    """Delete documents with their revisions, files, transfer tasks and rules.
+    """Delete documents with their revisions, transfer tasks and rules, and the files no
+    revision refers to any more (a restored upstream backup may share one file between the
+    revisions of several documents: it goes with the last of them).
 
     Returns what to remove from disk once committed: `paths` of the files (relative to the
     content folder) and the `task_ids` whose partial uploads may be lying around.
     """
     if not document_ids:
         return {"paths": [], "task_ids": []}
-    file_ids = [r.file_id for r in m.Revision.select(m.Revision.file)
-                .where(m.Revision.document.in_(document_ids))]
+    referenced = {r.file_id for r in m.Revision.select(m.Revision.file)
+                  .where(m.Revision.document.in_(document_ids))}
+    m.Revision.delete().where(m.Revision.document.in_(document_ids)).execute()
+    still_used = {r.file_id for r in m.Revision.select(m.Revision.file)
+                  .where(m.Revision.file.in_(list(referenced)))}
+    file_ids = sorted(referenced - still_used)
     paths = [f.path for f in m.File.select(m.File.path).where(m.File.id.in_(file_ids))]
     task_ids = [t.id for t in m.FileTask.select(m.FileTask.id)
                 .where(m.FileTask.file.in_(file_ids))]
-    m.Revision.delete().where(m.Revision.document.in_(document_ids)).execute()
     m.FileTask.delete().where(m.FileTask.file.in_(file_ids)).execute()
     m.File.delete().where(m.File.id.in_(file_ids)).execute()
     m.AccessRule.delete().where((m.AccessRule.object_type == "document")

@@ -17,6 +17,11 @@ ALL_MODEL_NAMES = (
 )
 
 
+# Columns added to a table after databases were first created with it: (model, field). peewee's
+# create_tables never alters an existing table, so the store adds these where they are missing.
+ADDED_COLUMNS = (("BackupTask", "warnings"),)
+
+
 def build_models(database: pw.Database) -> types.SimpleNamespace:
     """Define every table of the store on `database`; return them as a namespace."""
 
@@ -135,6 +140,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         timeout_time = pw.FloatField(null=True)
         error_message = pw.TextField(null=True)
         backup_name = pw.CharField(null=True)
+        # JSON list of strings: what an import had to change (added after the first release;
+        # see ADDED_COLUMNS).
+        warnings = pw.TextField(default="[]")
 
     defined = locals()
     ns = types.SimpleNamespace(**{name: defined[name] for name in ALL_MODEL_NAMES})

@@ -85,10 +85,13 @@ def _insert(model, rows: list[dict], progress: Callable[[int], None] | None = No
             progress(len(batch))
 
 
-def insert_files(m, files: list[dict], file_path_of: Callable[[str], str]) -> None:
+def insert_files(m, files: list[dict], file_path_of: Callable[[str], str],
+                 inactive_ids: set[str]) -> None:
+    """File rows, active unless in `inactive_ids` (never served: upstream uploads that never
+    happened, content missing from the archive)."""
     _insert(m.File, [{"id": f["id"], "sha256": f["sha256"], "size": f["size"],
                       "path": file_path_of(f["id"]), "created_time": f["created_time"],
-                      "active": True} for f in files])
+                      "active": f["id"] not in inactive_ids} for f in files])
 
 
 def insert_folders(m, folders: list[dict], progress: Callable[[float], None]) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 import peewee as pw
 import trio
+from playhouse.migrate import SchemaMigrator, migrate
 
 from ..errors import Conflict, InsufficientStorage
 from . import models as models_module
@@ -90,8 +91,21 @@ class Store:
     # -- lifecycle (blocking) -------------------------------------------------------------
 
     def create_tables(self) -> None:
+        """Create missing tables, and the columns of ADDED_COLUMNS missing from a database made
+        by an earlier version (idempotent: the store has no migrations beyond this)."""
         with self.database.connection_context():
             self.database.create_tables(self.m.all)
+            for model_name, field_name in models_module.ADDED_COLUMNS:
+                self._add_column_if_missing(getattr(self.m, model_name), field_name)
+
+    def _add_column_if_missing(self, model, field_name: str) -> None:
+        field = model._meta.fields[field_name]
+        present = {column.name for column in self.database.get_columns(model._meta.table_name)}
+        if field.column_name not in present:
+            log.info("adding column %s.%s", model._meta.table_name, field.column_name)
+            migrator = SchemaMigrator.from_database(self.database)
+            with self.database.atomic():
+                migrate(migrator.add_column(model._meta.table_name, field.column_name, field))
 
     def close(self) -> None:
         if not self.database.is_closed():

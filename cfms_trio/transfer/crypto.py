@@ -7,9 +7,11 @@ import struct
 
 from Crypto.Cipher import AES
 
+from ..config import TRANSFER_TAG_BYTES
+
 KEY_BYTES = 32
 NONCE_PREFIX_BYTES = 4
-TAG_BYTES = 16
+TAG_BYTES = TRANSFER_TAG_BYTES
 
 
 class ChunkTagError(ValueError):

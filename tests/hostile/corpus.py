@@ -33,7 +33,7 @@ from Crypto.Util.Padding import pad
 from cfms_trio.backup.format import make_key_file
 from cfms_trio.backup.format import segments as cs
 from cfms_trio.config import ArchiveLimits
-from cfms_trio.conventions import MAX_TREE_DEPTH
+from cfms_trio.conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -531,8 +531,9 @@ def duplicate_document_titles_at_root() -> Case:
 @case
 def document_title_too_long() -> Case:
     dataset = base_dataset()
-    dataset["documents"][1]["title"] = "x" * 256
-    return v2_case(dataset, "document 'hd2': title must be 1 to 255 characters long")
+    dataset["documents"][1]["title"] = "x" * (NAME_MAX_CHARS + 1)
+    return v2_case(dataset, f"document 'hd2': title must be 1 to {NAME_MAX_CHARS} characters "
+                            "long")
 
 
 @case

@@ -12,21 +12,55 @@ import threading
 import time
 
 from cfms_trio.backup import importer
+from cfms_trio.backup.format.tarmembers import Extractor
 from cfms_trio.cli import main
 
 PAUSE_LIMIT_S = 600  # the test kills the process long before this
+EXTRACTING = "Extracting archive"
+
+
+def _pause(step: str) -> None:
+    print(f"import paused at {step!r}", file=sys.stderr, flush=True)
+    time.sleep(PAUSE_LIMIT_S)
 
 
 def pause_imports_at(step: str) -> None:
     report = importer.ImportProgress.report
+    if step == EXTRACTING:
+        _pause_once_a_file_is_staged(report)
+        return
 
     def report_then_pause(progress, name: str, fraction: float) -> None:
         report(progress, name, fraction)
         if name == step and threading.current_thread() is not threading.main_thread():
-            print(f"import paused at {step!r}", file=sys.stderr, flush=True)
-            time.sleep(PAUSE_LIMIT_S)
+            _pause(step)
 
     importer.ImportProgress.report = report_then_pause
+
+
+def _pause_once_a_file_is_staged(report) -> None:
+    """"Extracting archive" is reported before the first listing is parsed, when nothing is
+    staged yet; a kill in this step must find files half-way into staging. So the step's
+    reports are held back until the first file is staged, then the step is reported and the
+    import pauses right there."""
+    held: list = []  # the ImportProgress of the import, once it reported the step
+    write = Extractor._write_staging_file
+
+    def hold(progress, name: str, fraction: float) -> None:
+        if name == EXTRACTING:
+            held[:] = [progress]
+            return
+        report(progress, name, fraction)
+
+    def write_then_pause(extractor, *args):
+        result = write(extractor, *args)
+        if held:
+            report(held[0], EXTRACTING, 0.0)
+            _pause(EXTRACTING)
+        return result
+
+    importer.ImportProgress.report = hold
+    Extractor._write_staging_file = write_then_pause
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ submodules (segments, nonces, subkeys, stanzas, tar members) are the package's o
 
 from .envelope import ArchiveSummary, RekeyResult, rekey_archive, summarize_archive
 from .keyfile import KeyInfo, make_key_file, parse_key_file, parse_key_upload
-from .listings import FORMAT_NAME, VERSION_V2, BackupContents
+from .listings import FORMAT_NAME, VERSION_LEGACY, VERSION_V2, BackupContents, itemised
 from .reader import read_backup_archive
 from .recipients import (
     Identity,
@@ -48,12 +48,14 @@ __all__ = [
     "parse_identity",
     "parse_identity_file",
     "parse_recipient",
+    "itemised",
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",
+    "VERSION_LEGACY",
     "KEY_BYTES",
     "COMPRESSION_NAMES",
 ]

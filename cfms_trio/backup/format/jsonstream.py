@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import ijson
 
@@ -212,8 +212,10 @@ class JsonArray:
     """
 
     def __init__(
-        self, source: BinaryIO, size: int, member: str, what: str, depth_limit: int | None
+        self, source: BinaryIO, size: int, member: str, what: str, depth_limit: int | None,
+        each: Callable[[Any], Any] | None = None,
     ):
+        self.each = each  # applied to every element as it is handed out
         self.member = member
         self.what = what
         self.reader = _MemberReader(source, size, what)
@@ -233,7 +235,8 @@ class JsonArray:
             for event, value in events:
                 if event == "end_array":
                     break
-                yield self.builder.build(event, value, events)
+                element = self.builder.build(event, value, events)
+                yield element if self.each is None else self.each(element)
             for _ in events:  # the parser refuses anything after the array
                 pass
         except StopIteration:

@@ -1,9 +1,11 @@
 """Legacy format 1.0 made by earlier CFMS servers: 16-byte IV ‖ AES-256-CBC over a plain tar.
 
 Only reading is supported. Nothing authenticates this format: the tar layer and the sha256 of
-every file do the validation. The leniencies of 1.0 listings and tars (optional fields, ``./``
-names, directory members, any member order) are the ``legacy`` cases of ``listings`` and
-``tarmembers``.
+every file do the validation. The leniencies of 1.0 tars (``./`` names, directory members, any
+member order) and of optional listing fields are the ``legacy`` cases of ``tarmembers`` and
+``listings``; what the upstream CFMS server writes that format 2 does not allow is turned into
+the format 2 shape here, before the listings are parsed (``LegacyListings``), and each change is
+reported as a warning.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from typing import BinaryIO
 
 from Crypto.Cipher import AES
 
+from cfms_trio.conventions import new_id
 from cfms_trio.errors import ArchiveError
 
+from .listings import DOCUMENTS_MEMBER, FILES_MEMBER, FOLDERS_MEMBER
 from .segments import MAGIC
 from .streams import read_up_to
 
@@ -88,3 +92,77 @@ class LegacyCbcReader(io.RawIOBase):
         plaintext = self._held + self._cipher.decrypt(ciphertext[:usable])
         self._held = plaintext[-AES_BLOCK_BYTES:]
         return plaintext[:-AES_BLOCK_BYTES]
+
+
+def _is_integer(value) -> bool:
+    return type(value) is int
+
+
+def _integer_ids(count: int, kind: str) -> str:
+    return f"1 {kind} id was an integer" if count == 1 else f"{count} {kind} ids were integers"
+
+
+class LegacyListings:
+    """What the upstream CFMS server writes into 1.0 listings, in the format 2 shape.
+
+    - Revision ids and access-rule ids are JSON integers (folder and document rules are numbered
+      in separate tables, so one integer occurs in both): each gets a new id. Nothing refers to
+      these ids, so nothing else changes.
+    - File entries carry ``active``; an inactive file is an upload that never happened (or the
+      stock ``hello`` file): its id is kept in ``inactive_file_ids`` and the entry loses the
+      field, so it is restored but never served.
+    Values are raw JSON from the archive: only the shapes changed here are looked at, everything
+    else is left for the strict parsers of ``listings`` to judge.
+    """
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+        self.inactive_file_ids: set[str] = set()
+        self._fresh_rule_ids = 0
+        self._fresh_revision_ids = 0
+        self._file_index = 0
+
+    def normalise(self, member: str, entry):
+        """One entry of `member` as it is streamed in, in the format 2 shape."""
+        if not isinstance(entry, dict):
+            return entry
+        if member in (FOLDERS_MEMBER, DOCUMENTS_MEMBER):
+            self._fresh_rule_ids += _give_fresh_ids(entry.get("access_rules"))
+        if member == DOCUMENTS_MEMBER:
+            self._fresh_revision_ids += _give_fresh_ids(entry.get("revisions"))
+        if member == FILES_MEMBER:
+            self._take_active_flag(entry)
+        return entry
+
+    def finish(self, member: str) -> None:
+        """After the last entry of `member`: say what was changed in it."""
+        if member in (FOLDERS_MEMBER, DOCUMENTS_MEMBER) and self._fresh_rule_ids:
+            self.warnings.append(
+                f"{member}: {_integer_ids(self._fresh_rule_ids, 'access rule')} (the upstream "
+                "server's numbering); each was given a new id")
+        if member == DOCUMENTS_MEMBER and self._fresh_revision_ids:
+            self.warnings.append(
+                f"{DOCUMENTS_MEMBER}: {_integer_ids(self._fresh_revision_ids, 'revision')} (the "
+                "upstream server's numbering); each was given a new id, the history order is "
+                "kept")
+        self._fresh_rule_ids = self._fresh_revision_ids = 0
+
+    def _take_active_flag(self, entry: dict) -> None:
+        index, self._file_index = self._file_index, self._file_index + 1
+        if "active" not in entry:
+            return
+        active = entry.pop("active")
+        if not isinstance(active, bool):
+            raise ArchiveError(f"{FILES_MEMBER}: entry {index}: active must be true or false")
+        if not active and isinstance(entry.get("id"), str):
+            self.inactive_file_ids.add(entry["id"])
+
+
+def _give_fresh_ids(entries) -> int:
+    """Give every entry of `entries` (if a list) whose id is an integer a new id; how many."""
+    changed = 0
+    for entry in entries if isinstance(entries, list) else ():
+        if isinstance(entry, dict) and _is_integer(entry.get("id")):
+            entry["id"] = new_id()
+            changed += 1
+    return changed

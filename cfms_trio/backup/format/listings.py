@@ -51,7 +51,11 @@ class BackupContents:
     """The validated listings of a backup; file contents live in the staging folder.
 
     ``files`` entries are ``{id, sha256, size, created_time}``; legacy ``path`` fields are
-    dropped and missing legacy sizes are filled in from the extracted files.
+    dropped and missing legacy sizes and null sha256 values are filled in from the extracted
+    files. Only a legacy archive has files that are not served: ``inactive_file_ids`` are restored
+    inactive (uploads that never happened upstream, or content missing from the archive), and
+    ``absent_file_ids`` (all of them inactive) have no content in the staging folder, so their
+    size and sha256 are None. ``warnings`` say, in plain words, what reading had to change.
     """
 
     format_version: str
@@ -59,6 +63,22 @@ class BackupContents:
     folders: list[dict]
     documents: list[dict]
     files: list[dict]
+    inactive_file_ids: set[str] = dataclasses.field(default_factory=set)
+    absent_file_ids: set[str] = dataclasses.field(default_factory=set)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+WARNING_ITEMS_MAX = 20  # items of one kind reported one by one; the rest are counted
+
+
+def itemised(lines: list[str], rest: str) -> list[str]:
+    """``lines`` as warnings, at most WARNING_ITEMS_MAX of them, then ``rest`` (formatted with
+    ``count``) for those left out: a backup of 100,000 objects must not make a million-line
+    status."""
+    shown = lines[:WARNING_ITEMS_MAX]
+    if len(lines) > len(shown):
+        shown.append(rest.format(count=len(lines) - len(shown)))
+    return shown
 
 
 def show_name(name: str) -> str:
@@ -101,6 +121,17 @@ def _as_id(value, where: str, field: str) -> str:
             f"{where}: {field} must be an id of 1-{ID_MAX_CHARS} characters from [0-9A-Za-z_-]"
         )
     return value
+
+
+def _as_child_id(value, where: str, member: str, kind: str, owner: str) -> str:
+    """The id of a revision or access rule (``kind``) of ``owner`` ("document 'x'")."""
+    if type(value) is int:
+        raise ArchiveError(
+            f"{member}: {kind} id {value} of {owner} is an integer; ids in a format 2.0 archive "
+            f"are strings of 1-{ID_MAX_CHARS} characters from [0-9A-Za-z_-] (integer ids occur "
+            "only in format 1.0 archives of the upstream CFMS server)"
+        )
+    return _as_id(value, where, "id")
 
 
 def _as_optional_id(value, where: str, field: str) -> str | None:
@@ -181,7 +212,8 @@ def _check_rule_data(value, where: str) -> dict:
     return rule
 
 
-def _parse_access_rules(owner: dict, where: str, legacy: bool) -> list[dict]:
+def _parse_access_rules(owner: dict, where: str, legacy: bool, member: str,
+                        owner_label: str) -> list[dict]:
     if legacy and "access_rules" not in owner:
         return []  # legacy exports may omit an empty rule list
     rules = _as_list(_require(owner, "access_rules", where), f"{where}: access_rules")
@@ -190,7 +222,8 @@ def _parse_access_rules(owner: dict, where: str, legacy: bool) -> list[dict]:
     for index, rule in enumerate(rules):
         rule_where = f"{where}: access rule {index}"
         rule = _as_object(rule, rule_where)
-        rule_id = _as_id(_require(rule, "id", rule_where), rule_where, "id")
+        rule_id = _as_child_id(_require(rule, "id", rule_where), rule_where, member,
+                               "access rule", owner_label)
         rule_where = f"{where}: access rule {rule_id!r}"
         access_type = _require(rule, "access_type", rule_where)
         if access_type not in ACCESS_TYPES:
@@ -250,23 +283,25 @@ def parse_folders(value, legacy: bool) -> list[dict]:
     folders = []
     for index, entry in enumerate(_as_list(value, FOLDERS_MEMBER)):
         entry, folder_id, where = _entry_where(FOLDERS_MEMBER, "folder", index, entry)
+        owner = f"folder {folder_id!r}"
         folders.append({
             "id": folder_id,
             "name": _as_text(_require(entry, "name", where), where, "name"),
             "parent_id": _as_optional_id(_require(entry, "parent_id", where), where, "parent_id"),
             "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
-            "access_rules": _parse_access_rules(entry, where, legacy),
+            "access_rules": _parse_access_rules(entry, where, legacy, FOLDERS_MEMBER, owner),
         })
     return folders
 
 
-def _parse_revisions(document: dict, where: str) -> list[dict]:
+def _parse_revisions(document: dict, where: str, owner: str) -> list[dict]:
     revisions = []
     entries = _as_list(_require(document, "revisions", where), f"{where}: revisions")
     for index, revision in enumerate(entries):
         rev_where = f"{where}: revision {index}"
         revision = _as_object(revision, rev_where)
-        revision_id = _as_id(_require(revision, "id", rev_where), rev_where, "id")
+        revision_id = _as_child_id(_require(revision, "id", rev_where), rev_where,
+                                   DOCUMENTS_MEMBER, "revision", owner)
         rev_where = f"{where}: revision {revision_id!r}"
         revisions.append({
             "id": revision_id,
@@ -282,19 +317,21 @@ def parse_documents(value, legacy: bool) -> list[dict]:
     documents = []
     for index, entry in enumerate(_as_list(value, DOCUMENTS_MEMBER)):
         entry, document_id, where = _entry_where(DOCUMENTS_MEMBER, "document", index, entry)
+        owner = f"document {document_id!r}"
         documents.append({
             "id": document_id,
             "title": _as_text(_require(entry, "title", where), where, "title"),
             "folder_id": _as_optional_id(_require(entry, "folder_id", where), where, "folder_id"),
             "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
-            "access_rules": _parse_access_rules(entry, where, legacy),
-            "revisions": _parse_revisions(entry, where),
+            "access_rules": _parse_access_rules(entry, where, legacy, DOCUMENTS_MEMBER, owner),
+            "revisions": _parse_revisions(entry, where, owner),
         })
     return documents
 
 
 def parse_files(value, legacy: bool) -> list[dict]:
-    """Validate files.json; legacy entries may lack ``size`` (None until extraction)."""
+    """Validate files.json; legacy entries may lack ``size`` and have a null ``sha256`` (None
+    until extraction computes them)."""
     files = []
     for index, entry in enumerate(_as_list(value, FILES_MEMBER)):
         entry, file_id, where = _entry_where(FILES_MEMBER, "file", index, entry)
@@ -302,9 +339,13 @@ def parse_files(value, legacy: bool) -> list[dict]:
             size = None
         else:
             size = _as_size(_require(entry, "size", where), where, "size")
+        if legacy and entry.get("sha256") is None:
+            sha256 = None
+        else:
+            sha256 = _as_sha256(_require(entry, "sha256", where), where, "sha256")
         files.append({
             "id": file_id,
-            "sha256": _as_sha256(_require(entry, "sha256", where), where, "sha256"),
+            "sha256": sha256,
             "size": size,
             "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
         })
@@ -383,7 +424,7 @@ def check_metadata_counts(contents: BackupContents) -> None:
                 f"but {member} lists {len(lists[member])}"
             )
     if "total_file_bytes" in contents.metadata:
-        total = sum(entry["size"] for entry in contents.files)
+        total = sum(entry["size"] or 0 for entry in contents.files)  # None: no content
         if contents.metadata["total_file_bytes"] != total:
             raise ArchiveError(
                 f"{METADATA_MEMBER} says total_file_bytes is "

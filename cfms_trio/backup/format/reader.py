@@ -75,11 +75,14 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo | Unlock, limits: Arch
 
 
 def _extract_all(
-    source: BinaryIO, key_info: KeyInfo | Unlock, staging_fd: int, limits: ArchiveLimits
+    source: CountingSource, key_info: KeyInfo | Unlock, staging_fd: int,
+    limits: ArchiveLimits, allow_missing_content: bool,
 ) -> BackupContents:
     legacy = _is_legacy(key_info)
     plaintext, segments = _plaintext_stream(source, key_info, limits)
-    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits)
+    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits,
+                          allow_missing_content=allow_missing_content,
+                          before_listing=source.report)
     with ReadAhead(plaintext) as ahead:
         limited = LimitedReader(ahead, limits.extracted_bytes)
         with tarfile.open(
@@ -110,14 +113,18 @@ def read_backup_archive(
     limits: ArchiveLimits,
     progress: Callable[[int, int], None] | None = None,
     archive_size: int | None = None,
+    allow_missing_content: bool = False,
 ) -> BackupContents:
     """Decrypt, verify and extract a backup archive; return its validated listings.
 
     File contents are written to ``staging_dir/<file_id>`` and checked against their size and
     sha256. ``key_info`` is a parsed key file (formats 2 and 1.0) or an ``Unlock`` of
-    identities and/or a passphrase (format 3). ``progress(consumed, total)`` is called with the encrypted bytes read so far and
-    ``archive_size`` (0 when unknown). Any problem with the archive raises ``ArchiveError``;
-    the caller removes ``staging_dir`` on failure.
+    identities and/or a passphrase (format 3). ``progress(consumed, total)`` is called with
+    the encrypted bytes read so far and ``archive_size`` (0 when unknown), at least every MiB
+    and before each JSON listing. Any problem with the archive raises ``ArchiveError``; the
+    caller removes ``staging_dir`` on failure. A legacy 1.0 archive may list files it does not
+    hold: that fails unless ``allow_missing_content``, which restores them as inactive files
+    without content (see ``BackupContents``; its ``warnings`` say what was changed).
     """
     if archive_size is not None and archive_size > limits.archive_bytes:
         raise ArchiveLimitExceeded(
@@ -127,7 +134,7 @@ def read_backup_archive(
     legacy = _is_legacy(key_info)
     staging_fd = _open_staging_dir(staging_dir)
     try:
-        return _extract_all(source, key_info, staging_fd, limits)
+        return _extract_all(source, key_info, staging_fd, limits, allow_missing_content)
     except (ArchiveError, OSError):
         raise  # archive problems are already precise; OSError is the server's own I/O failing
     except CallbackFailed as exc:

@@ -202,16 +202,22 @@ class CountingSource(io.RawIOBase):
                 f"archive is larger than the limit of {self._limit_bytes} bytes"
             )
         at_end = count == 0
-        if self._progress is not None and (
-            self.consumed - self._reported >= PROGRESS_STEP_BYTES
-            or (at_end and self.consumed != self._reported)
+        if self.consumed - self._reported >= PROGRESS_STEP_BYTES or (
+            at_end and self.consumed != self._reported
         ):
-            self._reported = self.consumed
-            try:
-                self._progress(self.consumed, self._total_bytes)
-            except Exception as exc:
-                raise CallbackFailed() from exc
+            self.report()
         return count
+
+    def report(self) -> None:
+        """Report the bytes consumed so far now (also called when a listing starts, so a
+        failure in it is not blamed on an earlier step)."""
+        if self._progress is None:
+            return
+        self._reported = self.consumed
+        try:
+            self._progress(self.consumed, self._total_bytes)
+        except Exception as exc:
+            raise CallbackFailed() from exc
 
 
 class LimitedReader(io.RawIOBase):

@@ -7,16 +7,18 @@ folder, hashing them. ``member_info`` builds the headers the writer uses.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tarfile
-from typing import Any
+from typing import Any, Callable
 
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.conventions import ID_PATTERN
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
 from .jsonstream import JsonArray, decode_json
+from .legacy import LegacyListings
 from .listings import (
     DOCUMENTS_MEMBER,
     FILES_MEMBER,
@@ -28,6 +30,7 @@ from .listings import (
     VERSION_V2,
     BackupContents,
     check_metadata_counts,
+    itemised,
     parse_documents,
     parse_files,
     parse_folders,
@@ -208,11 +211,19 @@ class Extractor:
 
     Format 2 members must come in the exact order of SPEC §7, so files.json is known before any
     file arrives and sizes, hashes and membership are checked while streaming. Legacy members may
-    come in any order; what cannot be checked on arrival is checked in ``finish``.
+    come in any order; what cannot be checked on arrival is checked in ``finish``. A legacy file
+    listed but absent from the archive fails ``finish`` unless ``allow_missing_content``.
+    ``before_listing()`` is called before each JSON listing is parsed (progress reporting).
     """
 
-    def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits):
+    def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits,
+                 allow_missing_content: bool = False,
+                 before_listing: Callable[[], None] | None = None):
         self.legacy = legacy
+        self.upstream = LegacyListings() if legacy else None
+        self.allow_missing_content = allow_missing_content
+        self.before_listing = before_listing
+        self.null_sha256_ids: list[str] = []  # legacy files whose sha256 was computed here
         self.version = VERSION_LEGACY if legacy else VERSION_V2
         self.limits = limits
         self.staging_fd = staging_fd
@@ -297,7 +308,10 @@ class Extractor:
     # -- JSON listings
 
     def _read_listing(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
-        """Validate a JSON listing; the entry lists are parsed one entry at a time."""
+        """Validate a JSON listing; the entry lists are parsed one entry at a time (1.0
+        entries normalised on the way, see ``LegacyListings``)."""
+        if self.before_listing is not None:
+            self.before_listing()
         limit = self.limits.json_member_bytes
         if name == METADATA_MEMBER:
             limit = min(limit, self.limits.metadata_member_bytes)
@@ -314,13 +328,18 @@ class Extractor:
             value = decode_json(data, what, self.limits.json_depth)
             self.listings[name] = parse_metadata(value, self.version)
             return
-        entries = JsonArray(source, member.size, name, what, self.limits.json_depth)
+        each = None if self.upstream is None else functools.partial(self.upstream.normalise,
+                                                                      name)
+        entries = JsonArray(source, member.size, name, what, self.limits.json_depth, each=each)
         if name == FOLDERS_MEMBER:
             self.listings[name] = parse_folders(entries, self.legacy)
         elif name == DOCUMENTS_MEMBER:
             self.listings[name] = parse_documents(entries, self.legacy)
         else:
             self.listings[name] = parse_files(entries, self.legacy)
+        if self.upstream is not None:
+            self.upstream.finish(name)
+        if name == FILES_MEMBER:
             self.listed = unique_index(self.listings[name], "file")
             for file_id in self.extracted:  # legacy: files that came before their listing
                 self._verify_extracted(file_id)
@@ -397,7 +416,10 @@ class Extractor:
             raise _not_listed(FILES_PREFIX + file_id)
         size, sha256 = self.extracted[file_id]
         _check_listed_size(file_id, entry, size)
-        if entry["sha256"] != sha256:
+        if entry["sha256"] is None:  # legacy: nothing to check against, so it is computed
+            entry["sha256"] = sha256
+            self.null_sha256_ids.append(file_id)
+        elif entry["sha256"] != sha256:
             raise ArchiveError(f"file {file_id}: sha256 mismatch")
 
     # -- end of archive
@@ -407,15 +429,53 @@ class Extractor:
         for name in JSON_MEMBERS:
             if name not in self.listings:
                 raise ArchiveError(f"archive is missing member {name}")
+        absent = [entry["id"] for entry in self.listings[FILES_MEMBER]
+                  if entry["id"] not in self.extracted]
+        if absent and not self.legacy:
+            raise ArchiveError(
+                f"file {absent[0]}: listed in {FILES_MEMBER} but missing from the archive")
         for entry in self.listings[FILES_MEMBER]:
-            if entry["id"] not in self.extracted:
-                raise ArchiveError(
-                    f"file {entry['id']}: listed in {FILES_MEMBER} but missing from the archive"
-                )
-            if entry["size"] is None:
+            if entry["size"] is None and entry["id"] in self.extracted:
                 entry["size"] = self.extracted[entry["id"]][0]
         contents = self._contents()
         if self.legacy:
+            self._legacy_files(contents, absent)
             check_metadata_counts(contents)
             validate_references(contents)
         return contents
+
+    def _legacy_files(self, contents: BackupContents, absent: list[str]) -> None:
+        """Record which legacy files are not served, refuse content missing without the
+        option, and say in warnings what was changed."""
+        inactive = self.upstream.inactive_file_ids
+        missing = [file_id for file_id in absent if file_id not in inactive]
+        if missing and not self.allow_missing_content:
+            more = f" (and {len(missing) - 1} more files)" if len(missing) > 1 else ""
+            raise ArchiveError(
+                f"file {missing[0]}: listed in {FILES_MEMBER} but missing from the archive"
+                f"{more}; to restore everything else, with the revisions of missing files kept "
+                "inactive, start the import with allow_missing_content")
+        contents.inactive_file_ids = inactive | set(absent)
+        contents.absent_file_ids = set(absent)
+        warnings = list(self.upstream.warnings)
+        warnings += itemised(
+            [f"file {file_id}: sha256 was null in {FILES_MEMBER}; computed from the content, "
+             "which therefore could not be verified" for file_id in self.null_sha256_ids],
+            "... and {count} more files whose sha256 was null and was computed")
+        never_uploaded = [file_id for file_id in absent if file_id in inactive]
+        warnings += itemised(
+            [f"file {file_id}: inactive upstream (its upload never happened) and not in the "
+             "archive; its revisions are kept in the history but are never current"
+             for file_id in never_uploaded],
+            "... and {count} more inactive files without content")
+        inactive_with_content = sorted(inactive - set(absent))
+        warnings += itemised(
+            [f"file {file_id}: inactive upstream; its content is restored but its revisions "
+             "stay inactive and are never served, as upstream" for file_id in inactive_with_content],
+            "... and {count} more inactive files")
+        warnings += itemised(
+            [f"file {file_id}: listed in {FILES_MEMBER} but missing from the archive; imported "
+             "without content (allow_missing_content), its revisions are kept inactive"
+             for file_id in missing],
+            "... and {count} more files missing from the archive")
+        contents.warnings = warnings
