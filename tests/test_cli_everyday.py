@@ -145,7 +145,7 @@ async def test_put_ls_get_round_trip_a_folder(admin_cli, tmp_path):
     listing = await admin_cli("ls", "/project/notes")
     assert listing.out.splitlines() == ["deep/", "empty.txt", "todo.md"]
     long = await admin_cli("ls", "-l", "/project/notes")
-    assert [line.split()[0] for line in long.out.splitlines()] == ["f", "d", "d"]
+    assert [line.split()[0] for line in long.out.splitlines()] == ["d", "-", "-"]
     assert "10B" in long.out  # todo.md
     tree = await admin_cli("ls", "--tree", "/project")
     assert tree.out.splitlines() == ["/project", "notes/", "  deep/", "    big.bin",

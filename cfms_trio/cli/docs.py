@@ -40,7 +40,8 @@ def _line(entry: dict, long: bool, indent: str = "") -> str | list[str]:
     name = entry["name"] + ("/" if entry["kind"] == FOLDER else "")
     if not long:
         return indent + name
-    return [entry["kind"][0], human_size(entry["size"]),
+    # The kind column reads as `ls -l` does: `d` a folder (a directory), `-` a document.
+    return ["d" if entry["kind"] == FOLDER else "-", human_size(entry["size"]),
             human_time(entry["last_modified"] or entry["created_time"]), entry["id"],
             indent + name]
 
