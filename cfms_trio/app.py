@@ -12,6 +12,7 @@ import time
 
 import trio
 
+from .backup.scheduler import BackupScheduler
 from .backup.supervisor import ImportSupervisor
 from .config import Settings
 from .events import EventHub
@@ -37,6 +38,7 @@ class App:
     reaper: FileReaper
     imports: ImportSupervisor
     sweeper: UploadSweeper
+    backups: BackupScheduler  # schedules, the catalogue's verification and pruning, failures
     started_time: float = dataclasses.field(default_factory=time.time)
 
     def now(self) -> float:

@@ -80,6 +80,13 @@ class Settings:
     # Used on first start only; None means generate one and write content/admin_password.txt.
     initial_admin_password: str | None = None
     limits: Limits = dataclasses.field(default_factory=Limits)
+    # S3 backup targets (issue 18): None leaves it to boto3's defaults, i.e. the standard
+    # AWS_ENDPOINT_URL / AWS_DEFAULT_REGION environment variables and AWS configuration files.
+    # Credentials always come from there (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    # Bytes per part of a multipart upload (S3 wants at least 5 MiB for all but the last).
+    s3_part_bytes: int = 8 * MiB
 
     @property
     def content(self) -> Path:

@@ -80,3 +80,7 @@ BACKUP_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 def is_backup_name(value: object) -> bool:
     return (isinstance(value, str) and BACKUP_NAME_PATTERN.fullmatch(value) is not None
             and ".." not in value)
+
+# Parts a backup can hold (issue 13 adds accounts and the audit log). Today's export writes
+# exactly one: folders, documents, their revisions, access rules and file contents.
+BACKUP_PARTS = ("documents",)

@@ -73,6 +73,13 @@ class InsufficientStorage(CfmsError):
     code = 507
 
 
+class BackupTargetError(CfmsError):
+    """A backup target outside the server (an S3 service) refused or could not be reached
+    (502); the message says which and why, never a credential."""
+
+    code = 502
+
+
 class InternalError(CfmsError):
     """Unexpected failure; the message carries only a log reference (500)."""
 

@@ -16,6 +16,7 @@ from .conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
 
 PART_SUFFIX = ".part"  # the verified prefix of an interrupted upload, kept for resuming
 _PARTIAL_BACKUP_MARK = ".partial-"
+_SELF_CHECK_MARK = ".self-check-"
 
 # Relative to the content folder (what File rows store).
 BACKUP_IMPORTS_RELATIVE = "backups/import"
@@ -37,6 +38,17 @@ def partial_backup_pair(directory: Path, name: str) -> tuple[Path, Path]:
 def partial_backups(directory: Path) -> list[Path]:
     """What interrupted exports left in `directory` (names made by `partial_backup_pair`)."""
     return list(directory.glob(f".*{_PARTIAL_BACKUP_MARK}*"))
+
+
+def self_check_dir(directory: Path, name: str) -> Path:
+    """The hidden folder an export reads its new archive back into before publishing it
+    (removed right after; unique per call)."""
+    return directory / f".{name}{_SELF_CHECK_MARK}{secrets.token_hex(4)}"
+
+
+def self_check_dirs(directory: Path) -> list[Path]:
+    """What interrupted self-checks left in `directory` (names made by `self_check_dir`)."""
+    return [path for path in directory.glob(f".*{_SELF_CHECK_MARK}*") if path.is_dir()]
 
 
 def import_archive_relative(file_id: str) -> str:
@@ -101,6 +113,11 @@ class Paths:
     def all_dirs(self) -> list[Path]:
         return [self.content, self.tls, self.logs, self.files, self.uploads, self.backups,
                 self.backup_imports, self.restore_files, self.staging]
+
+    def backup_verify_dir(self) -> Path:
+        """A private folder for one `verify_backup`: its staging files and throw-away database
+        (unique per call, under the staging area that start-up clears)."""
+        return self.staging / f"verify-{secrets.token_hex(8)}"
 
     def partial_upload(self, task_id: str) -> Path:
         return self.uploads / f"{task_id}{PART_SUFFIX}"

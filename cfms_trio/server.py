@@ -1,9 +1,9 @@
 """The composition root: build every service of one server and run them in one nursery.
 
 `serve` prepares the root (folders, database, first accounts), builds the store, event hub,
-transfer registry, file reaper, import supervisor and upload sweeper into an `App`, starts each
-long-lived service with `await nursery.start(service.run)` (so recovery has finished before the
-first connection is accepted), then opens the WebSocket listener. Cancelling `serve` stops
+transfer registry, file reaper, import supervisor, upload sweeper and backup scheduler into an
+`App`, starts each long-lived service with `await nursery.start(service.run)` (so recovery has
+finished before the first connection is accepted), then opens the WebSocket listener. Cancelling `serve` stops
 them all; the database is closed last.
 """
 
@@ -22,7 +22,9 @@ from trio_websocket import WebSocketServer
 from . import auth
 from .actions import ROUTES
 from .app import App
+from .backup.scheduler import BackupScheduler
 from .backup.supervisor import ImportSupervisor
+from .backup.targets import S3Options
 from .config import Settings
 from .connection import serve_connection
 from .dispatch import Dispatcher
@@ -90,13 +92,18 @@ def build_app(settings: Settings, store: Store, paths: Paths) -> App:
     transfers = TransferRegistry()
     io_limiter = trio.CapacityLimiter(IO_THREADS)
     bulk_io_limiter = trio.CapacityLimiter(BULK_IO_THREADS)
+    reaper = FileReaper(io_limiter)
     return App(
         settings=settings, paths=paths, store=store, hub=hub, transfers=transfers,
-        io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=FileReaper(io_limiter),
+        io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=reaper,
         # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
         imports=ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
                                  settings.limits.archive),
-        sweeper=UploadSweeper(store, paths, transfers))
+        sweeper=UploadSweeper(store, paths, transfers),
+        backups=BackupScheduler(store, paths, hub, reaper, bulk_io_limiter,
+                                settings.limits.archive,
+                                S3Options(settings.s3_endpoint_url, settings.s3_region,
+                                          settings.s3_part_bytes)))
 
 
 def _tls_context(settings: Settings, paths: Paths):
@@ -125,6 +132,7 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         async with trio.open_nursery() as nursery:
             await nursery.start(app.imports.run)
             await nursery.start(app.sweeper.run)
+            await nursery.start(app.backups.run)
             listeners = [GatedListener(listener, gate, ssl_context) for listener in
                          await trio.open_tcp_listeners(settings.port, host=settings.host)]
             # Every connection starts with the strangers' message limit; `serve_connection`

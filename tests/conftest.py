@@ -115,3 +115,86 @@ async def server(start_server) -> ServerUnderTest:
 async def admin(server) -> Client:
     async with server.connect("admin") as client:
         yield client
+
+
+# -- an S3-compatible server for backup targets (issue 18) --------------------------------------
+
+S3_STARTUP_TIMEOUT_S = 30.0
+
+
+@dataclasses.dataclass
+class S3Service:
+    """moto's standalone S3 server on a loopback port, with the credentials it accepts."""
+
+    endpoint: str
+    environment: dict
+
+    def client(self):
+        import boto3
+        return boto3.session.Session(
+            aws_access_key_id=self.environment["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.environment["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.environment["AWS_DEFAULT_REGION"]).client(
+                "s3", endpoint_url=self.endpoint)
+
+
+def _free_loopback_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_service():
+    """`moto_server` as a subprocess for the whole session (it cannot pick port 0 itself, so
+    a free port is chosen first); its startup is waited for, at most S3_STARTUP_TIMEOUT_S."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    executable = shutil.which("moto_server", path=os.path.dirname(sys.executable))
+    if executable is None:
+        pytest.fail("moto_server is not installed (pip install 'moto[server]', the test extra)")
+    port = _free_loopback_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + S3_STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"moto_server exited with code {process.returncode} at startup")
+            try:
+                with urllib.request.urlopen(f"{endpoint}/", timeout=1):
+                    break
+            except urllib.error.HTTPError:
+                break  # it answers: up
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"moto_server did not answer within {S3_STARTUP_TIMEOUT_S} s")
+                time.sleep(0.1)
+        environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+        yield S3Service(endpoint, environment)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def s3(s3_service, monkeypatch) -> S3Service:
+    """The session's S3 server, with its credentials in this test's environment (where boto3
+    reads them, as it would on an operator's machine)."""
+    for name, value in s3_service.environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    return s3_service

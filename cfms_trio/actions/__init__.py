@@ -5,7 +5,9 @@ from __future__ import annotations
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
 from ..conventions import NAME_MAX_CHARS
-from . import accounts, backup_export, backup_import, documents, session, transfer
+from . import (
+    accounts, backup_export, backup_import, backup_schedules, documents, session, transfer,
+)
 
 USERNAME = Field(str, min_len=1, max_len=accounts.USERNAME_MAX)
 PASSWORD = Field(str, min_len=1, max_len=accounts.PASSWORD_MAX)
@@ -118,4 +120,32 @@ ROUTES: list[Route] = [
           permission="import_backup", audited=True),
     Route("get_backup_import_status", backup_import.get_backup_import_status,
           {"backup_task_id": object_id()}, permission="import_backup"),
+    # backup schedules and the catalogue of backups
+    Route("create_backup_schedule", backup_schedules.create_backup_schedule,
+          {"name": Field(str, min_len=1, max_len=backup_schedules.SCHEDULE_NAME_MAX_CHARS),
+           "interval_seconds": Field(int, min=1,
+                                     max=backup_schedules.INTERVAL_MAX_SECONDS),
+           "recipients": Field(list, max_len=backup_schedules.MAX_RECIPIENTS),
+           "parts": optional(list, max_len=32),
+           "compression": optional(str, default="zstd", choices=("zstd", "none")),
+           "target": optional(dict), "keep": optional(dict)},
+          permission="export_backup", audited=True),
+    Route("list_backup_schedules", backup_schedules.list_backup_schedules,
+          permission="export_backup"),
+    Route("delete_backup_schedule", backup_schedules.delete_backup_schedule,
+          {"name": Field(str, min_len=1, max_len=backup_schedules.SCHEDULE_NAME_MAX_CHARS)},
+          permission="export_backup", audited=True),
+    Route("list_backups", backup_schedules.list_backups,
+          {"schedule": optional(str, max_len=backup_schedules.SCHEDULE_NAME_MAX_CHARS)},
+          permission="export_backup"),
+    Route("verify_backup", backup_schedules.verify_backup,
+          {"name": Field(str, min_len=1, max_len=100), "deep": optional(bool, default=False),
+           "identity": optional(str, min_len=1, max_len=64 * 1024),
+           "passphrase": optional(str, min_len=1,
+                                  max_len=backup_export.PASSPHRASE_MAX_CHARS)},
+          permission="export_backup", audited=True),
+    Route("prune_backups", backup_schedules.prune_backups,
+          {"dry_run": optional(bool, default=False),
+           "schedule": optional(str, max_len=backup_schedules.SCHEDULE_NAME_MAX_CHARS)},
+          permission="export_backup", audited=True),
 ]

@@ -10,8 +10,10 @@ from ..backup.export import check_backup_name, default_backup_name, export_store
 from ..backup.format import Passphrase, parse_recipient
 from ..conventions import STATUS_FAILED
 from ..dispatch import Context
-from ..errors import ArchiveError, BadRequest, CfmsError, disk_error, internal_error
-from ..storage import backup_tasks
+from ..errors import ArchiveError, BadRequest, CfmsError, Conflict, disk_error, internal_error
+from ..backup.targets import TARGET_LOCAL
+from ..backup.verify import LEVEL_SELF_CHECK
+from ..storage import backup_tasks, backups
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
         with app.reaper.hold():
             result = await trio.to_thread.run_sync(
                 lambda: export_store(app.store, app.paths.content, app.paths.backups, name,
-                                     data["compression"], now=now, wrap_for=wrap_for),
+                                     data["compression"], now=now, wrap_for=wrap_for,
+                                     limits=app.settings.limits.archive),
                 limiter=app.bulk_io_limiter)
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None
@@ -60,19 +63,29 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
             await app.reaper.remove()
         if failure is None:
             raise
+        if not isinstance(failure, Conflict | BadRequest):  # the caller's mistakes are not
+            await app.backups.report_failure("export", failure.message, backup=name,
+                                             owner=ctx.user.username)
         raise failure from None
     await app.reaper.remove()
 
     meta = result.metadata
+    archive_location = app.paths.relative(result.archive_path)
+    key_location = None if result.key_path is None else app.paths.relative(result.key_path)
     recorded = await app.store.write(
-        backup_tasks.complete_export, task_id, ctx.user.username, now,
+        backups.record_export, task_id, ctx.user.username, now,
         app.now() + app.settings.transfer_task_ttl_s, app.now(),
-        archive=(app.paths.relative(result.archive_path), result.archive_size,
-                 result.archive_sha256),
-        key=(None if result.key_path is None else
-             (app.paths.relative(result.key_path), result.key_size, result.key_sha256)),
+        archive=(archive_location, result.archive_size, result.archive_sha256),
+        key=(None if key_location is None else
+             (key_location, result.key_size, result.key_sha256)),
         counts={field: meta[field]
-                for field in ("documents_count", "folders_count", "files_count")})
+                for field in ("documents_count", "folders_count", "files_count")},
+        backup={"name": name, "schedule": None, "created_time": now,
+                "size": result.archive_size, "sha256": result.archive_sha256,
+                "format": result.format, "recipients": result.recipients,
+                "target": {"type": TARGET_LOCAL}, "location": archive_location,
+                "key_location": key_location, "verified_time": result.verified_time,
+                "verify_level": LEVEL_SELF_CHECK})
     return {"backup_task_id": task_id, **recorded, "archive_size": result.archive_size,
             "archive_sha256": result.archive_sha256, "backup_name": name, "metadata": meta,
             "recipients": result.recipients, "passphrase": result.passphrase}

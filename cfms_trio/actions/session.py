@@ -20,6 +20,9 @@ async def server_info(ctx: Context, data: dict) -> dict:
         "time": ctx.app.now(),
         "max_message_bytes": ctx.app.settings.limits.message_bytes,
         "transfer_chunk_bytes": ctx.app.settings.limits.transfer_chunk_bytes,
+        # Failed backup exports, uploads, verifications and prunings since the server started,
+        # so a monitor can alert (docs/PROTOCOL.md, "Backup schedules").
+        "backup_failures": dict(ctx.app.backups.failures),
     }
 
 

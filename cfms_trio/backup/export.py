@@ -3,8 +3,10 @@ recipients and passphrases, into a format 3 archive with no key file at all.
 
 `export_store` is blocking: the server runs it in a worker thread, the offline
 `cfms-trio backup export` command calls it directly. The archive is written under a hidden
-temporary name and linked into place only when complete, and an existing backup is never
-replaced.
+temporary name, read back end to end (`read_back`: every segment, every listing, every file's
+size and sha256, with the key it was just written with, which for a format 3 archive lives only
+in this process's memory until then) and only then linked into place (or handed to `publish`,
+e.g. an upload to S3). A failure leaves no archive, and an existing backup is never replaced.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import os
 import secrets
 import time
 from pathlib import Path
+from typing import Callable
 
 from .. import __version__
+from ..config import ArchiveLimits
 from ..conventions import BACKUP_NAME_MAX_CHARS, is_backup_name
-from ..errors import BadRequest, Conflict
+from ..errors import ArchiveError, BadRequest, CfmsError, Conflict
+from ..reaper import remove_tree
 from ..storage import Store
-from ..paths import backup_pair, partial_backup_pair
+from ..paths import backup_pair, partial_backup_pair, self_check_dir
 from ..storage.snapshot import snapshot
 from .format import (
     FORMAT_NAME,
@@ -29,12 +34,15 @@ from .format import (
     HashingWriter,
     Passphrase,
     Recipient,
+    Unlock,
     WriteBehind,
     make_key_file,
+    parse_key_file,
+    read_backup_archive,
     write_backup_archive,
 )
 from .gc_pause import cyclic_gc_paused
-
+from .restore import check_contents
 
 
 @dataclasses.dataclass
@@ -49,6 +57,42 @@ class ExportResult:
     metadata: dict
     recipients: list[str] = dataclasses.field(default_factory=list)
     passphrase: bool = False
+    verified_time: float = 0.0  # when the read-back of the complete archive succeeded
+    format: int = 2  # 3 for an archive made for recipients or a passphrase
+
+
+class SelfCheckFailed(CfmsError):
+    """The archive just written did not read back: it was removed, never published (500: the
+    server's own output is wrong, whatever the cause)."""
+
+    code = 500
+
+
+def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) -> None:
+    """Read the archive at `path` end to end as an import would (every segment, listing and
+    file hash, the recipient block MAC of format 3) into `staging_dir`, then the checks of
+    this server's own rules (`check_contents`). Raises ArchiveError on any difference."""
+    with open(path, "rb") as archive:
+        contents = read_backup_archive(archive, key_info, staging_dir, limits,
+                                       archive_size=os.fstat(archive.fileno()).st_size)
+    check_contents(contents)
+
+
+def _self_check(path: Path, key_info, out_dir: Path, name: str,
+                limits: ArchiveLimits) -> float:
+    """`read_back` into a private folder that is removed afterwards; returns the time it
+    passed. Files are extracted there (as an import would) and deleted at once, so the check
+    needs free space for one copy of the stored files for its duration."""
+    staging = self_check_dir(out_dir, name)
+    staging.mkdir(mode=0o700)
+    try:
+        read_back(path, key_info, staging / "files", limits)
+    except ArchiveError as exc:
+        raise SelfCheckFailed(f"the new backup '{name}' failed its self-check and was not "
+                              f"published: {exc.message}") from exc
+    finally:
+        remove_tree(staging)
+    return time.time()
 
 
 def default_backup_name(now: float) -> str:
@@ -85,12 +129,20 @@ def _write_exclusive(path: Path, data: bytes, mode: int) -> None:
 
 def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, compression: str,
                  *, now: float | None = None, chunk_log2: int = 20,
-                 wrap_for: tuple[Recipient | Passphrase, ...] = ()) -> ExportResult:
-    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot.
+                 wrap_for: tuple[Recipient | Passphrase, ...] = (),
+                 publish: Callable[[Path], None] | None = None,
+                 limits: ArchiveLimits = ArchiveLimits()) -> ExportResult:
+    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot, each
+    published only after the archive read back in full (`SelfCheckFailed` otherwise).
 
     With `wrap_for` (recipients and/or passphrases) the archive is format 3 and no key file is
-    written: the random file key exists only wrapped for them, so this process forgets it.
+    written: the random file key exists only wrapped for them, and in this process's memory
+    until the self-check has read the archive back with it; then it is forgotten.
+    `publish(temporary_archive)`, for a format 3 archive only, replaces the link into `out_dir`
+    (an upload elsewhere); the temporary file is removed after it returns or fails.
     """
+    if publish is not None and not wrap_for:
+        raise ValueError("only an archive made for recipients is published elsewhere")
     check_backup_name(name)
     now = time.time() if now is None else now
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,16 +193,22 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
                 os.fsync(raw.fileno())
             digest = out.hexdigest()
             key_file = None if wrap_for else make_key_file(key, name, now, digest)
+            key_info = Unlock(file_key=key) if wrap_for else parse_key_file(key_file, limits)
             del key
-            if key_file is not None:
-                _write_exclusive(temp_key, key_file, 0o600)
-                _publish(temp_key, key_path)
-            try:
-                _publish(temp_archive, archive_path)
-            except Conflict:
+            verified_time = _self_check(temp_archive, key_info, out_dir, name, limits)
+            del key_info
+            if publish is not None:
+                publish(temp_archive)
+            else:
                 if key_file is not None:
-                    key_path.unlink(missing_ok=True)
-                raise
+                    _write_exclusive(temp_key, key_file, 0o600)
+                    _publish(temp_key, key_path)
+                try:
+                    _publish(temp_archive, archive_path)
+                except Conflict:
+                    if key_file is not None:
+                        key_path.unlink(missing_ok=True)
+                    raise
         finally:
             temp_archive.unlink(missing_ok=True)
             temp_key.unlink(missing_ok=True)
@@ -158,6 +216,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     passphrase = any(isinstance(r, Passphrase) for r in wrap_for)
     if key_file is None:
         return ExportResult(name, archive_path, None, out.size, digest, None, None, metadata,
-                            recipients, passphrase)
+                            recipients, passphrase, verified_time, 3)
     return ExportResult(name, archive_path, key_path, out.size, digest, len(key_file),
-                        hashlib.sha256(key_file).hexdigest(), metadata)
+                        hashlib.sha256(key_file).hexdigest(), metadata,
+                        verified_time=verified_time)

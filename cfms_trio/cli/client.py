@@ -15,7 +15,7 @@ import trio
 from ..client import export_backup, import_backup
 from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, STATUS_COMPLETED
 from ..errors import CfmsError
-from . import admin, docs, profile
+from . import admin, docs, profile, schedules
 from .common import EXIT_REFUSED, EXIT_USAGE, Output, add_connection_args, fail, progress_bar, run
 from .keys import read_passphrase_file
 
@@ -167,3 +167,4 @@ def register(sub) -> None:
                         "(exit 1 unless it completed)")
     status.add_argument("--poll", type=float, default=1.0, help="poll interval in seconds")
     status.set_defaults(func=cmd_backup_status)
+    schedules.register(commands)

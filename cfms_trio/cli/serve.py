@@ -67,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         certfile=Path(args.certfile) if args.certfile else None,
                         keyfile=Path(args.keyfile) if args.keyfile else None,
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
-                        limits=limits)
+                        limits=limits, s3_endpoint_url=args.s3_endpoint,
+                        s3_region=args.s3_region)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
@@ -153,5 +154,11 @@ def register(sub) -> None:
     serve.add_argument("--max-extracted-bytes", type=_size, metavar="SIZE",
                        help="most bytes one import may unpack (default 256G)")
     _add_connection_flags(serve)
+    serve.add_argument("--s3-endpoint", metavar="URL",
+                       help="S3-compatible service for backup targets that name no endpoint "
+                            "(default: $AWS_ENDPOINT_URL, else AWS); credentials come from "
+                            "the standard AWS_* environment variables")
+    serve.add_argument("--s3-region", metavar="REGION",
+                       help="S3 region (default: $AWS_DEFAULT_REGION)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)

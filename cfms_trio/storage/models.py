@@ -13,7 +13,7 @@ import peewee as pw
 
 ALL_MODEL_NAMES = (
     "User", "Group", "UserGroup", "Token", "AuditLog", "Folder", "Document", "File",
-    "Revision", "AccessRule", "FileTask", "BackupTask",
+    "Revision", "AccessRule", "FileTask", "BackupTask", "BackupSchedule", "Backup",
 )
 
 
@@ -143,6 +143,49 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # JSON list of strings: what an import had to change (added after the first release;
         # see ADDED_COLUMNS).
         warnings = pw.TextField(default="[]")
+
+    class BackupSchedule(Base):
+        """A backup the server makes by itself every `interval_seconds` (issue 18)."""
+
+        name = pw.CharField(primary_key=True, max_length=64)
+        created_by = pw.CharField()
+        created_time = pw.FloatField()
+        interval_seconds = pw.IntegerField()
+        recipients = pw.TextField()  # JSON list of recipient strings
+        parts = pw.TextField(null=True)  # JSON list, null: every part
+        compression = pw.CharField()
+        target = pw.TextField()  # JSON object: {"type": "local"} or {"type": "s3", ...}
+        keep = pw.TextField(null=True)  # JSON retention policy, null: keep everything
+        next_run_time = pw.FloatField()
+        last_run_time = pw.FloatField(null=True)
+        last_success_time = pw.FloatField(null=True)
+        last_backup = pw.CharField(null=True)
+        last_error = pw.TextField(null=True)
+        last_error_time = pw.FloatField(null=True)
+        runs_count = pw.IntegerField(default=0)
+        failures_count = pw.IntegerField(default=0)
+
+    class Backup(Base):
+        """A published backup archive, made by hand (`generate_backup`) or by a schedule, and
+        what its latest verification found."""
+
+        name = pw.CharField(primary_key=True, max_length=100)
+        schedule = pw.CharField(null=True)
+        created_time = pw.FloatField()
+        size = pw.BigIntegerField()
+        sha256 = pw.CharField()
+        format = pw.IntegerField()  # 2: with a key file, 3: recipients and/or a passphrase
+        recipients = pw.TextField(default="[]")  # JSON list of recipient strings
+        target = pw.TextField()  # JSON object, as in BackupSchedule
+        location = pw.CharField()  # local: path relative to the content folder; s3: object key
+        key_location = pw.CharField(null=True)  # local format 2 only: the key file
+        verified_time = pw.FloatField(null=True)
+        verify_result = pw.CharField(null=True)  # ok | failed
+        verify_level = pw.CharField(null=True)  # self-check | archive | full | deep
+        verify_detail = pw.TextField(null=True)
+
+        class Meta:
+            indexes = ((("schedule", "created_time"), False),)
 
     defined = locals()
     ns = types.SimpleNamespace(**{name: defined[name] for name in ALL_MODEL_NAMES})

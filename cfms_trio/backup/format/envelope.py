@@ -141,8 +141,8 @@ def _no_key_message(envelope: Envelope, unlock: Unlock, passphrase_failed: bool)
 def open_envelope(envelope: Envelope, unlock: Unlock, limits: ArchiveLimits) -> bytes:
     """Unwrap the file key with an identity or the passphrase, check it against the payload
     header and check the recipient block's MAC; return the file key."""
-    file_key = None
-    for identity in unlock.identities:
+    file_key = unlock.file_key
+    for identity in unlock.identities if file_key is None else ():
         for stanza in envelope.stanzas:
             if stanza.kind == STANZA_X25519:
                 file_key = unwrap_x25519(stanza, identity)

@@ -351,11 +351,17 @@ def unwrap_scrypt(stanza: Stanza, passphrase: Passphrase, limits: ArchiveLimits)
 
 @dataclasses.dataclass(frozen=True)
 class Unlock:
-    """What a reader may try on a format 3 archive: identities and/or a passphrase."""
+    """What a reader may try on a format 3 archive: identities and/or a passphrase, or the
+    file key itself. Only the exporter holds a file key: it keeps the key it wrote an archive
+    with in memory until it has read that archive back (the self-check), then forgets it. A
+    file key is still checked like an unwrapped one (payload key check, recipient block MAC)."""
 
     identities: tuple[Identity, ...] = ()
     passphrase: Passphrase | None = dataclasses.field(default=None, repr=False)
+    file_key: bytes | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
-        if not self.identities and self.passphrase is None:
-            raise ValueError("an Unlock needs an identity or a passphrase")
+        if not self.identities and self.passphrase is None and self.file_key is None:
+            raise ValueError("an Unlock needs an identity, a passphrase or a file key")
+        if self.file_key is not None and len(self.file_key) != KEY_BYTES:
+            raise ValueError(f"a file key is {KEY_BYTES} bytes")
