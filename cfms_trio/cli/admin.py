@@ -60,13 +60,18 @@ def cmd_users_add(args) -> int:
     return run(args, flow)
 
 
-def cmd_users_rm(args) -> int:
+def _remove_each(args, action: str, field: str, kind: str) -> int:
+    """`users rm` and `groups rm`: one request per name, in order, stopping at a refusal."""
     async def flow(client) -> Output:
         for name in args.names:
-            await client.call("delete_user", {"username": name})
-        return Output({"removed": args.names}, "\n".join(f"removed user {n}" for n in args.names))
+            await client.call(action, {field: name})
+        return Output({"removed": args.names}, "\n".join(f"removed {kind} {n}" for n in args.names))
 
     return run(args, flow)
+
+
+def cmd_users_rm(args) -> int:
+    return _remove_each(args, "delete_user", "username", "user")
 
 
 def cmd_users_passwd(args) -> int:
@@ -111,12 +116,7 @@ def cmd_groups_add(args) -> int:
 
 
 def cmd_groups_rm(args) -> int:
-    async def flow(client) -> Output:
-        for name in args.names:
-            await client.call("delete_group", {"name": name})
-        return Output({"removed": args.names}, "\n".join(f"removed group {n}" for n in args.names))
-
-    return run(args, flow)
+    return _remove_each(args, "delete_group", "name", "group")
 
 
 def cmd_groups_set_permissions(args) -> int:
