@@ -383,3 +383,91 @@ async def serve_subprocess(root: Path):
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# -- reading archives through the staging index, as an import does ---------------------------
+
+
+@dataclasses.dataclass
+class ReadBack:
+    """What an archive held, rebuilt in the listing shape from the staging index (small
+    archives only: tests compare whole listings)."""
+
+    contents: object  # the reader's BackupContents
+    folders: list
+    documents: list
+    files: list
+    groups: list
+    users: list
+    audit: list
+
+    def __getattr__(self, name):
+        return getattr(self.contents, name)
+
+
+def listings_of(index) -> dict:
+    """Every listing of a StagingIndex, in archive order and the listing shape."""
+    db = index.db
+    rules: dict = {}
+    for object_id, rule_id, access_type, rule_data in db.execute(
+            "SELECT object_id, id, access_type, rule_data FROM rules ORDER BY seq"):
+        rules.setdefault(object_id, []).append(
+            {"id": rule_id, "access_type": access_type, "rule_data": json.loads(rule_data)})
+    revisions: dict = {}
+    for document_id, revision_id, file_id, created_time in db.execute(
+            "SELECT document_id, id, file_id, created_time FROM revisions ORDER BY seq"):
+        revisions.setdefault(document_id, []).append(
+            {"id": revision_id, "file_id": file_id, "created_time": created_time})
+    groups_of: dict = {}
+    for username, group in db.execute("SELECT username, group_name FROM memberships"):
+        groups_of.setdefault(username, []).append(group)
+    return {
+        "folders": [{"id": i, "name": n, "parent_id": p or None, "created_time": t,
+                     "access_rules": rules.get(i, [])} for i, n, p, t in db.execute(
+            "SELECT id, name, parent_key, created_time FROM folders ORDER BY seq")],
+        "documents": [{"id": i, "title": n, "folder_id": p or None, "created_time": t,
+                       "access_rules": rules.get(i, []), "revisions": revisions.get(i, [])}
+                      for i, n, p, t in db.execute(
+            "SELECT id, title, folder_key, created_time FROM documents ORDER BY seq")],
+        "files": [{"id": i, "sha256": s, "size": z, "created_time": t} for i, s, z, t in
+                  db.execute("SELECT id, sha256, size, created_time FROM files ORDER BY seq")],
+        "groups": [{"name": n, "permissions": json.loads(p), "created_time": t}
+                   for n, p, t in db.execute(
+            "SELECT name, permissions, created_time FROM account_groups ORDER BY seq")],
+        "users": [{"username": u, "password_hash": h, "nickname": n,
+                   "permissions": json.loads(p), "groups": sorted(groups_of.get(u, [])),
+                   "created_time": c, "passwd_last_modified": m}
+                  for u, h, n, p, c, m in db.execute(
+            "SELECT username, password_hash, nickname, permissions, created_time, "
+            "passwd_last_modified FROM users ORDER BY seq")],
+        "audit": [{"time": t, "username": u, "action": a, "target": g, "result": r,
+                   "address": d} for t, u, a, g, r, d in db.execute(
+            "SELECT time, username, action, target, result, address FROM audit ORDER BY seq")],
+    }
+
+
+def read_back(source, key_info, staging: Path, limits, **kwargs) -> ReadBack:
+    """read_backup_archive into a staging index, with the import's whole-set checks."""
+    from cfms_trio.backup.format import read_backup_archive
+    from cfms_trio.backup.restore import check_contents
+    from cfms_trio.backup.staging_index import StagingIndex
+
+    index = StagingIndex.create(staging)
+    try:
+        contents = read_backup_archive(source, key_info, staging, limits, index, **kwargs)
+        check_contents(contents, index)
+        return ReadBack(contents, **listings_of(index))
+    finally:
+        index.close()
+        (staging / "index.sqlite").unlink(missing_ok=True)
+
+
+def v3_metadata(listings: dict, parts=("documents",), **extra) -> dict:
+    """metadata.json of a payload 3.0 archive holding `listings` (kind -> records)."""
+    counts = {f"{kind}_count": len(listings.get(kind, ())) for kind in
+              ("folders", "documents", "files", "groups", "users", "audit")}
+    return {"format": "cfms-backup", "version": "3.0", "created_at": 1700000000.0,
+            "backup_name": "nightly", "server_version": "0.1.0", "parts": list(parts),
+            "requested_parts": list(parts),
+            "total_file_bytes": sum(f["size"] for f in listings.get("files", ())),
+            **counts, **extra}

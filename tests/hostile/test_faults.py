@@ -152,13 +152,15 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
 
 async def test_database_failing_while_inserting(seeded, tmp_path, monkeypatch):
     """Documents are inserted (after every file was placed), then the database fails."""
-    real_insert = restore_rows.insert_documents
+    real_insert = restore_rows.insert_rows
 
-    def insert_then_fail(m, documents, progress):
-        real_insert(m, documents, progress)
-        raise sqlite3.OperationalError("database or disk is full")
+    def insert_then_fail(model, *args, **kwargs):
+        inserted = real_insert(model, *args, **kwargs)
+        if model._meta.table_name == "document":
+            raise sqlite3.OperationalError("database or disk is full")
+        return inserted
 
-    monkeypatch.setattr(restore_rows, "insert_documents", insert_then_fail)
+    monkeypatch.setattr(restore_rows, "insert_rows", insert_then_fail)
     status = await import_under_fault(seeded, tmp_path)
     assert status["error_message"].startswith("internal error while restoring (log reference ")
     assert status["current_step"] == "Importing documents"
