@@ -12,7 +12,7 @@ import trio
 
 from cfms_trio.backup import importer as importer_module
 from cfms_trio.backup import restore as restore_module
-from cfms_trio.backup.format import tarmembers as tarmembers_module
+from cfms_trio.backup.format import staged as staged_module
 from cfms_trio.storage import restore_rows
 
 from . import corpus
@@ -136,7 +136,7 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
     if where == "staging":
         # The second file (hx2, several segments long) fails half-written into staging.
         faulty = FaultyOs(error_number, write_from_call=2)
-        monkeypatch.setattr(tarmembers_module, "os", faulty)
+        monkeypatch.setattr(staged_module, "os", faulty)
     else:
         # The first file is in restore/files when the second one cannot be placed.
         faulty = FaultyOs(error_number, rename_from_call=2)
