@@ -111,8 +111,9 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     """Restore `job`'s uploaded backup; always ends in `completed` or `failed`, and returns the
     task's final row (on cancellation, records the failure and re-raises).
 
-    Success is recorded by the restore's own transaction (`commit_restore`); what follows the
-    commit is clean-up only, which the restart recovery finishes if a crash interrupts it.
+    Success is recorded by the restore's own transaction (`commit_restore`); the uploads are
+    deleted just before it, once read; what follows the commit is clean-up only, which the
+    restart recovery finishes if a crash interrupts it.
     """
     task = job.task
     task_id = job.task_id
@@ -133,6 +134,9 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         await env.store.write(backup_tasks.update_backup_task, task_id,
                               current_step=job.progress.step,
                               progress_percent=job.progress.percent, **counts)
+        # Everything is read: the uploads go now, so a client that sees `completed` never
+        # finds them (a crash before the commit fails the task, as any crash does).
+        await _clean_up_uploads(env, job)
         outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, **counts}
@@ -163,7 +167,6 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         log.info("import %s completed: %s", task_id, counts)
         await trio.to_thread.run_sync(index.close)
         await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
-        await _clean_up_uploads(env, job)
         return await env.store.read(backup_tasks.get_backup_task, task_id)
 
 
