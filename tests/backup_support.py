@@ -56,8 +56,54 @@ V2_TAG_BYTES = 16
 V2_MEMBER_ORDER = ("metadata.json", "folders.json", "documents.json", "files.json")
 
 
+# docs/BACKUP_FORMAT.md §1.6a, payload 3.0: the kinds of pieces in member order, the part each
+# belongs to, and the limits of one piece.
+V3_KINDS = ("groups", "users", "folders", "documents", "files", "audit")
+V3_PART_OF = {"groups": "accounts", "users": "accounts", "folders": "documents",
+              "documents": "documents", "files": "documents", "audit": "audit"}
+V3_PIECE_NAME = re.compile(r"(groups|users|folders|documents|files|audit)\.(0|[1-9][0-9]*)"
+                           r"\.ndjson")
+V3_PIECE_RECORDS_MAX = 10_000
+V3_PIECE_BYTES_MAX = 16 * 2 ** 20
+
+
 class SpecDecodeError(Exception):
     """The archive does not follow SPEC §7."""
+
+
+def _strict_object(line: bytes, where: str) -> dict:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise SpecDecodeError(f"{where}: duplicate key")
+        return dict(pairs)
+
+    def no_constant(name):
+        raise SpecDecodeError(f"{where}: {name} is not JSON")
+
+    value = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicates,
+                       parse_constant=no_constant)
+    if not isinstance(value, dict):
+        raise SpecDecodeError(f"{where}: a line is not a JSON object")
+    return value
+
+
+def _piece_records(name: str, data: bytes) -> list[dict]:
+    """The records of one piece: one compact JSON object per line, every line ending in a
+    newline, no blank lines, within the piece limits."""
+    if not data or not data.endswith(b"\n"):
+        raise SpecDecodeError(f"{name}: empty, or the last line has no newline")
+    if len(data) > V3_PIECE_BYTES_MAX:
+        raise SpecDecodeError(f"{name}: more than {V3_PIECE_BYTES_MAX} bytes")
+    lines = data[:-1].split(b"\n")
+    if len(lines) > V3_PIECE_RECORDS_MAX:
+        raise SpecDecodeError(f"{name}: more than {V3_PIECE_RECORDS_MAX} records")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() != line or not line:
+            raise SpecDecodeError(f"{name}: line {number} is blank or padded")
+        records.append(_strict_object(line, f"{name} line {number}"))
+    return records
 
 
 @dataclasses.dataclass
@@ -73,6 +119,68 @@ class DecodedArchive:
     def file_bytes(self) -> dict[str, bytes]:
         return {name.removeprefix("files/"): data for name, data in self.members
                 if name.startswith("files/")}
+
+    @property
+    def payload_version(self) -> str:
+        return self.listing("metadata.json")["version"]
+
+    def records(self, kind: str) -> list[dict]:
+        """Every record of a listing kind: the `<kind>.json` array of payload 2.0, or the
+        records of the `<kind>.N.ndjson` pieces of payload 3.0 in order (checked by
+        `v3_layout`)."""
+        if self.payload_version == "2.0":
+            return self.listing(f"{kind}.json")
+        return self.v3_layout()[kind]
+
+    def v3_layout(self) -> dict[str, list[dict]]:
+        """Check the members of a payload 3.0 archive against §1.6a (order, piece numbering
+        and limits, each files piece followed by its files' contents, counts and parts in
+        the metadata) and return every kind's records."""
+        names = [name for name, _ in self.members]
+        if not names or names[0] != "metadata.json":
+            raise SpecDecodeError("metadata.json is not the first member")
+        metadata = self.listing("metadata.json")
+        if metadata.get("version") != "3.0" or metadata.get("format") != "cfms-backup":
+            raise SpecDecodeError(f"not a payload 3.0 metadata: {metadata}")
+        parts = metadata["parts"]
+        if not set(metadata["requested_parts"]) <= set(parts):
+            raise SpecDecodeError("requested_parts is not within parts")
+        if "audit" in parts and "accounts" not in parts:
+            raise SpecDecodeError("audit is held without accounts")
+        records: dict[str, list[dict]] = {kind: [] for kind in V3_KINDS}
+        next_piece = {kind: 0 for kind in V3_KINDS}
+        kind_rank = -1
+        expected_files: list[str] = []  # ids of the current files piece still to come
+        for name, data in self.members[1:]:
+            if name.startswith("files/"):
+                if not expected_files or expected_files[0] != name.removeprefix("files/"):
+                    raise SpecDecodeError(f"{name} is not the next file of its files piece")
+                expected_files.pop(0)
+                continue
+            match = V3_PIECE_NAME.fullmatch(name)
+            if match is None:
+                raise SpecDecodeError(f"unexpected member {name!r}")
+            if expected_files:
+                raise SpecDecodeError(f"{name} comes before files/{expected_files[0]}")
+            kind, number = match.group(1), int(match.group(2))
+            rank = V3_KINDS.index(kind)
+            if rank < kind_rank or number != next_piece[kind]:
+                raise SpecDecodeError(f"{name} is out of order")
+            if V3_PART_OF[kind] not in parts:
+                raise SpecDecodeError(f"{name} belongs to a part the metadata does not list")
+            kind_rank, next_piece[kind] = rank, number + 1
+            piece = _piece_records(name, data)
+            records[kind].extend(piece)
+            if kind == "files":
+                expected_files = [entry["id"] for entry in piece]
+        if expected_files:
+            raise SpecDecodeError(f"files/{expected_files[0]} is missing")
+        for kind in V3_KINDS:
+            if metadata[f"{kind}_count"] != len(records[kind]):
+                raise SpecDecodeError(f"{kind}_count does not match the pieces")
+        if metadata["total_file_bytes"] != sum(f["size"] for f in records["files"]):
+            raise SpecDecodeError("total_file_bytes does not match the files pieces")
+        return records
 
 
 def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:

@@ -363,6 +363,61 @@ class StagingIndex:
         while batch := cursor.fetchmany(batch_rows):
             yield [row[0] for row in batch]
 
+    def listing(self, kind: str) -> Iterator[dict]:
+        """The records of `kind` in archive order and the listing shape (§1.6, §1.6a), as
+        normalised by the reader; users without their password hash. Streams: revisions and
+        rules were added in their owners' order, so each is read alongside its owners."""
+        self.flush()
+        db = self.db
+        if kind in ("folders", "documents"):
+            object_type = kind[:-1]
+            rules = _GroupedRows(db.execute(
+                "SELECT object_id, id, access_type, rule_data FROM rules WHERE object_type = ? "
+                "ORDER BY seq", (object_type,)))
+            revisions = _GroupedRows(db.execute(
+                "SELECT document_id, id, file_id, created_time FROM revisions ORDER BY seq")
+                if kind == "documents" else iter(()))
+            parent = "parent_id" if kind == "folders" else "folder_id"
+            name = "name" if kind == "folders" else "title"
+            for object_id, title, parent_key, created_time in db.execute(
+                    f"SELECT id, {name}, {'parent_key' if kind == 'folders' else 'folder_key'}, "
+                    f"created_time FROM {kind} ORDER BY seq"):
+                record = {"id": object_id, name: title, parent: parent_key or None,
+                          "created_time": created_time,
+                          "access_rules": [{"id": i, "access_type": t,
+                                            "rule_data": json.loads(d)}
+                                           for i, t, d in rules.take(object_id)]}
+                if kind == "documents":
+                    record["revisions"] = [{"id": i, "file_id": f, "created_time": t}
+                                           for i, f, t in revisions.take(object_id)]
+                yield record
+        elif kind == "files":
+            for file_id, sha256, size, created_time in db.execute(_ROWS["files"]):
+                yield {"id": file_id, "sha256": sha256, "size": size,
+                       "created_time": created_time}
+        elif kind == "groups":
+            for group, permissions, created_time in db.execute(_ROWS["groups"]):
+                yield {"name": group, "permissions": json.loads(permissions),
+                       "created_time": created_time}
+        elif kind == "users":
+            for username, _, nickname, permissions, created, changed in db.execute(_ROWS["users"]):
+                groups = [row[1] for row in self.memberships_of([username])]
+                yield {"username": username, "nickname": nickname,
+                       "permissions": json.loads(permissions), "groups": groups,
+                       "created_time": created, "passwd_last_modified": changed}
+        elif kind == "audit":
+            for when, username, action, target, result, address in db.execute(_ROWS["audit"]):
+                yield {"time": when, "username": username, "action": action, "target": target,
+                       "result": result, "address": address}
+        else:
+            raise ValueError(f"unknown listing kind {kind!r}")
+
+    def revision_files(self, document_id: str) -> list[tuple]:
+        """(file id, size) of a document's revisions, oldest first (`backup inspect`)."""
+        return self.db.execute("SELECT r.file_id, f.size FROM revisions r JOIN files f ON "
+                               "f.id = r.file_id WHERE r.document_id = ? ORDER BY r.position",
+                               (document_id,)).fetchall()
+
     def memberships_of(self, usernames: list[str]) -> list[tuple]:
         """(username, group) of the given users (at most a lookup batch of them)."""
         if not usernames:
@@ -384,3 +439,19 @@ class StagingIndex:
             "r.document_id = d.id ORDER BY r.position DESC LIMIT 1) FROM documents d "
             "WHERE d.folder_key = ? ORDER BY d.title", (key,)).fetchall()
         return folders, documents
+
+
+class _GroupedRows:
+    """Rows (owner, *values) ordered so each owner's rows are contiguous and owners come in
+    their own order: `take(owner)` returns that owner's values, reading ahead by one row."""
+
+    def __init__(self, rows):
+        self.rows = iter(rows)
+        self.ahead = next(self.rows, None)
+
+    def take(self, owner: str) -> list[tuple]:
+        taken = []
+        while self.ahead is not None and self.ahead[0] == owner:
+            taken.append(tuple(self.ahead[1:]))
+            self.ahead = next(self.rows, None)
+        return taken

@@ -142,12 +142,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     def show(contents, index) -> int:
         if args.json:
-            listings = {kind: [list(row) for batch in index.rows(kind) for row in batch]
-                        for kind in LISTING_KINDS if PART_OF_KIND[kind] in contents.parts}
-            json.dump({"metadata": contents.metadata, "counts": contents.counts,
-                       "listings": listings, "warnings": contents.warnings}, sys.stdout,
-                      indent=2)
-            print()
+            _print_listings(contents, index)
             return 0
         print(json.dumps(contents.metadata, indent=2, sort_keys=True))
         with open(args.archive, "rb") as f:
@@ -156,10 +151,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print("format 3; opens with: " + "; ".join(summary.recipients))
             print(f"payload region: from byte {summary.payload_offset}, "
                   f"sha256 {summary.payload_sha256}")
-        print(_parts_line(contents))
         if "documents" in contents.parts:
             print("/")
-            _show_tree(index, None, 1)
+            _show_tree(index, None, 1, contents.inactive_file_ids)
+        print(_parts_line(contents))
         for warning in contents.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
@@ -167,14 +162,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return _run(args, show)
 
 
-def _show_tree(index, parent, depth: int) -> None:
+def _print_listings(contents, index) -> None:
+    """`inspect --json`: one JSON object with the metadata, every listing the archive holds in
+    its listing shape and order (users without password hashes), and the warnings. Written one
+    entry per line as it is read from the index, so a large archive is never held whole."""
+    out = sys.stdout
+    out.write('{\n"metadata": ' + json.dumps(contents.metadata))
+    for kind in LISTING_KINDS:
+        if PART_OF_KIND[kind] not in contents.parts:
+            continue
+        out.write(f',\n"{kind}": [')
+        for number, record in enumerate(index.listing(kind)):
+            out.write(("," if number else "") + "\n  " + json.dumps(record))
+        out.write("\n]")
+    out.write(',\n"warnings": ' + json.dumps(contents.warnings) + "\n}\n")
+
+
+def _show_tree(index, parent, depth: int, inactive_file_ids: set[str]) -> None:
+    """The folder tree; a document shows its revision count and the size of its newest
+    revision with content (legacy archives: inactive files have none)."""
     folders, documents = index.children(parent)
-    for _, title, revisions, size in documents:
+    for document_id, title, revisions, size in documents:
+        if inactive_file_ids:
+            served = [size for file_id, size in index.revision_files(document_id)
+                      if file_id not in inactive_file_ids]
+            size = served[-1] if served else None
         current = f"{size} bytes" if size is not None else "no content"
         print(f"{'  ' * depth}{title}  ({revisions} revisions, {current})")
     for folder_id, name in folders:
         print(f"{'  ' * depth}{name}/")
-        _show_tree(index, folder_id, depth + 1)
+        _show_tree(index, folder_id, depth + 1, inactive_file_ids)
 
 
 def register(sub) -> None:
