@@ -223,3 +223,51 @@ async def test_the_payload_2_0_fixture_imports_with_its_contents(target):
         for folder_entry in expected["folders"]:
             info = await admin.call("get_directory_info", {"folder_id": folder_entry["id"]})
             assert info["name"] == folder_entry["name"]
+
+
+async def test_replace_that_would_lock_everyone_out_fails_and_changes_nothing(target, tmp_path):
+    """`accounts: "replace"` run by an operator who is not in sysop: the archive's 'admin'
+    (the only sysop member here) is in no sysop group, so afterwards nobody could administer
+    the server. The import fails with the lock-out rule and the store is as it was."""
+    from cfms_trio.auth import hash_password
+    from cfms_trio.backup.format import write_backup_archive
+    from cfms_trio.backup.format.keyfile import make_key_file
+    from backup_support import content_files, dump_store, v3_metadata
+    from helpers import USER_PASSWORD, make_user
+
+    demoted = {"username": "admin", "password_hash": hash_password("archive-admin-pass"),
+               "nickname": "not an admin", "permissions": [], "groups": ["user"],
+               "created_time": 1.0, "passwd_last_modified": 1.0}
+    listings = {"groups": [{"name": "user", "permissions": [], "created_time": 1.0}],
+                "users": [demoted]}
+    key = bytes(range(32))
+    archive = tmp_path / "lockout.cfms.enc"
+    with open(archive, "wb") as out:
+        write_backup_archive(out, key, compression="none",
+                             metadata=v3_metadata(listings, parts=("accounts",)),
+                             listings=listings, open_file=open)
+    key_path = tmp_path / "lockout.key"
+    key_path.write_bytes(make_key_file(key, "lockout", 1.0, None))
+    async with target.connect("admin") as admin:
+        await make_user(admin, "ops", permissions=["import_backup"])
+        users_before = (await admin.call("list_users"))["users"]
+        groups_before = (await admin.call("list_groups"))["groups"]
+        admin_before = await user_view(target, "admin")
+    store_before, files_before = await dump_store(target), content_files(target)
+
+    async with target.connect("ops", USER_PASSWORD) as ops:
+        final = await import_with(ops, archive, key_path, "replace")
+    assert final["status"] == "failed", final
+    assert ("no member of 'sysop' would hold every permission, and nobody could administer "
+            "the server") in final["error_message"], final
+
+    # Unchanged: the admin still logs in with their own password and still administers.
+    async with target.connect("admin") as admin:
+        assert (await admin.call("list_users"))["users"] == users_before
+        assert (await admin.call("list_groups"))["groups"] == groups_before
+    assert await user_view(target, "admin") == admin_before
+    assert "sysop" in admin_before["groups"]
+    with pytest.raises(ClientError):
+        await titles_seen(target, "admin", "archive-admin-pass")
+    assert await dump_store(target) == store_before
+    assert content_files(target) == files_before
