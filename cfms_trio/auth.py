@@ -37,6 +37,25 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(digest.hex(), digest_hex)
 
 
+SCRYPT_STORED_MAX_MEMORY_BYTES = 32 * 1024 * 1024  # hashlib.scrypt's default maxmem
+
+
+def is_verifiable_hash(stored: str) -> bool:
+    """Whether `stored` is a password hash `verify_password` can check (an imported account's
+    hash, say): the scrypt scheme, sane factors within hashlib's memory bound, hex salt and
+    digest."""
+    try:
+        scheme, n, r, p, salt_hex, digest_hex = stored.split("$")
+        n_value, r_value, p_value = int(n), int(r), int(p)
+        bytes.fromhex(salt_hex)
+        bytes.fromhex(digest_hex)
+    except ValueError:
+        return False
+    return (scheme == "scrypt" and n_value > 1 and n_value & (n_value - 1) == 0
+            and r_value >= 1 and 1 <= p_value <= 16 and len(digest_hex) >= 32
+            and 128 * n_value * r_value <= SCRYPT_STORED_MAX_MEMORY_BYTES)
+
+
 def dummy_password_check(password: str) -> None:
     """Spend the same work as a real check, so unknown users are not told apart by timing."""
     verify_password(password, _DUMMY_HASH)

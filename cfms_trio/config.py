@@ -29,6 +29,10 @@ class ArchiveLimits:
     # metadata.json is one small object, decoded whole: it gets a bound of its own.
     metadata_member_bytes: int = 1 * MiB
     json_depth: int = 64
+    # Payload 3.0 listings come in newline-delimited pieces, each read whole: bytes and records
+    # per piece (the writer makes pieces of PIECE_RECORDS records).
+    piece_bytes: int = 16 * MiB
+    piece_records: int = 10_000
     key_file_bytes: int = 64 * 1024
     # zstd frames may not ask the decoder for a window larger than this (bomb protection).
     zstd_window_bytes: int = 128 * MiB

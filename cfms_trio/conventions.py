@@ -81,6 +81,25 @@ def is_backup_name(value: object) -> bool:
     return (isinstance(value, str) and BACKUP_NAME_PATTERN.fullmatch(value) is not None
             and ".." not in value)
 
-# Parts a backup can hold (issue 13 adds accounts and the audit log). Today's export writes
-# exactly one: folders, documents, their revisions, access rules and file contents.
-BACKUP_PARTS = ("documents",)
+
+# What a backup holds (issue 13): `generate_backup {parts}` picks among these; a part's
+# prerequisites are added to it. `audit` needs `accounts`: an audit entry names its actor by
+# username, and without the accounts of the same backup that name would point at whoever holds
+# it on the restoring server.
+BACKUP_PARTS = ("accounts", "documents", "audit")
+BACKUP_PART_NEEDS = {"audit": ("accounts",)}
+# How `start_backup_import {accounts}` applies an archive's accounts (docs/BACKUP_RESTORE.md).
+ACCOUNTS_POLICIES = ("skip_existing", "replace", "none")
+ACCOUNTS_DEFAULT_POLICY = "skip_existing"
+ACCOUNT_NAME_MAX_CHARS = 64  # usernames and group names (SPEC §2)
+PASSWORD_HASH_MAX_CHARS = 1024
+NICKNAME_MAX_CHARS = 255
+ACCOUNT_NAMES_MAX = 1000  # groups of one user, permissions of one user or group
+
+
+def with_prerequisites(parts) -> tuple[str, ...]:
+    """`parts` plus every part they need, in BACKUP_PARTS order."""
+    wanted = set(parts)
+    for part in list(wanted):
+        wanted.update(BACKUP_PART_NEEDS.get(part, ()))
+    return tuple(part for part in BACKUP_PARTS if part in wanted)

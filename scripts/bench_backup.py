@@ -73,8 +73,17 @@ SETTLE_PROBE_FILES = 200
 OPENSSL_CIPHER = ["-aes-256-ctr", "-pass", "pass:x", "-pbkdf2"]
 
 FULL = {"large_mib": [1024, 64, 64], "small_files": 2000, "meta_documents": 100_000,
-        "meta_folders": 10_000}
-QUICK = {"large_mib": [16], "small_files": 200, "meta_documents": 2000, "meta_folders": 200}
+        "meta_folders": 10_000, "scale_documents": [100_000, 300_000, 1_000_000]}
+QUICK = {"large_mib": [16], "small_files": 200, "meta_documents": 2000, "meta_folders": 200,
+         "scale_documents": [2000, 4000]}
+# The scale set (issue 13): documents in documents/10 folders, a file on every tenth, 1000
+# users and 10,000 audit entries; its goals are absolute, next to idle figures of the run.
+SCALE_FILE_SHARE = 0.1
+SCALE_USERS = 1000
+SCALE_AUDIT_ENTRIES = 10_000
+SCALE_RSS_GOAL_MIB = 256
+SCALE_IMPORT_GOAL_S = 120
+SCALE_EXPORT_GOAL_S = 60
 
 
 # -- results -------------------------------------------------------------------------------------
@@ -394,6 +403,27 @@ async def export(server: ServerProcess, name: str, compression: str, out_dir: Pa
     return out
 
 
+async def export_probed(server: ServerProcess, name: str, out_dir: Path) -> dict:
+    """generate_backup timed, with RSS sampled and server_info probed from a second
+    connection meanwhile; the archive and key are downloaded afterwards (untimed)."""
+    async with admin_client(server) as client, admin_client(server) as prober:
+        busy: list[float] = []
+        stop = trio.Event()
+        with RssSampler(server.pid) as rss:
+            idle_rss = server.rss()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_probe_latency, prober, busy, stop)
+                started = time.perf_counter()
+                result = await client.call("generate_backup", {"backup_name": name})
+                seconds = time.perf_counter() - started
+                stop.set()
+        archive, key = out_dir / f"{name}.cfms.enc", out_dir / f"{name}.key"
+        await client.download_file(result["archive_task_id"], archive)
+        await client.download_file(result["key_task_id"], key)
+    return {"seconds": seconds, "peak_rss": rss.peak, "idle_rss": idle_rss, "busy": busy,
+            "archive": archive, "key": key, "metadata": result["metadata"]}
+
+
 async def _probe_latency(client: Client, samples: list[float], stop: trio.Event,
                          limit: int | None = None) -> None:
     while not stop.is_set() and (limit is None or len(samples) < limit):
@@ -482,6 +512,8 @@ class Bench:
         self.sizes = QUICK if args.quick else FULL
         if args.large_mib is not None:
             self.sizes = dict(self.sizes, large_mib=args.large_mib)
+        if args.scale_documents is not None:
+            self.sizes = dict(self.sizes, scale_documents=args.scale_documents)
         if args.meta_documents is not None:
             self.sizes = dict(self.sizes, meta_documents=args.meta_documents,
                               meta_folders=max(1, args.meta_documents // 10))
@@ -654,6 +686,51 @@ class Bench:
         self.figures.append(throughput_figure(f"6. download over wss ({size / MiB:.0f} MiB)",
                                               size, download_s, down_base, goal_mbps=150))
 
+    # -- figure 7: the scale set
+
+    def scale(self) -> None:
+        t = self.args.timeout
+        for documents in self.sizes["scale_documents"]:
+            folders = max(1, documents // 10)
+            root = self.workdir / f"scale-{documents}"
+            log(f"generating the scale set: {documents} documents in {folders} folders")
+            summary = bench_dataset.build_meta(
+                root, ADMIN_PASSWORD, documents=documents, folders=folders,
+                file_share=SCALE_FILE_SHARE, users=SCALE_USERS,
+                audit_entries=SCALE_AUDIT_ENTRIES)
+            source = self.server(f"scale-src-{documents}", root)
+            self.settle()
+            log(f"scale set {documents}: export")
+            exported = run_async(t, export_probed, source, f"bench-scale-{documents}",
+                                 self.workdir)
+            source.stop()
+            self.settle()
+            log(f"scale set {documents}: import")
+            imported = self.import_best(f"scale-import-{documents}", exported["archive"],
+                                        exported["key"], True)
+            self.raw[f"scale_{documents}"] = {
+                "dataset": summary.as_dict(),
+                "export": {k: v for k, v in exported.items()
+                           if k not in ("archive", "key", "busy")},
+                "import": {k: v for k, v in imported.items() if k not in ("idle", "busy")}}
+            label = f"7. scale {documents} docs ({summary.rows} rows)"
+            for what, result, goal_s in (("export", exported, SCALE_EXPORT_GOAL_S),
+                                         ("import", imported, SCALE_IMPORT_GOAL_S)):
+                busy = result["busy"] or [0.0]
+                p99, worst = percentile(busy, 0.99) * 1000, max(busy) * 1000
+                peak = result["peak_rss"] / MiB
+                self.figures.append(Figure(
+                    f"{label} {what}: time / peak RSS", f"{result['seconds']:.1f} s / "
+                    f"{peak:.0f} MiB", f"{result['idle_rss'] / MiB:.0f} MiB idle",
+                    result["peak_rss"] / result["idle_rss"],
+                    f"<= {goal_s} s, <= {SCALE_RSS_GOAL_MIB} MiB",
+                    result["seconds"] <= goal_s and peak <= SCALE_RSS_GOAL_MIB))
+                self.figures.append(Figure(
+                    f"{label} {what}: server_info p99/max (n={len(result['busy'])})",
+                    f"{p99:.1f}/{worst:.1f} ms", "", None, "p99 <= 50, max <= 200 ms",
+                    p99 <= 50 and worst <= 200))
+            self.discard(root)
+
     # -- figure 5
 
     def meta(self) -> None:
@@ -713,7 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meta-documents", type=int,
                         help="documents of the metadata set, in documents/10 folders "
                              "(default 100000)")
-    parser.add_argument("--only", choices=("mixed", "meta"), help="run one of the two sets")
+    parser.add_argument("--only", choices=("mixed", "meta", "scale"), help="run one set")
+    parser.add_argument("--scale-documents", type=int, nargs="+",
+                        help="document counts of the scale set (default 100000 300000 1000000)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each measurement this many times and keep the best")
     parser.add_argument("--timeout", type=float, default=1800,
@@ -736,6 +815,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.mixed()
         if args.only in (None, "meta"):
             bench.meta()
+        if args.only in (None, "scale"):
+            bench.scale()
     except BaseException:
         for server in bench.servers:
             if server.proc is not None:

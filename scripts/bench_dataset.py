@@ -216,9 +216,12 @@ def build_mixed(root: Path, admin_password: str, *, large_mib: list[int], small_
 
 
 def build_meta(root: Path, admin_password: str, *, documents: int, folders: int,
-               file_bytes: int = 512, seed: int = 2) -> DatasetSummary:
-    """`folders` folders (a two-level tree) holding `documents` documents, each with one
-    small file of about `file_bytes` bytes, and access rules on a tenth of the objects."""
+               file_bytes: int = 512, seed: int = 2, file_share: float = 1.0,
+               users: int = 0, audit_entries: int = 0) -> DatasetSummary:
+    """`folders` folders (a two-level tree) holding `documents` documents, `file_share` of
+    them with one small file of about `file_bytes` bytes (the others have no revision yet),
+    and access rules on a tenth of the objects; plus `users` accounts in a few groups and
+    `audit_entries` audit log entries (the accounts and audit parts of a backup)."""
     rng = random.Random(seed)
     store, paths = _open_root(root, admin_password)
     try:
@@ -228,15 +231,46 @@ def build_meta(root: Path, admin_password: str, *, documents: int, folders: int,
         folder_ids = list(top_ids)
         for i in range(folders - len(top_ids)):
             folder_ids.append(builder.folder(f"sub-{i}", top_ids[i % len(top_ids)], 0.1))
+        with_file = max(1, round(1 / file_share)) if file_share > 0 else 0
         for i in range(documents):
             size = max(1, file_bytes + rng.randint(-file_bytes // 2, file_bytes // 2))
-            builder.document(f"doc-{i}", folder_ids[i % len(folder_ids)], [size], 0.1)
-            if len(builder.rows["File"]) >= 20_000:
+            sizes = [size] if with_file and i % with_file == 0 else []
+            builder.document(f"doc-{i}", folder_ids[i % len(folder_ids)], sizes, 0.1)
+            if len(builder.rows["Document"]) >= 20_000:
                 builder.flush(store)
         builder.flush(store)
+        _accounts(store, rng, users, audit_entries, builder.now)
         return builder.summary
     finally:
         store.close()
+
+
+def _accounts(store, rng: random.Random, users: int, audit_entries: int, now: float) -> None:
+    """`users` users (one shared password hash: hashing is not what is measured) in four
+    groups, and `audit_entries` audit entries."""
+    from cfms_trio.auth import hash_password
+
+    password_hash = hash_password("bench-user-password")
+    groups = [f"team-{i}" for i in range(4)]
+
+    def insert(m):
+        m.Group.insert_many([{"name": g, "permissions": json.dumps(["create_document"]),
+                              "created_time": now} for g in groups]).execute()
+        rows = [{"username": f"user-{i}", "password_hash": password_hash,
+                 "nickname": f"User {i}", "permissions": "[]", "created_time": now,
+                 "passwd_last_modified": now} for i in range(users)]
+        for start in range(0, len(rows), INSERT_BATCH_ROWS):
+            m.User.insert_many(rows[start:start + INSERT_BATCH_ROWS]).execute()
+        members = [{"user": f"user-{i}", "group": groups[i % len(groups)]} for i in range(users)]
+        for start in range(0, len(members), INSERT_BATCH_ROWS):
+            m.UserGroup.insert_many(members[start:start + INSERT_BATCH_ROWS]).execute()
+        for start in range(0, audit_entries, INSERT_BATCH_ROWS):
+            m.AuditLog.insert_many([
+                {"time": now + i, "username": f"user-{i % max(1, users)}", "action": "login",
+                 "target": None, "result": 200, "address": "127.0.0.1"}
+                for i in range(start, min(audit_entries, start + INSERT_BATCH_ROWS))]).execute()
+
+    store.run_write(insert)
 
 
 def main(argv: list[str] | None = None) -> int:

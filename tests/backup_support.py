@@ -56,8 +56,54 @@ V2_TAG_BYTES = 16
 V2_MEMBER_ORDER = ("metadata.json", "folders.json", "documents.json", "files.json")
 
 
+# docs/BACKUP_FORMAT.md §1.6a, payload 3.0: the kinds of pieces in member order, the part each
+# belongs to, and the limits of one piece.
+V3_KINDS = ("groups", "users", "folders", "documents", "files", "audit")
+V3_PART_OF = {"groups": "accounts", "users": "accounts", "folders": "documents",
+              "documents": "documents", "files": "documents", "audit": "audit"}
+V3_PIECE_NAME = re.compile(r"(groups|users|folders|documents|files|audit)\.(0|[1-9][0-9]*)"
+                           r"\.ndjson")
+V3_PIECE_RECORDS_MAX = 10_000
+V3_PIECE_BYTES_MAX = 16 * 2 ** 20
+
+
 class SpecDecodeError(Exception):
     """The archive does not follow SPEC §7."""
+
+
+def _strict_object(line: bytes, where: str) -> dict:
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(keys) != len(set(keys)):
+            raise SpecDecodeError(f"{where}: duplicate key")
+        return dict(pairs)
+
+    def no_constant(name):
+        raise SpecDecodeError(f"{where}: {name} is not JSON")
+
+    value = json.loads(line.decode("utf-8"), object_pairs_hook=no_duplicates,
+                       parse_constant=no_constant)
+    if not isinstance(value, dict):
+        raise SpecDecodeError(f"{where}: a line is not a JSON object")
+    return value
+
+
+def _piece_records(name: str, data: bytes) -> list[dict]:
+    """The records of one piece: one compact JSON object per line, every line ending in a
+    newline, no blank lines, within the piece limits."""
+    if not data or not data.endswith(b"\n"):
+        raise SpecDecodeError(f"{name}: empty, or the last line has no newline")
+    if len(data) > V3_PIECE_BYTES_MAX:
+        raise SpecDecodeError(f"{name}: more than {V3_PIECE_BYTES_MAX} bytes")
+    lines = data[:-1].split(b"\n")
+    if len(lines) > V3_PIECE_RECORDS_MAX:
+        raise SpecDecodeError(f"{name}: more than {V3_PIECE_RECORDS_MAX} records")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() != line or not line:
+            raise SpecDecodeError(f"{name}: line {number} is blank or padded")
+        records.append(_strict_object(line, f"{name} line {number}"))
+    return records
 
 
 @dataclasses.dataclass
@@ -73,6 +119,68 @@ class DecodedArchive:
     def file_bytes(self) -> dict[str, bytes]:
         return {name.removeprefix("files/"): data for name, data in self.members
                 if name.startswith("files/")}
+
+    @property
+    def payload_version(self) -> str:
+        return self.listing("metadata.json")["version"]
+
+    def records(self, kind: str) -> list[dict]:
+        """Every record of a listing kind: the `<kind>.json` array of payload 2.0, or the
+        records of the `<kind>.N.ndjson` pieces of payload 3.0 in order (checked by
+        `v3_layout`)."""
+        if self.payload_version == "2.0":
+            return self.listing(f"{kind}.json")
+        return self.v3_layout()[kind]
+
+    def v3_layout(self) -> dict[str, list[dict]]:
+        """Check the members of a payload 3.0 archive against §1.6a (order, piece numbering
+        and limits, each files piece followed by its files' contents, counts and parts in
+        the metadata) and return every kind's records."""
+        names = [name for name, _ in self.members]
+        if not names or names[0] != "metadata.json":
+            raise SpecDecodeError("metadata.json is not the first member")
+        metadata = self.listing("metadata.json")
+        if metadata.get("version") != "3.0" or metadata.get("format") != "cfms-backup":
+            raise SpecDecodeError(f"not a payload 3.0 metadata: {metadata}")
+        parts = metadata["parts"]
+        if not set(metadata["requested_parts"]) <= set(parts):
+            raise SpecDecodeError("requested_parts is not within parts")
+        if "audit" in parts and "accounts" not in parts:
+            raise SpecDecodeError("audit is held without accounts")
+        records: dict[str, list[dict]] = {kind: [] for kind in V3_KINDS}
+        next_piece = {kind: 0 for kind in V3_KINDS}
+        kind_rank = -1
+        expected_files: list[str] = []  # ids of the current files piece still to come
+        for name, data in self.members[1:]:
+            if name.startswith("files/"):
+                if not expected_files or expected_files[0] != name.removeprefix("files/"):
+                    raise SpecDecodeError(f"{name} is not the next file of its files piece")
+                expected_files.pop(0)
+                continue
+            match = V3_PIECE_NAME.fullmatch(name)
+            if match is None:
+                raise SpecDecodeError(f"unexpected member {name!r}")
+            if expected_files:
+                raise SpecDecodeError(f"{name} comes before files/{expected_files[0]}")
+            kind, number = match.group(1), int(match.group(2))
+            rank = V3_KINDS.index(kind)
+            if rank < kind_rank or number != next_piece[kind]:
+                raise SpecDecodeError(f"{name} is out of order")
+            if V3_PART_OF[kind] not in parts:
+                raise SpecDecodeError(f"{name} belongs to a part the metadata does not list")
+            kind_rank, next_piece[kind] = rank, number + 1
+            piece = _piece_records(name, data)
+            records[kind].extend(piece)
+            if kind == "files":
+                expected_files = [entry["id"] for entry in piece]
+        if expected_files:
+            raise SpecDecodeError(f"files/{expected_files[0]} is missing")
+        for kind in V3_KINDS:
+            if metadata[f"{kind}_count"] != len(records[kind]):
+                raise SpecDecodeError(f"{kind}_count does not match the pieces")
+        if metadata["total_file_bytes"] != sum(f["size"] for f in records["files"]):
+            raise SpecDecodeError("total_file_bytes does not match the files pieces")
+        return records
 
 
 def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
@@ -383,3 +491,91 @@ async def serve_subprocess(root: Path):
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+# -- reading archives through the staging index, as an import does ---------------------------
+
+
+@dataclasses.dataclass
+class ReadBack:
+    """What an archive held, rebuilt in the listing shape from the staging index (small
+    archives only: tests compare whole listings)."""
+
+    contents: object  # the reader's BackupContents
+    folders: list
+    documents: list
+    files: list
+    groups: list
+    users: list
+    audit: list
+
+    def __getattr__(self, name):
+        return getattr(self.contents, name)
+
+
+def listings_of(index) -> dict:
+    """Every listing of a StagingIndex, in archive order and the listing shape."""
+    db = index.db
+    rules: dict = {}
+    for object_id, rule_id, access_type, rule_data in db.execute(
+            "SELECT object_id, id, access_type, rule_data FROM rules ORDER BY seq"):
+        rules.setdefault(object_id, []).append(
+            {"id": rule_id, "access_type": access_type, "rule_data": json.loads(rule_data)})
+    revisions: dict = {}
+    for document_id, revision_id, file_id, created_time in db.execute(
+            "SELECT document_id, id, file_id, created_time FROM revisions ORDER BY seq"):
+        revisions.setdefault(document_id, []).append(
+            {"id": revision_id, "file_id": file_id, "created_time": created_time})
+    groups_of: dict = {}
+    for username, group in db.execute("SELECT username, group_name FROM memberships"):
+        groups_of.setdefault(username, []).append(group)
+    return {
+        "folders": [{"id": i, "name": n, "parent_id": p or None, "created_time": t,
+                     "access_rules": rules.get(i, [])} for i, n, p, t in db.execute(
+            "SELECT id, name, parent_key, created_time FROM folders ORDER BY seq")],
+        "documents": [{"id": i, "title": n, "folder_id": p or None, "created_time": t,
+                       "access_rules": rules.get(i, []), "revisions": revisions.get(i, [])}
+                      for i, n, p, t in db.execute(
+            "SELECT id, title, folder_key, created_time FROM documents ORDER BY seq")],
+        "files": [{"id": i, "sha256": s, "size": z, "created_time": t} for i, s, z, t in
+                  db.execute("SELECT id, sha256, size, created_time FROM files ORDER BY seq")],
+        "groups": [{"name": n, "permissions": json.loads(p), "created_time": t}
+                   for n, p, t in db.execute(
+            "SELECT name, permissions, created_time FROM account_groups ORDER BY seq")],
+        "users": [{"username": u, "password_hash": h, "nickname": n,
+                   "permissions": json.loads(p), "groups": sorted(groups_of.get(u, [])),
+                   "created_time": c, "passwd_last_modified": m}
+                  for u, h, n, p, c, m in db.execute(
+            "SELECT username, password_hash, nickname, permissions, created_time, "
+            "passwd_last_modified FROM users ORDER BY seq")],
+        "audit": [{"time": t, "username": u, "action": a, "target": g, "result": r,
+                   "address": d} for t, u, a, g, r, d in db.execute(
+            "SELECT time, username, action, target, result, address FROM audit ORDER BY seq")],
+    }
+
+
+def read_back(source, key_info, staging: Path, limits, **kwargs) -> ReadBack:
+    """read_backup_archive into a staging index, with the import's whole-set checks."""
+    from cfms_trio.backup.format import read_backup_archive
+    from cfms_trio.backup.restore import check_contents
+    from cfms_trio.backup.staging_index import StagingIndex
+
+    index = StagingIndex.create(staging)
+    try:
+        contents = read_backup_archive(source, key_info, staging, limits, index, **kwargs)
+        check_contents(contents, index)
+        return ReadBack(contents, **listings_of(index))
+    finally:
+        index.close()
+        (staging / "index.sqlite").unlink(missing_ok=True)
+
+
+def v3_metadata(listings: dict, parts=("documents",), **extra) -> dict:
+    """metadata.json of a payload 3.0 archive holding `listings` (kind -> records)."""
+    counts = {f"{kind}_count": len(listings.get(kind, ())) for kind in
+              ("folders", "documents", "files", "groups", "users", "audit")}
+    return {"format": "cfms-backup", "version": "3.0", "created_at": 1700000000.0,
+            "backup_name": "nightly", "server_version": "0.1.0", "parts": list(parts),
+            "requested_parts": list(parts),
+            "total_file_bytes": sum(f["size"] for f in listings.get("files", ())),
+            **counts, **extra}

@@ -26,19 +26,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfms_trio.backup.format import (
-    BackupContents,
     HashingWriter,
     KeyInfo,
     make_key_file,
     parse_key_file,
-    read_backup_archive,
     write_backup_archive,
 )
 from cfms_trio.backup.format import segments as cs
-from cfms_trio.backup.format.listings import validate_references
-from cfms_trio.backup.restore import check_contents
+from cfms_trio.backup.staging_index import StagingIndex
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
+from backup_support import ReadBack, read_back, v3_metadata
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(reversed(range(32)))
@@ -115,21 +113,26 @@ def metadata_for(dataset: dict) -> dict:
     }
 
 
+def listings_of_dataset(dataset: dict) -> dict:
+    return {kind: dataset[kind] for kind in ("folders", "documents", "files")}
+
+
 def write_archive(dataset: dict, compression: str = "none", key: bytes = KEY) -> bytes:
+    """The dataset as this project's writer writes it today (payload 3.0)."""
     out = io.BytesIO()
     write_backup_archive(
-        out, key, compression=compression, metadata=dataset["metadata"],
-        folders=dataset["folders"], documents=dataset["documents"], files=dataset["files"],
+        out, key, compression=compression,
+        metadata=v3_metadata(listings_of_dataset(dataset)),
+        listings=listings_of_dataset(dataset),
         open_file=lambda file_id: io.BytesIO(dataset["blobs"][file_id]), chunk_log2=CHUNK_LOG2,
     )
     return out.getvalue()
 
 
 def read_archive(data: bytes, tmp_path: Path, key_info: KeyInfo = V2_KEY,
-                 limits: ArchiveLimits = LIMITS, **kwargs) -> tuple[BackupContents, Path]:
+                 limits: ArchiveLimits = LIMITS, **kwargs) -> tuple[ReadBack, Path]:
     staging = tmp_path / f"staging{next(_staging_numbers)}"
-    contents = read_backup_archive(io.BytesIO(data), key_info, staging, limits, **kwargs)
-    return contents, staging
+    return read_back(io.BytesIO(data), key_info, staging, limits, **kwargs), staging
 
 
 def json_bytes(value) -> bytes:
@@ -223,7 +226,8 @@ class RecordingReader(io.RawIOBase):
 
 @functools.cache
 def standard_archive() -> bytes:
-    return write_archive(make_dataset())
+    """A payload 2.0 archive of the standard dataset (as the writer made them before 3.0)."""
+    return sealed_dataset(make_dataset())
 
 
 def segments_of(archive: bytes) -> tuple[bytes, list[bytes]]:
@@ -241,8 +245,9 @@ def test_round_trip_preserves_listings_and_contents(tmp_path, compression):
     out = io.BytesIO()
     hashing = HashingWriter(out)
     write_backup_archive(
-        hashing, KEY, compression=compression, metadata=dataset["metadata"],
-        folders=dataset["folders"], documents=dataset["documents"], files=dataset["files"],
+        hashing, KEY, compression=compression,
+        metadata=v3_metadata(listings_of_dataset(dataset)),
+        listings=listings_of_dataset(dataset),
         open_file=lambda file_id: io.BytesIO(dataset["blobs"][file_id]), chunk_log2=CHUNK_LOG2,
     )
     archive = out.getvalue()
@@ -253,11 +258,11 @@ def test_round_trip_preserves_listings_and_contents(tmp_path, compression):
         archive, tmp_path, progress=lambda done, total: reports.append((done, total)),
         archive_size=len(archive),
     )
-    assert contents.format_version == "2.0"
+    assert contents.format_version == "3.0"
     assert contents.folders == dataset["folders"]
     assert contents.documents == dataset["documents"]
     assert contents.files == dataset["files"]
-    assert contents.metadata == dataset["metadata"]
+    assert contents.metadata == v3_metadata(listings_of_dataset(dataset))
     for file_id, data in dataset["blobs"].items():
         assert (staging / file_id).read_bytes() == data
     assert sorted(p.name for p in staging.iterdir()) == sorted(dataset["blobs"])
@@ -472,7 +477,7 @@ def test_extracted_bytes_limit(tmp_path):
 
 
 def test_json_member_too_big(tmp_path):
-    limits = ArchiveLimits(json_member_bytes=200)
+    limits = ArchiveLimits(json_member_bytes=320)
     expect_error(standard_archive(), tmp_path, "folders.json is .* bytes",
                  error=ArchiveLimitExceeded, limits=limits)
 
@@ -621,7 +626,7 @@ def test_pre_planted_link_in_staging_is_not_followed(tmp_path):
     staging.mkdir()
     (staging / "small").symlink_to(outside)
     with pytest.raises(ArchiveError, match="already present"):
-        read_backup_archive(io.BytesIO(standard_archive()), V2_KEY, staging, LIMITS)
+        read_back(io.BytesIO(standard_archive()), V2_KEY, staging, LIMITS)
     assert outside.read_bytes() == b"precious"
 
 
@@ -695,7 +700,7 @@ def test_lying_counts_are_rejected(tmp_path, field):
     expect_error(mutated(lie), tmp_path, f"says {field} is")
 
 
-@pytest.mark.parametrize("version", ["3.0", "1.0", 2, None])
+@pytest.mark.parametrize("version", ["4.0", "1.0", 2, None])
 def test_unknown_metadata_version_is_rejected(tmp_path, version):
     def set_version(dataset):
         dataset["metadata"]["version"] = version
@@ -744,16 +749,6 @@ def test_duplicate_json_keys_are_rejected(tmp_path):
     expect_error(sealed_members(members), tmp_path, "duplicate key")
 
 
-def test_validate_references_directly():
-    dataset = make_dataset()
-    contents = BackupContents("2.0", dataset["metadata"], dataset["folders"],
-                              dataset["documents"], dataset["files"])
-    validate_references(contents)
-    contents.folders[1]["parent_id"] = "fc"
-    with pytest.raises(ArchiveError, match="cycle"):
-        validate_references(contents)
-
-
 # ------------------------------------------------------------------------------------------
 # Writer
 
@@ -766,10 +761,10 @@ def test_writer_refuses_a_file_that_changed_size_or_content(tmp_path):
         blobs = dict(dataset["blobs"], small=blob)
         with pytest.raises(ValueError, match=match):
             write_backup_archive(
-                out, KEY, compression="zstd", metadata=dataset["metadata"],
-                folders=dataset["folders"], documents=dataset["documents"],
-                files=dataset["files"], open_file=lambda fid: io.BytesIO(blobs[fid]),
-                chunk_log2=CHUNK_LOG2,
+                out, KEY, compression="zstd",
+                metadata=v3_metadata(listings_of_dataset(dataset)),
+                listings=listings_of_dataset(dataset),
+                open_file=lambda fid: io.BytesIO(blobs[fid]), chunk_log2=CHUNK_LOG2,
             )
         # The aborted output has no final segment, so it can never pass for a whole backup.
         expect_error(out.getvalue(), tmp_path, "ArchiveError|truncated|final segment|corrupt")
@@ -777,12 +772,20 @@ def test_writer_refuses_a_file_that_changed_size_or_content(tmp_path):
 
 def test_writer_refuses_invalid_data():
     dataset = make_dataset()
-    dataset["documents"][0]["folder_id"] = "ghost"
-    with pytest.raises(ValueError, match="ghost"):
+    dataset["documents"][0]["folder_id"] = "no/such id"
+    with pytest.raises(ValueError, match="folder_id must be an id"):
         write_archive(dataset)
+    dataset = make_dataset()
+    dataset["files"].pop()
+    with pytest.raises(ValueError, match="sum of the files' sizes|counts"):
+        out = io.BytesIO()
+        write_backup_archive(out, KEY, compression="none",
+                             metadata=v3_metadata(listings_of_dataset(make_dataset())),
+                             listings=listings_of_dataset(dataset),
+                             open_file=lambda fid: io.BytesIO(dataset["blobs"][fid]))
     with pytest.raises(ValueError, match="compression"):
-        write_backup_archive(io.BytesIO(), KEY, compression="gzip", metadata={}, folders=[],
-                             documents=[], files=[], open_file=io.BytesIO)
+        write_backup_archive(io.BytesIO(), KEY, compression="gzip", metadata={}, listings={},
+                             open_file=io.BytesIO)
 
 
 # ------------------------------------------------------------------------------------------
@@ -1006,7 +1009,7 @@ def test_any_bit_flip_is_rejected(data):
     archive[position // 8] ^= 1 << (position % 8)
     with tempfile.TemporaryDirectory() as tmp:
         with pytest.raises(ArchiveError):
-            read_backup_archive(io.BytesIO(bytes(archive)), V2_KEY, Path(tmp) / "s", LIMITS)
+            read_back(io.BytesIO(bytes(archive)), V2_KEY, Path(tmp) / "s", LIMITS)
 
 
 def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
@@ -1017,13 +1020,22 @@ def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
 
     folders = [folder("a", "x"), folder("b", "x"), folder("c", "x (2)"), folder("d", "x"),
                folder("e", "x", parent="a")]
-    contents = BackupContents("1.0", {"version": "1.0"}, folders, [], [])
-    check_contents(contents)
-    assert [f["name"] for f in folders] == ["x", "x (3)", "x (2)", "x (4)", "x"]
-    assert len(contents.warnings) == 2
+    with tempfile.TemporaryDirectory() as tmp:
+        index = StagingIndex.create(Path(tmp))
+        for entry in folders:
+            index.add("folders", entry)
+        warnings = index.check(rename_twins=True)
+        names = [row[1] for batch in index.rows("folders") for row in batch]
+        index.close()
+    assert sorted(names) == sorted(["x", "x (3)", "x (2)", "x (4)", "x"])
+    assert len(warnings) == 2
     assert "folder 'b': another folder in the root is also named 'x'; imported as 'x (3)'" in (
-        contents.warnings)
+        warnings)
     twins = [folder(f"t{i}", "twin") for i in range(3)]
-    strict = BackupContents("2.0", {"version": "2.0"}, twins, [], [])
-    with pytest.raises(ArchiveError, match="two folders named 'twin' in the root"):
-        check_contents(strict)  # format 2 archives are held to the API's rules
+    with tempfile.TemporaryDirectory() as tmp:
+        index = StagingIndex.create(Path(tmp))
+        for entry in twins:
+            index.add("folders", entry)
+        with pytest.raises(ArchiveError, match="two folders named 'twin' in the root"):
+            index.check(rename_twins=False)  # format 2 archives are held to the API's rules
+        index.close()

@@ -80,7 +80,12 @@ async def test_backup_verify_accepts_a_good_archive(exported):
     server, built, archive, key, _ = exported
     done = await run_cli(*cli_command("backup", "verify", str(archive), str(key)))
     assert done.returncode == 0, done.stderr.decode()
-    assert done.stdout.decode().startswith(f"OK: format 2.0, {counts_text(built)}")
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].startswith(f"OK: format 3.0, {counts_text(built)}")  # the payload version
+    # The parts and their counts (payload 3.0 holds the whole server).
+    assert re.fullmatch(r"parts: accounts \(1 users, [1-9][0-9]* groups\); documents \("
+                        + re.escape(counts_text(built)) + r"\); audit \([1-9][0-9]* entries\)",
+                        lines[1]), lines
 
 
 def without_recorded_sha256(key: Path, folder: Path) -> Path:
@@ -162,7 +167,7 @@ async def test_backup_inspect_shows_metadata_and_tree(exported):
     text = done.stdout.decode()
     metadata_text, tree = text.split("\n/\n")
     metadata = json.loads(metadata_text)
-    assert metadata["backup_name"] == "offline" and metadata["version"] == "2.0"
+    assert metadata["backup_name"] == "offline" and metadata["version"] == "3.0"
     assert metadata["files_count"] == len(built.contents)
     lines = tree.splitlines()
     # Folders end in '/', contents are indented under them, documents show their history.
@@ -180,8 +185,15 @@ async def test_backup_inspect_shows_metadata_and_tree(exported):
     listed = json.loads(as_json.stdout)
     decoded = spec_decode(archive.read_bytes(), json.loads(key.read_text()))
     for name in ("folders", "documents", "files"):
-        assert listed[name] == decoded.listing(f"{name}.json"), name
+        assert listed[name] == decoded.records(name), name
     assert listed["metadata"] == metadata
+    records = decoded.v3_layout()
+    assert listed["groups"] == records["groups"] and listed["audit"] == records["audit"]
+    # Users as in the archive, but inspect never prints password hashes.
+    assert listed["users"] == [{k: v for k, v in u.items() if k != "password_hash"}
+                               for u in records["users"]]
+    assert "scrypt$" not in as_json.stdout.decode()
+    assert lines[-1].startswith("parts: accounts (1 users, "), lines
 
     wrong = await run_cli(*cli_command("backup", "inspect", str(archive), str(archive)))
     assert wrong.returncode != 0 and "key file" in wrong.stderr.decode()

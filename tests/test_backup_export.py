@@ -19,7 +19,7 @@ from cfms_trio.config import Limits
 from cfms_trio.storage.backup_tasks import get_backup_task
 
 from backup_support import (
-    V2_MEMBER_ORDER, build_store, dump_store, export_to, sha256_hex, spec_decode, upload_bytes,
+    V3_KINDS, build_store, dump_store, export_to, sha256_hex, spec_decode, upload_bytes,
 )
 from helpers import USER_PASSWORD, make_user
 
@@ -121,27 +121,38 @@ async def test_export_holds_the_whole_store_as_the_spec_describes(small, client,
     assert decoded.compression == (1 if compression == "zstd" else 0)
     assert decoded.segment_count >= 3  # the big file alone spans more than two segments
 
-    # Member order: the four listings, then files/<id> in files.json order.
+    # Payload 3.0 (docs/BACKUP_FORMAT.md §1.6a): order, pieces, counts and parts checked by
+    # the independent decoder; a store this small has one piece of each kind, and the files
+    # of the files piece come right after it.
+    listings = decoded.v3_layout()
     names = [n for n, _ in decoded.members]
-    files_listing = decoded.listing("files.json")
-    assert names == [*V2_MEMBER_ORDER, *(f"files/{f['id']}" for f in files_listing)]
+    files_listing = listings["files"]
+    expected_names = ["metadata.json"]
+    for kind in V3_KINDS:
+        if listings[kind]:
+            expected_names.append(f"{kind}.0.ndjson")
+        if kind == "files":
+            expected_names += [f"files/{f['id']}" for f in files_listing]
+    assert names == expected_names
+    assert [u["username"] for u in listings["users"]] == ["admin"]
+    assert listings["audit"], "the audit log is in a full backup"
 
     metadata = decoded.listing("metadata.json")
     assert metadata == result["metadata"]
-    assert metadata["format"] == "cfms-backup" and metadata["version"] == "2.0"
+    assert metadata["format"] == "cfms-backup" and metadata["version"] == "3.0"
+    assert set(metadata["parts"]) == set(metadata["requested_parts"]) == {
+        "accounts", "documents", "audit"}
     assert metadata["backup_name"] == name and metadata["server_version"] == __version__
     assert before - 1 <= metadata["created_at"] <= time.time() + 1
     assert (metadata["folders_count"], metadata["documents_count"], metadata["files_count"]) == (
         len(built.folders), len(built.documents), len(built.contents))
     assert metadata["total_file_bytes"] == built.total_bytes
 
-    folders = decoded.listing("folders.json")
+    folders = listings["folders"]
     assert by_id(folders) == expected["folders"]
-    seen: set = set()
-    for folder in folders:  # parents before children
-        assert folder["parent_id"] is None or folder["parent_id"] in seen, folder
-        seen.add(folder["id"])
-    documents = decoded.listing("documents.json")
+    # Payload 3.0 folders need not come parents first (§1.6a): the export streams them in
+    # storage order; the importer orders them from its staging index.
+    documents = listings["documents"]
     assert by_id(documents) == expected["documents"]
     for document in documents:  # revisions in history order
         assert [r["file_id"] for r in document["revisions"]] == built.revisions[document["id"]]
@@ -169,9 +180,12 @@ async def test_an_empty_store_exports_an_empty_backup(server, admin, tmp_path):
     archive, key, result = await export_to(admin, tmp_path, None, "none")
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", result["backup_name"])
     decoded = spec_decode(archive.read_bytes(), json.loads(key.read_text()))
-    assert [n for n, _ in decoded.members] == list(V2_MEMBER_ORDER)
-    assert decoded.listing("folders.json") == decoded.listing("documents.json") == []
-    assert decoded.listing("files.json") == []
+    # No documents: no folders, documents or files pieces (a listing with no records has none).
+    listings = decoded.v3_layout()
+    assert not any(name.startswith(("folders.", "documents.", "files"))
+                   for name, _ in decoded.members)
+    assert listings["folders"] == listings["documents"] == listings["files"] == []
+    assert [u["username"] for u in listings["users"]] == ["admin"]
     assert result["metadata"]["total_file_bytes"] == 0
 
 

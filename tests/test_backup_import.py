@@ -461,10 +461,14 @@ async def test_an_id_that_exists_fails_the_import_naming_it(target, target_admin
 
 async def test_a_failure_after_files_were_placed_takes_them_back(
         target, target_admin, tmp_path, monkeypatch):
-    def broken_insert(*args, **kwargs):
-        raise RuntimeError("simulated failure while inserting documents")
+    real_insert = restore_rows.insert_rows
 
-    monkeypatch.setattr(restore_rows, "insert_documents", broken_insert)
+    def broken_insert(model, *args, **kwargs):
+        if model._meta.table_name == "document":
+            raise RuntimeError("simulated failure while inserting documents")
+        return real_insert(model, *args, **kwargs)
+
+    monkeypatch.setattr(restore_rows, "insert_rows", broken_insert)
     listings, files, archive, key = legacy_backup(tmp_path)
     final = await run_failing_import(target, target_admin, archive, key)
     assert "log reference" in final["error_message"], final

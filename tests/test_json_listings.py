@@ -31,6 +31,11 @@ class CountingSource(io.BytesIO):
         return data
 
 
+def parse_folders(entries, legacy: bool) -> list[dict]:
+    """A folders listing entry by entry, as the reader parses it."""
+    return [listings.parse_folder(entry, index, legacy) for index, entry in enumerate(entries)]
+
+
 def streamed(data: bytes, depth_limit: int | None = 16) -> tuple[jsonstream.JsonArray,
                                                                   CountingSource]:
     source = CountingSource(data)
@@ -39,19 +44,19 @@ def streamed(data: bytes, depth_limit: int | None = 16) -> tuple[jsonstream.Json
 
 
 def parse(data: bytes, depth_limit: int | None = 16) -> list[dict]:
-    return listings.parse_folders(streamed(data, depth_limit)[0], legacy=False)
+    return parse_folders(streamed(data, depth_limit)[0], legacy=False)
 
 
 def test_a_streamed_listing_parses_like_a_whole_one():
     data = json.dumps([FOLDER, dict(FOLDER, id="f2", name="😀 \\ \"q\"")]).encode()
-    assert parse(data) == listings.parse_folders(json.loads(data), legacy=False)
+    assert parse(data) == parse_folders(json.loads(data), legacy=False)
 
 
 def test_a_bad_first_entry_is_refused_after_reading_one_buffer():
     data = b"[" + b"[]," * (32 * 2**20 // 3) + b"[]]"
     entries, source = streamed(data)
     with pytest.raises(ArchiveError, match="folders.json: entry 0 must be a JSON object"):
-        listings.parse_folders(entries, legacy=False)
+        parse_folders(entries, legacy=False)
     assert source.consumed <= 2 * jsonstream.PARSE_BUFFER_BYTES
 
 

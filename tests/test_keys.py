@@ -29,7 +29,6 @@ from cfms_trio.backup.format import (
     parse_identity,
     parse_identity_file,
     parse_recipient,
-    read_backup_archive,
     rekey_archive,
     summarize_archive,
     write_backup_archive,
@@ -40,7 +39,7 @@ from cfms_trio.client import export_backup
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
-from backup_support import build_store, cli_command, dump_store, import_from, run_cli, spec_decode
+from backup_support import read_back, v3_metadata, build_store, cli_command, dump_store, import_from, run_cli, spec_decode
 from test_archive import CHUNK_LOG2, make_dataset
 
 LIMITS = ArchiveLimits()
@@ -51,9 +50,10 @@ ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 def write_v3(dataset: dict, *wrap_for, key: bytes | None = None) -> bytes:
     out = io.BytesIO()
+    listings = {kind: dataset[kind] for kind in ("folders", "documents", "files")}
     write_backup_archive(
-        out, key or os.urandom(32), compression="zstd", metadata=dataset["metadata"],
-        folders=dataset["folders"], documents=dataset["documents"], files=dataset["files"],
+        out, key or os.urandom(32), compression="zstd", metadata=v3_metadata(listings),
+        listings=listings,
         open_file=lambda file_id: io.BytesIO(dataset["blobs"][file_id]), chunk_log2=CHUNK_LOG2,
         wrap_for=wrap_for)
     return out.getvalue()
@@ -61,7 +61,7 @@ def write_v3(dataset: dict, *wrap_for, key: bytes | None = None) -> bytes:
 
 def open_with(data: bytes, tmp_path: Path, unlock: Unlock, limits: ArchiveLimits = LIMITS):
     staging = tmp_path / f"staging-{os.urandom(4).hex()}"
-    return read_backup_archive(io.BytesIO(data), unlock, staging, limits)
+    return read_back(io.BytesIO(data), unlock, staging, limits)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_a_format_3_archive_names_what_opens_it_when_given_a_key_file(archive, t
     from cfms_trio.backup.format import KeyInfo
     key_info = KeyInfo(format=2, key=bytes(32), algorithm="AES-256-GCM-STREAM")
     with pytest.raises(ArchiveError, match="format 3 archive: it opens with an identity"):
-        read_backup_archive(io.BytesIO(archive), key_info, tmp_path / "s", LIMITS)
+        read_back(io.BytesIO(archive), key_info, tmp_path / "s", LIMITS)
 
 
 # -- rotation ------------------------------------------------------------------------------------
@@ -272,14 +272,14 @@ def test_the_committed_format_3_fixture_reads(tmp_path):
                    Unlock(parse_identity_file((FIXTURE / "bob.identity").read_bytes(), LIMITS)),
                    Unlock(passphrase=Passphrase(passphrase))):
         staging = tmp_path / f"s{os.urandom(3).hex()}"
-        contents = read_backup_archive(io.BytesIO(archive), unlock, staging, LIMITS)
+        contents = read_back(io.BytesIO(archive), unlock, staging, LIMITS)
         assert contents.metadata["backup_name"] == "format3-fixture"
         assert {f["id"]: f["sha256"] for f in contents.files} == {
             fid: hashlib.sha256(data).hexdigest() for fid, data in FIXTURE_FILES.items()}
         assert {p.name: p.read_bytes() for p in staging.iterdir()} == FIXTURE_FILES
     carol = parse_identity_file((FIXTURE / "carol.identity").read_bytes(), LIMITS)
     with pytest.raises(ArchiveError, match="none of the given identities"):
-        read_backup_archive(io.BytesIO(archive), Unlock(carol), tmp_path / "c", LIMITS)
+        read_back(io.BytesIO(archive), Unlock(carol), tmp_path / "c", LIMITS)
 
 
 def _independent_file_key(archive: bytes, *, secret: bytes | None = None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
-from ..conventions import NAME_MAX_CHARS
+from ..conventions import ACCOUNTS_DEFAULT_POLICY, ACCOUNTS_POLICIES, BACKUP_PARTS, NAME_MAX_CHARS
 from . import (
     accounts, backup_export, backup_import, backup_schedules, documents, session, transfer,
 )
@@ -107,7 +107,8 @@ ROUTES: list[Route] = [
           {"backup_name": optional(str, max_len=100),
            "compression": optional(str, default="zstd", choices=("zstd", "none")),
            "recipients": optional(list, max_len=backup_export.MAX_RECIPIENTS),
-           "passphrase": optional(str, min_len=1, max_len=backup_export.PASSPHRASE_MAX_CHARS)},
+           "passphrase": optional(str, min_len=1, max_len=backup_export.PASSPHRASE_MAX_CHARS),
+           "parts": optional(list, max_len=len(BACKUP_PARTS))},
           permission="export_backup", audited=True),
     Route("initiate_backup_import", backup_import.initiate_backup_import,
           {"timeout_seconds": optional(int, default=3600, min=1, max=86400)},
@@ -116,7 +117,8 @@ ROUTES: list[Route] = [
           {"backup_task_id": object_id(),
            "passphrase": optional(str, min_len=1,
                                   max_len=backup_export.PASSPHRASE_MAX_CHARS),
-           "allow_missing_content": optional(bool, default=False)},
+           "allow_missing_content": optional(bool, default=False),
+           "accounts": optional(str, default=ACCOUNTS_DEFAULT_POLICY, choices=ACCOUNTS_POLICIES)},
           permission="import_backup", audited=True),
     Route("get_backup_import_status", backup_import.get_backup_import_status,
           {"backup_task_id": object_id()}, permission="import_backup"),

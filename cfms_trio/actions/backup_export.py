@@ -8,7 +8,7 @@ import trio
 
 from ..backup.export import check_backup_name, default_backup_name, export_store
 from ..backup.format import Passphrase, parse_recipient
-from ..conventions import STATUS_FAILED
+from ..conventions import BACKUP_PARTS, STATUS_FAILED
 from ..dispatch import Context
 from ..errors import ArchiveError, BadRequest, CfmsError, Conflict, disk_error, internal_error
 from ..backup.targets import TARGET_LOCAL
@@ -34,11 +34,26 @@ def wrap_targets(data: dict) -> tuple:
     return tuple(targets)
 
 
+def backup_parts(data: dict) -> tuple[str, ...]:
+    """The parts asked for (default: all); their prerequisites are added by the export."""
+    parts = data["parts"]
+    if parts is None:
+        return BACKUP_PARTS
+    for index, part in enumerate(parts):
+        if part not in BACKUP_PARTS:
+            raise BadRequest(f"field 'data.parts[{index}]' must be one of "
+                             f"{', '.join(BACKUP_PARTS)}")
+    if not parts:
+        raise BadRequest(f"field 'data.parts' must name at least one of {', '.join(BACKUP_PARTS)}")
+    return tuple(parts)
+
+
 async def generate_backup(ctx: Context, data: dict) -> dict:
     app = ctx.app
     now = app.now()
     name = check_backup_name(data["backup_name"] or default_backup_name(now))
     wrap_for = wrap_targets(data)
+    parts = backup_parts(data)
     ctx.audit_target = name
     task_id = await app.store.write(backup_tasks.create_export_task, ctx.user.username, name,
                                     now)
@@ -47,7 +62,7 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
             result = await trio.to_thread.run_sync(
                 lambda: export_store(app.store, app.paths.content, app.paths.backups, name,
                                      data["compression"], now=now, wrap_for=wrap_for,
-                                     limits=app.settings.limits.archive),
+                                     limits=app.settings.limits.archive, parts=parts),
                 limiter=app.bulk_io_limiter)
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None

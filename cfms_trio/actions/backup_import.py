@@ -66,7 +66,8 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                                      started_time=app.now(), current_step=FIRST_STEP,
                                      progress_percent=STEP_PERCENT[FIRST_STEP][0])
         app.imports.start(task, passphrase=passphrase, with_key=with_key,
-                          allow_missing_content=data["allow_missing_content"])
+                          allow_missing_content=data["allow_missing_content"],
+                          accounts=data["accounts"])
     return {"backup_task_id": task_id, "status": STATUS_PROCESSING, "message": START_MESSAGE}
 
 

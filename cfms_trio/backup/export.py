@@ -2,11 +2,13 @@
 recipients and passphrases, into a format 3 archive with no key file at all.
 
 `export_store` is blocking: the server runs it in a worker thread, the offline
-`cfms-trio backup export` command calls it directly. The archive is written under a hidden
-temporary name, read back end to end (`read_back`: every segment, every listing, every file's
-size and sha256, with the key it was just written with, which for a format 3 archive lives only
-in this process's memory until then) and only then linked into place (or handed to `publish`,
-e.g. an upload to S3). A failure leaves no archive, and an existing backup is never replaced.
+`cfms-trio backup export` command calls it directly. It holds one read transaction for the
+whole export and a piece of records at a time (storage/snapshot.py). The archive is written
+under a hidden temporary name, read back end to end (`read_back`: every segment, every listing,
+every file's size and sha256, with the key it was just written with, which for a format 3
+archive lives only in this process's memory until then) and only then linked into place (or
+handed to `publish`, e.g. an upload to S3). A failure leaves no archive, and an existing backup
+is never replaced.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ from typing import Callable
 
 from .. import __version__
 from ..config import ArchiveLimits
-from ..conventions import BACKUP_NAME_MAX_CHARS, is_backup_name
+from ..conventions import BACKUP_NAME_MAX_CHARS, BACKUP_PARTS, is_backup_name, with_prerequisites
 from ..errors import ArchiveError, BadRequest, CfmsError, Conflict
-from ..reaper import remove_tree
-from ..storage import Store
 from ..paths import backup_pair, partial_backup_pair, self_check_dir
-from ..storage.snapshot import snapshot
+from ..reaper import remove_tree
+from ..storage import Store, snapshot
 from .format import (
     FORMAT_NAME,
     KEY_BYTES,
-    VERSION_V2,
+    PART_OF_KIND,
+    VERSION_V3,
     HashingWriter,
     Passphrase,
     Recipient,
@@ -41,8 +43,8 @@ from .format import (
     read_backup_archive,
     write_backup_archive,
 )
-from .gc_pause import cyclic_gc_paused
 from .restore import check_contents
+from .staging_index import StagingIndex
 
 
 @dataclasses.dataclass
@@ -72,10 +74,14 @@ def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) ->
     """Read the archive at `path` end to end as an import would (every segment, listing and
     file hash, the recipient block MAC of format 3) into `staging_dir`, then the checks of
     this server's own rules (`check_contents`). Raises ArchiveError on any difference."""
-    with open(path, "rb") as archive:
-        contents = read_backup_archive(archive, key_info, staging_dir, limits,
-                                       archive_size=os.fstat(archive.fileno()).st_size)
-    check_contents(contents)
+    index = StagingIndex.create(staging_dir)
+    try:
+        with open(path, "rb") as archive:
+            contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
+                                           archive_size=os.fstat(archive.fileno()).st_size)
+        check_contents(contents, index)
+    finally:
+        index.close()
 
 
 def _self_check(path: Path, key_info, out_dir: Path, name: str,
@@ -131,9 +137,11 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
                  *, now: float | None = None, chunk_log2: int = 20,
                  wrap_for: tuple[Recipient | Passphrase, ...] = (),
                  publish: Callable[[Path], None] | None = None,
-                 limits: ArchiveLimits = ArchiveLimits()) -> ExportResult:
-    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot, each
-    published only after the archive read back in full (`SelfCheckFailed` otherwise).
+                 limits: ArchiveLimits = ArchiveLimits(),
+                 parts: tuple[str, ...] = BACKUP_PARTS) -> ExportResult:
+    """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot of
+    `parts` (and the parts they need, `with_prerequisites`; both recorded in the metadata),
+    each published only after the archive read back in full (`SelfCheckFailed` otherwise).
 
     With `wrap_for` (recipients and/or passphrases) the archive is format 3 and no key file is
     written: the random file key exists only wrapped for them, and in this process's memory
@@ -144,74 +152,81 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     if publish is not None and not wrap_for:
         raise ValueError("only an archive made for recipients is published elsewhere")
     check_backup_name(name)
+    requested = tuple(part for part in BACKUP_PARTS if part in parts)
     now = time.time() if now is None else now
     out_dir.mkdir(parents=True, exist_ok=True)
     archive_path, key_path = backup_pair(out_dir, name)
     if archive_path.exists() or key_path.exists():
         raise Conflict(f"a backup named '{name}' already exists")
 
-    # The listings of a large store would make every full collection stall the event loop.
-    with cyclic_gc_paused():
-        snap = store.run_read(snapshot)
-        metadata = {
-            "format": FORMAT_NAME, "version": VERSION_V2, "created_at": now, "backup_name": name,
-            "server_version": __version__, "documents_count": len(snap["documents"]),
-            "folders_count": len(snap["folders"]), "files_count": len(snap["files"]),
-            "total_file_bytes": sum(f["size"] for f in snap["files"]),
-        }
-        file_paths = snap["file_paths"]
-        content_root = str(content_dir.resolve())
-        resolved_folders: dict[str, str] = {}
+    parts = with_prerequisites(parts)
+    if not parts:
+        raise BadRequest(f"a backup holds at least one part of {', '.join(BACKUP_PARTS)}")
+    content_root = str(content_dir.resolve())
+    resolved_folders: dict[str, str] = {}
+    key = secrets.token_bytes(KEY_BYTES)
+    temp_archive, temp_key = partial_backup_pair(out_dir, name)
 
-        def open_file(file_id: str):
-            # Stored files share a few hundred folders: each folder is resolved once, not every
-            # component of every path (eight system calls a file), and a file is resolved in
-            # full only when it is itself a link.
-            folder, _, name = file_paths[file_id].rpartition("/")
-            resolved = resolved_folders.get(folder)
-            if resolved is None:
-                resolved = resolved_folders[folder] = os.path.realpath(content_dir / folder)
-            path = os.path.join(resolved, name)
-            if name in ("", ".", "..") or os.path.islink(path):
-                path = os.path.realpath(path)
-            if path != content_root and not path.startswith(content_root + os.sep):
-                raise ValueError(f"stored path of file {file_id} escapes the content folder")
-            return open(path, "rb")
+    def write_archive(m, raw, key: bytes) -> dict:
+        """The whole archive from one read transaction: one consistent snapshot (WAL), read
+        as streams while the archive is written, never whole."""
+        with m.db.atomic():
+            metadata = {"format": FORMAT_NAME, "version": VERSION_V3, "created_at": now,
+                        "backup_name": name, "server_version": __version__,
+                        "parts": list(parts), "requested_parts": list(requested),
+                        **snapshot.counts(m, parts)}
 
-        key = secrets.token_bytes(KEY_BYTES)
-        temp_archive, temp_key = partial_backup_pair(out_dir, name)
-        try:
-            fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as raw:
-                out = HashingWriter(raw)
-                with WriteBehind(out) as behind:
-                    write_backup_archive(behind, key, compression=compression, metadata=metadata,
-                                         folders=snap["folders"], documents=snap["documents"],
-                                         files=snap["files"], open_file=open_file,
-                                         chunk_log2=chunk_log2, wrap_for=wrap_for)
-                raw.flush()
-                os.fsync(raw.fileno())
-            digest = out.hexdigest()
-            key_file = None if wrap_for else make_key_file(key, name, now, digest)
-            key_info = Unlock(file_key=key) if wrap_for else parse_key_file(key_file, limits)
-            del key
-            verified_time = _self_check(temp_archive, key_info, out_dir, name, limits)
-            del key_info
-            if publish is not None:
-                publish(temp_archive)
-            else:
+            def open_file(file_id: str):
+                # Stored files share a few hundred folders: each folder is resolved once, not
+                # every component of every path (eight system calls a file), and a file is
+                # resolved in full only when it is itself a link.
+                folder, _, base = snapshot.file_path(m, file_id).rpartition("/")
+                resolved = resolved_folders.get(folder)
+                if resolved is None:
+                    resolved = resolved_folders[folder] = os.path.realpath(content_dir / folder)
+                path = os.path.join(resolved, base)
+                if base in ("", ".", "..") or os.path.islink(path):
+                    path = os.path.realpath(path)
+                if path != content_root and not path.startswith(content_root + os.sep):
+                    raise ValueError(f"stored path of file {file_id} escapes the content folder")
+                return open(path, "rb")
+
+            listings = {kind: read(m) for kind, read in snapshot.LISTINGS.items()
+                        if PART_OF_KIND[kind] in parts}
+            with WriteBehind(raw) as behind:
+                write_backup_archive(behind, key, compression=compression, metadata=metadata,
+                                     listings=listings, open_file=open_file,
+                                     chunk_log2=chunk_log2, wrap_for=wrap_for)
+        return metadata
+
+    try:
+        fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as raw_file:
+            out = HashingWriter(raw_file)
+            metadata = store.run_read(write_archive, out, key)
+            raw_file.flush()
+            os.fsync(raw_file.fileno())
+        digest = out.hexdigest()
+        key_file = None if wrap_for else make_key_file(key, name, now, digest)
+        key_info = Unlock(file_key=key) if wrap_for else parse_key_file(key_file, limits)
+        del key
+        verified_time = _self_check(temp_archive, key_info, out_dir, name, limits)
+        del key_info
+        if publish is not None:
+            publish(temp_archive)
+        else:
+            if key_file is not None:
+                _write_exclusive(temp_key, key_file, 0o600)
+                _publish(temp_key, key_path)
+            try:
+                _publish(temp_archive, archive_path)
+            except Conflict:
                 if key_file is not None:
-                    _write_exclusive(temp_key, key_file, 0o600)
-                    _publish(temp_key, key_path)
-                try:
-                    _publish(temp_archive, archive_path)
-                except Conflict:
-                    if key_file is not None:
-                        key_path.unlink(missing_ok=True)
-                    raise
-        finally:
-            temp_archive.unlink(missing_ok=True)
-            temp_key.unlink(missing_ok=True)
+                    key_path.unlink(missing_ok=True)
+                raise
+    finally:
+        temp_archive.unlink(missing_ok=True)
+        temp_key.unlink(missing_ok=True)
     recipients = [str(r) for r in wrap_for if isinstance(r, Recipient)]
     passphrase = any(isinstance(r, Passphrase) for r in wrap_for)
     if key_file is None:

@@ -18,13 +18,12 @@ from pathlib import Path
 import trio
 
 from ..config import ArchiveLimits
-from ..conventions import STATUS_COMPLETED, STATUS_FAILED
+from ..conventions import ACCOUNTS_DEFAULT_POLICY, STATUS_COMPLETED, STATUS_FAILED
 from ..errors import CfmsError, ImportAborted, describe_os_error, internal_error
 from ..paths import Paths
 from ..reaper import remove_tree, unlink_all
 from ..storage import Store, backup_tasks
-from .gc_pause import cyclic_gc_paused
-from .restore import FileMover, StepReporter, commit_restore, unpack
+from .restore import FileMover, RestoreOptions, StepReporter, commit_restore, unpack
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,18 @@ class ImportProgress:
 class ImportJob:
     """One running import: its task row as started, its progress and its abort flag (set when
     the server shuts down; the stages check it between pieces of work), and the option of
-    start_backup_import (`allow_missing_content`, see `read_backup_archive`)."""
+    start_backup_import (`allow_missing_content`, see `read_backup_archive`; `accounts`, see
+    `RestoreOptions`)."""
 
     def __init__(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
-                 allow_missing_content: bool = False):
+                 allow_missing_content: bool = False, accounts: str = ACCOUNTS_DEFAULT_POLICY):
         self.task = task
         self.passphrase = passphrase  # never stored: a restart fails the import anyway
         self.with_key = with_key
         self.task_id = task["backup_task_id"]
         self.allow_missing_content = allow_missing_content
+        # The importer is the task's owner: their account is never replaced by the archive's.
+        self.options = RestoreOptions(accounts=accounts, importer=task["username"])
         self.progress = ImportProgress()
         self.abort = threading.Event()
 
@@ -109,8 +111,9 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     """Restore `job`'s uploaded backup; always ends in `completed` or `failed`, and returns the
     task's final row (on cancellation, records the failure and re-raises).
 
-    Success is recorded by the restore's own transaction (`commit_restore`); what follows the
-    commit is clean-up only, which the restart recovery finishes if a crash interrupts it.
+    Success is recorded by the restore's own transaction (`commit_restore`); the uploads are
+    deleted just before it, once read; what follows the commit is clean-up only, which the
+    restart recovery finishes if a crash interrupts it.
     """
     task = job.task
     task_id = job.task_id
@@ -119,29 +122,32 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     key_path = env.paths.import_key(task["key_file_id"]) if job.with_key else None
     mover = FileMover(staging, env.paths.restore_files)
     report = job.progress.report
+    index = None
     try:
-        # The listings of a large backup would make every full collection stall the event
-        # loop; they are dropped before collection resumes.
-        with cyclic_gc_paused():
-            contents = await trio.to_thread.run_sync(
-                functools.partial(unpack, archive_path, key_path, staging, env.limits, report,
-                                  job.abort, job.passphrase,
-                                  allow_missing_content=job.allow_missing_content),
-                limiter=env.io_limiter)
-            counts = {"documents_count": len(contents.documents),
-                      "folders_count": len(contents.folders), "files_count": len(contents.files)}
-            await env.store.write(backup_tasks.update_backup_task, task_id,
-                                  current_step=job.progress.step,
-                                  progress_percent=job.progress.percent, **counts)
-            outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
-                       "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
-                       "error_message": None, "warnings": contents.warnings, **counts}
-            await env.store.write(commit_restore, contents, mover, report, job.abort,
-                                  task_id, outcome)
-            del contents
+        contents, index = await trio.to_thread.run_sync(
+            functools.partial(unpack, archive_path, key_path, staging, env.limits, report,
+                              job.abort, job.passphrase,
+                              allow_missing_content=job.allow_missing_content),
+            limiter=env.io_limiter)
+        counts = {f"{kind}_count": contents.counts.get(kind, 0)
+                  for kind in ("documents", "folders", "files")}
+        await env.store.write(backup_tasks.update_backup_task, task_id,
+                              current_step=job.progress.step,
+                              progress_percent=job.progress.percent, **counts)
+        # Everything is read: the uploads go now, so a client that sees `completed` never
+        # finds them (a crash before the commit fails the task, as any crash does).
+        await _clean_up_uploads(env, job)
+        outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
+                   "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
+                   "error_message": None, "warnings": contents.warnings, **counts}
+        await env.store.write(commit_restore, contents, index, mover, report, job.abort,
+                              task_id, outcome, job.options)
+        del contents
     except BaseException as exc:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(mover.take_back)
+            if index is not None:
+                await trio.to_thread.run_sync(index.close)
         message = failure_message(exc)
         if isinstance(exc, (ImportAborted, trio.Cancelled)):
             message = SHUTDOWN_MESSAGE
@@ -159,8 +165,8 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     # Committed: no checkpoint before the shield, so a shutdown cannot turn this into a failure.
     with trio.CancelScope(shield=True):
         log.info("import %s completed: %s", task_id, counts)
+        await trio.to_thread.run_sync(index.close)
         await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
-        await _clean_up_uploads(env, job)
         return await env.store.read(backup_tasks.get_backup_task, task_id)
 
 

@@ -10,6 +10,7 @@ back.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -17,10 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import ArchiveLimits
+from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
-from ..storage import backup_tasks, restore_rows
-from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS
+from ..storage import backup_tasks, restore_accounts, restore_rows
 from .format import (
     VERSION_LEGACY,
     BackupContents,
@@ -31,6 +32,7 @@ from .format import (
     parse_key_upload,
     read_backup_archive,
 )
+from .staging_index import StagingIndex
 
 StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
 
@@ -62,9 +64,11 @@ def key_material(key_path: Path | None, passphrase: str | None,
 
 def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits: ArchiveLimits,
            report: StepReporter, abort: threading.Event, passphrase: str | None = None, *,
-           allow_missing_content: bool = False) -> BackupContents:
-    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet).
-    `allow_missing_content`: see `read_backup_archive`."""
+           allow_missing_content: bool = False) -> tuple[BackupContents, StagingIndex]:
+    """Stage 1: decrypt, verify and extract into `staging_dir` (which must not exist yet),
+    every record into the staging index there, then check the whole set. The caller closes
+    the index (and removes the staging folder). `allow_missing_content`: see
+    `read_backup_archive`."""
     report("Decrypting archive", 0.0)
     key_info = key_material(key_path, passphrase, limits)
     archive_size = archive_path.stat().st_size
@@ -74,95 +78,26 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
         if consumed:
             report("Extracting archive", consumed / total if total else 0.0)
 
-    with open(archive_path, "rb") as archive:
-        contents = read_backup_archive(archive, key_info, staging_dir, limits,
-                                       progress=on_bytes, archive_size=archive_size,
-                                       allow_missing_content=allow_missing_content)
-    report("Loading metadata", 0.0)
-    check_contents(contents)
-    _check_abort(abort)
-    return contents
+    index = StagingIndex.create(staging_dir)
+    try:
+        with open(archive_path, "rb") as archive:
+            contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
+                                           progress=on_bytes, archive_size=archive_size,
+                                           allow_missing_content=allow_missing_content)
+        report("Loading metadata", 0.0)
+        check_contents(contents, index)
+        _check_abort(abort)
+    except BaseException:
+        index.close()
+        raise
+    return contents, index
 
 
-def check_contents(contents: BackupContents) -> None:
-    """The checks of this server's own rules that need no database: tree depth and names.
-    Shared by the import and `cfms-trio backup verify`. References and cycles were already
-    checked by `read_backup_archive`, which returns only contents that passed them. Sibling
-    names an upstream 1.0 archive repeats are made unique first (reported in its warnings)."""
-    check_folder_depth(contents.folders)
-    if contents.format_version == VERSION_LEGACY:
-        contents.warnings += unique_sibling_names(contents)
-    check_names(contents)
-
-
-def check_folder_depth(folders: list[dict]) -> None:
-    """Refuse a folder tree deeper than this server serves (MAX_TREE_DEPTH levels): its deepest
-    folders would answer "folder tree is corrupt" to everyone. Runs after validate_references,
-    so every parent is in the backup and there is no cycle."""
-    parent_of = {folder["id"]: folder["parent_id"] for folder in folders}
-    depth: dict[str, int] = {}
-    for start in parent_of:
-        path, node = [], start
-        while node is not None and node not in depth:
-            path.append(node)
-            node = parent_of[node]
-        level = 0 if node is None else depth[node]
-        for folder_id in reversed(path):
-            level += 1
-            depth[folder_id] = level
-            if level > MAX_TREE_DEPTH:
-                raise ArchiveError(f"folder {folder_id!r} is nested {level} levels deep; "
-                                   f"this server allows at most {MAX_TREE_DEPTH}")
-
-
-def unique_sibling_names(contents: BackupContents) -> list[str]:
-    """Rename the folders and documents whose name a sibling before them (in archive order)
-    already has to `name (2)`, `name (3)`...: the upstream allows repeated names, the API does
-    not. A new name is one no sibling has in the archive. Returns a warning per rename."""
-    renames: list[str] = []
-    for kind, items, name_field, parent_field in (
-            ("folder", contents.folders, "name", "parent_id"),
-            ("document", contents.documents, "title", "folder_id")):
-        taken: set[tuple] = {(item[parent_field], item[name_field]) for item in items}
-        kept: set[tuple] = set()
-        next_number: dict[tuple, int] = {}  # so 10,000 twins cost 10,000 steps, not 50 million
-        for item in items:
-            parent, name = item[parent_field], item[name_field]
-            if (parent, name) not in kept:
-                kept.add((parent, name))
-                continue
-            number = next_number.get((parent, name), 2)
-            while (parent, f"{name} ({number})") in taken:
-                number += 1
-            next_number[(parent, name)] = number + 1
-            new_name = f"{name} ({number})"
-            taken.add((parent, new_name))
-            kept.add((parent, new_name))
-            item[name_field] = new_name
-            where = f"folder {parent!r}" if parent else "the root"
-            renames.append(f"{kind} {item['id']!r}: another {kind} in {where} is also named "
-                           f"{name!r}; imported as {new_name!r}")
-    return itemised(renames, "... and {count} more folders and documents renamed the same way")
-
-
-def check_names(contents: BackupContents) -> None:
-    """Hold restored objects to the rules the API keeps: names and titles of 1 to
-    NAME_MAX_CHARS characters, unique among siblings. A backup that breaks them (possible only
-    from an old or hand-made archive) would leave objects no client can rename or tell apart."""
-    seen: set[tuple] = set()
-    for kind, items, name_field, parent_field in (
-            ("folder", contents.folders, "name", "parent_id"),
-            ("document", contents.documents, "title", "folder_id")):
-        for item in items:
-            name = item[name_field]
-            if not 1 <= len(name) <= NAME_MAX_CHARS:
-                raise ArchiveError(f"{kind} {item['id']!r}: {name_field} must be 1 to "
-                                   f"{NAME_MAX_CHARS} characters long")
-            key = (kind, item[parent_field], name)
-            if key in seen:
-                where = f"folder {item[parent_field]!r}" if item[parent_field] else "the root"
-                raise ArchiveError(f"two {kind}s named {name!r} in {where}")
-            seen.add(key)
+def check_contents(contents: BackupContents, index: StagingIndex) -> None:
+    """The checks of the whole set that need no store (staging index): references, cycles,
+    tree depth, names. Shared by the import and `cfms-trio backup verify`. Sibling names an
+    upstream 1.0 archive repeats are made unique (reported in its warnings)."""
+    contents.warnings += index.check(rename_twins=contents.format_version == VERSION_LEGACY)
 
 
 class FileMover:
@@ -173,16 +108,24 @@ class FileMover:
         self.restore_dir = restore_dir
         self.moved: list[str] = []  # file ids, each now restore_dir/<id>
 
-    def move_all(self, file_ids: list[str], report: StepReporter, abort: threading.Event) -> None:
+    def move_all(self, index: StagingIndex, absent: set[str], report: StepReporter,
+                 abort: threading.Event) -> None:
+        """Move every staged file of `index` (except the `absent` ones, which have no
+        content) into the restore folder."""
         self.restore_dir.mkdir(parents=True, exist_ok=True)
         # Plain string paths: a backup may hold 100,000 files, and a Path object per name
         # costs more than the rename's own bookkeeping here.
         source_dir, target_dir = os.fspath(self.staging_dir), os.fspath(self.restore_dir)
-        for index, file_id in enumerate(file_ids):
+        total, done = max(1, index.count("files")), 0
+        for batch in index.keys("files", restore_rows.LOOKUP_BATCH_IDS):
             _check_abort(abort)
-            os.rename(os.path.join(source_dir, file_id), os.path.join(target_dir, file_id))
-            self.moved.append(file_id)
-            report("Importing files", (index + 1) / max(1, len(file_ids)))
+            for file_id in batch:
+                if file_id in absent:
+                    continue
+                os.rename(os.path.join(source_dir, file_id), os.path.join(target_dir, file_id))
+                self.moved.append(file_id)
+            done += len(batch)
+            report("Importing files", done / total)
 
     def take_back(self) -> None:
         """Remove every file this mover placed (after a failed commit)."""
@@ -194,35 +137,96 @@ class FileMover:
         self.moved.clear()
 
 
-def commit_restore(m, contents: BackupContents, mover: FileMover, report: StepReporter,
-                   abort: threading.Event, task_id: str, outcome: dict) -> None:
-    """Stage 2, run inside one write transaction: rows in, files into place, and the task's
-    final `outcome` (its completed status and counts) recorded with them.
+@dataclasses.dataclass(frozen=True)
+class RestoreOptions:
+    """How `start_backup_import` asked to apply an archive: the accounts policy and who is
+    importing (their own account and sysop membership are never touched)."""
+
+    accounts: str = ACCOUNTS_DEFAULT_POLICY
+    importer: str = ""
+
+
+def _check_collisions(m, index: StagingIndex) -> None:
+    for kind, model, field, root_parent, message in restore_rows.collision_checks(m):
+        for keys in index.keys(kind, restore_rows.LOOKUP_BATCH_IDS):
+            found = restore_rows.existing_keys(model, field, keys, root_only=root_parent)
+            if found:
+                raise Conflict(message.format(sorted(found)[0]))
+
+
+def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
+                    options: RestoreOptions) -> list[str]:
+    """Groups, users and memberships by the accounts policy; what it did, as warnings."""
+    users, groups = index.count("users"), index.count("groups")
+    if options.accounts == "none":
+        return [f"accounts not imported (accounts=none): the archive's {users} users and "
+                f"{groups} groups were left out"]
+
+    def groups_of(usernames: list[str]) -> list[tuple]:
+        return index.memberships_of(usernames)
+
+    group_outcome = restore_accounts.apply_groups(m, index.rows("groups"), options.accounts)
+    user_outcome = restore_accounts.apply_users(m, index.rows("users"), groups_of,
+                                                options.accounts, options.importer)
+    warnings = []
+    if options.importer in user_outcome["kept"] and options.accounts == "replace":
+        warnings.append(f"user {options.importer!r}: your own account was kept as it is on "
+                        "this server (accounts=replace never replaces the importing "
+                        "administrator)")
+    if SYSOP_GROUP in group_outcome["kept"] and options.accounts == "replace":
+        warnings.append(f"group {SYSOP_GROUP!r}: kept its permissions on this server "
+                        "(accounts=replace never changes them)")
+    return warnings
+
+
+def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: FileMover,
+                   report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
+                   options: RestoreOptions = RestoreOptions()) -> None:
+    """Stage 2, run inside one write transaction: rows in (from the staging index, in
+    batches), files into place, accounts by `options`, the audit log appended, and the task's
+    final `outcome` (its completed status, counts and warnings) recorded with them.
 
     The task says `completed` exactly when the restored rows exist: a crash after the commit
     leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming an id
     that already exists. The transaction commits when this returns; if anything here or in the
     commit fails, the caller calls `mover.take_back()`.
     """
-    collision = (restore_rows.find_collision(m, contents)
-                 or restore_rows.find_root_name_clash(m, contents))
-    if collision:
-        raise Conflict(collision)
+    _check_collisions(m, index)
+    warnings = list(outcome.get("warnings", ()))
+    if "accounts" in contents.parts:
+        warnings += _apply_accounts(m, contents, index, options)
     report("Importing files", 0.0)
-    restore_rows.insert_files(m, contents.files, restore_file_relative,
-                              contents.inactive_file_ids)
-    mover.move_all([f["id"] for f in contents.files if f["id"] not in contents.absent_file_ids],
-                   report, abort)
-    report("Importing folders", 0.0)
-    restore_rows.insert_folders(m, contents.folders,
-                                lambda frac: report("Importing folders", frac))
-    _check_abort(abort)
-    report("Importing documents", 0.0)
-    restore_rows.insert_documents(m, contents.documents,
-                                  lambda frac: report("Importing documents", frac))
+    restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
+        index.rows("files"), restore_file_relative, contents.inactive_file_ids))
+    mover.move_all(index, contents.absent_file_ids, report, abort)
+    for step, model, fields, kinds in (
+            ("Importing folders", m.Folder, restore_rows.FOLDER_FIELDS, ("folders",)),
+            ("Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS,
+             ("documents", "revisions"))):
+        report(step, 0.0)
+        total = max(1, sum(index.count(kind) for kind in kinds[:1]))
+        done = [0]
+
+        def progress(rows: int, step=step, total=total, done=done) -> None:
+            done[0] += rows
+            _check_abort(abort)
+            report(step, done[0] / total)
+
+        restore_rows.insert_rows(model, fields, index.rows(kinds[0]), progress)
+        if len(kinds) > 1:
+            restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS,
+                                     index.rows("revisions"))
+    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, index.rows("rules"))
+    if "audit" in contents.parts:
+        restore_accounts.append_audit(m, index.rows("audit"))
+    warnings += itemised(
+        [f"access rules name the group {name!r}, which does not exist on this server"
+         for name in restore_accounts.absent_groups(m, index.rows("rule_groups"))],
+        "... and {count} more groups named by access rules do not exist on this server")
     _check_abort(abort)
     report("Finalizing import", 0.0)
-    backup_tasks.update_backup_task(m, task_id, completed_time=time.time(), **outcome)
+    backup_tasks.update_backup_task(m, task_id, completed_time=time.time(),
+                                    **{**outcome, "warnings": warnings})
 
 
 def _check_abort(abort: threading.Event) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import trio
 
 from ..config import ArchiveLimits
+from ..conventions import BACKUP_PARTS
 from ..deadlines import trio_deadline
 from ..errors import BackupTargetError, CfmsError, describe_os_error, internal_error
 from ..events import EventHub
@@ -157,8 +158,7 @@ class BackupScheduler:
         if target_spec["type"] == TARGET_S3:
             def publish(temp_archive: Path) -> None:
                 target.publish(temp_archive, name)
-        # `parts` is recorded with the schedule; today's export writes its one part
-        # (documents), so there is nothing to pass on yet (see docs/PROTOCOL.md).
+        parts = tuple(schedule["parts"] or BACKUP_PARTS)  # None: every part
         try:
             with self._reaper.hold():
                 try:
@@ -166,7 +166,8 @@ class BackupScheduler:
                         lambda: export_store(self._store, self._paths.content,
                                              self._paths.backups, name,
                                              schedule["compression"], wrap_for=wrap_for,
-                                             publish=publish, limits=self._limits),
+                                             publish=publish, limits=self._limits,
+                                             parts=parts),
                         limiter=self._bulk)
                 finally:
                     with trio.CancelScope(shield=True):

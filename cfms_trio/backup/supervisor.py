@@ -27,6 +27,7 @@ import trio
 
 from ..config import ArchiveLimits
 from ..conventions import (
+    ACCOUNTS_DEFAULT_POLICY,
     OPERATION_EXPORT,
     OPERATION_IMPORT,
     STATUS_COMPLETED,
@@ -189,13 +190,15 @@ class ImportSupervisor:
     # -- running ----------------------------------------------------------------------------------
 
     def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
-              allow_missing_content: bool = False) -> None:
+              allow_missing_content: bool = False,
+              accounts: str = ACCOUNTS_DEFAULT_POLICY) -> None:
         """Run a task that just became `processing` in the background. The passphrase, if
         any, lives only in the job's memory; `with_key` is False when no key was uploaded;
-        `allow_missing_content`: see `read_backup_archive`."""
+        `allow_missing_content`: see `read_backup_archive`; `accounts`: the accounts policy
+        (`RestoreOptions`)."""
         self._stop_watching(task["backup_task_id"])
         job = ImportJob(task, passphrase=passphrase, with_key=with_key,
-                        allow_missing_content=allow_missing_content)
+                        allow_missing_content=allow_missing_content, accounts=accounts)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 

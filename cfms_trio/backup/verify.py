@@ -33,6 +33,7 @@ from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, backups
 from .format import KeyInfo, Unlock, read_backup_archive, summarize_archive
 from .restore import FileMover, check_contents, commit_restore
+from .staging_index import StagingIndex
 
 LEVEL_SELF_CHECK = "self-check"
 LEVEL_ARCHIVE = "archive"
@@ -161,26 +162,31 @@ def _check_structure(backup: dict, source: _HashingReader, report: VerifyReport)
 def _check_contents(backup: dict, source: _HashingReader, key_info, work_dir: Path,
                     limits: ArchiveLimits, deep: bool, report: VerifyReport) -> None:
     staging = work_dir / "staging"
-    contents = read_backup_archive(source, key_info, staging, limits,
-                                   archive_size=backup["size"])
-    check_contents(contents)
-    report.level = LEVEL_FULL
-    report.checked.extend(["every segment's authentication tag", "the listings and references",
-                           "every file's size and sha256", "names and folder depth"])
-    if backup["format"] == 3:
-        report.checked.insert(0, "the recipient block's MAC and the payload key check")
-    report.counts = {"folders": len(contents.folders), "documents": len(contents.documents),
-                     "files": len(contents.files)}
-    if not deep:
-        report.not_checked.append("a restore plan (deep)")
-        return
-    _plan_restore(contents, staging, work_dir)
+    index = StagingIndex.create(staging)
+    try:
+        contents = read_backup_archive(source, key_info, staging, limits, index,
+                                       archive_size=backup["size"])
+        check_contents(contents, index)
+        report.level = LEVEL_FULL
+        report.checked.extend(["every segment's authentication tag",
+                               "the listings and references", "every file's size and sha256",
+                               "names and folder depth"])
+        if backup["format"] == 3:
+            report.checked.insert(0, "the recipient block's MAC and the payload key check")
+        report.counts = {kind: contents.counts.get(kind, 0)
+                         for kind in ("folders", "documents", "files")}
+        if not deep:
+            report.not_checked.append("a restore plan (deep)")
+            return
+        _plan_restore(contents, index, staging, work_dir)
+    finally:
+        index.close()
     report.level = LEVEL_DEEP
     report.checked.append("a complete restore into an empty throw-away database (nothing "
                           "committed to this server)")
 
 
-def _plan_restore(contents, staging: Path, work_dir: Path) -> None:
+def _plan_restore(contents, index: StagingIndex, staging: Path, work_dir: Path) -> None:
     """The import's commit, run against an empty temporary store in `work_dir`."""
     store = Store(work_dir / "plan.db")
     try:
@@ -189,8 +195,8 @@ def _plan_restore(contents, staging: Path, work_dir: Path) -> None:
         mover = FileMover(staging, work_dir / "restore")
         outcome = {"status": "completed", "error_message": None}
         try:
-            store.run_write(commit_restore, contents, mover, lambda step, fraction: None,
-                            threading.Event(), task_id, outcome)
+            store.run_write(commit_restore, contents, index, mover,
+                            lambda step, fraction: None, threading.Event(), task_id, outcome)
         except CfmsError as exc:
             raise ArchiveError(f"the restore plan failed: {exc.message}") from None
         planned = store.run_read(backup_tasks.get_backup_task, task_id)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ..backup.export import default_backup_name, export_store
 from ..backup.format import (
+    LISTING_KINDS,
+    PART_OF_KIND,
     VERSION_LEGACY,
-    BackupContents,
     KeyInfo,
     read_backup_archive,
     summarize_archive,
 )
 from ..backup.restore import check_contents, read_key_file
+from ..backup.staging_index import StagingIndex
 from ..client.files import file_sha256
 from ..config import ArchiveLimits
 from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
@@ -63,10 +67,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_archive(archive: Path, key: Path | None, unlock) -> BackupContents:
-    """Read and fully verify an archive into a throwaway staging folder, with every check an
-    import would make before touching a store. `key` is a key file (or identity file); `unlock`
-    holds --identity and --passphrase-file."""
+@contextlib.contextmanager
+def _read_archive(archive: Path, key: Path | None, unlock) -> Iterator[tuple]:
+    """Read and fully verify an archive into a throwaway staging folder and staging index,
+    with every check an import makes before touching a store; yields (contents, index).
+    `key` is a key file (or identity file); `unlock` holds --identity and --passphrase-file."""
     limits = ArchiveLimits()
     key_info = read_key_file(key, limits) if key is not None else unlock
     if key_info is None:
@@ -77,84 +82,116 @@ def _read_archive(archive: Path, key: Path | None, unlock) -> BackupContents:
             and file_sha256(archive) != key_info.archive_sha256):
         raise CfmsError("archive sha256 does not match the one recorded in the key file")
     with tempfile.TemporaryDirectory(prefix="cfms-verify-") as tmp:
-        with open(archive, "rb") as f:
-            contents = read_backup_archive(f, key_info, Path(tmp) / "files", limits,
-                                           archive_size=archive.stat().st_size)
-        check_contents(contents)
-    return contents
+        staging = Path(tmp) / "files"
+        index = StagingIndex.create(staging)
+        try:
+            with open(archive, "rb") as f:
+                contents = read_backup_archive(f, key_info, staging, limits, index,
+                                               archive_size=archive.stat().st_size)
+            check_contents(contents, index)
+            yield contents, index
+        finally:
+            index.close()
 
 
-def _load(args: argparse.Namespace) -> tuple[BackupContents | None, int]:
-    """The verified contents, or None and the exit code after printing why."""
+def _run(args: argparse.Namespace, show) -> int:
+    """`show(contents, index)` on the verified archive, or the exit code after saying why."""
     try:
         unlock = keys.unlock_from(args.identity, args.passphrase_file)
         key = Path(args.key) if args.key else None
-        return _read_archive(Path(args.archive), key, unlock), 0
+        with _read_archive(Path(args.archive), key, unlock) as (contents, index):
+            return show(contents, index)
     except CfmsError as err:
-        return None, _fail(err.message)
+        return _fail(err.message)
     except OSError as err:
-        return None, _fail(f"{err.strerror}: {err.filename}")
+        return _fail(f"{err.strerror}: {err.filename}")
+
+
+def _parts_line(contents) -> str:
+    counts = contents.counts
+    described = {
+        "accounts": f"accounts ({counts.get('users', 0)} users, {counts.get('groups', 0)} "
+                    "groups)",
+        "documents": f"documents ({counts.get('folders', 0)} folders, "
+                     f"{counts.get('documents', 0)} documents, {counts.get('files', 0)} files, "
+                     f"{contents.total_file_bytes} file bytes)",
+        "audit": f"audit ({counts.get('audit', 0)} entries)",
+    }
+    return "parts: " + "; ".join(described[part] for part in contents.parts)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    contents, failed = _load(args)
-    if contents is None:
-        return failed
-    total = sum(f["size"] or 0 for f in contents.files)  # None: no content in the archive
-    if contents.format_version == VERSION_LEGACY:
-        checked = ("format 1.0 is not authenticated; every file's size and sha256 checked "
-                   "where files.json gives them (see the warnings)")
-    else:
-        checked = "every segment and every file's sha256 verified"
-    print(f"OK: format {contents.format_version}, {len(contents.folders)} folders, "
-          f"{len(contents.documents)} documents, {len(contents.files)} files, {total} file bytes; "
-          f"{checked}")
-    for warning in contents.warnings:
-        print(f"warning: {warning}")
-    return 0
+    def show(contents, index) -> int:
+        counts = contents.counts
+        if contents.format_version == VERSION_LEGACY:
+            checked = ("format 1.0 is not authenticated; every file's size and sha256 checked "
+                       "where files.json gives them (see the warnings)")
+        else:
+            checked = "every segment and every file's sha256 verified"
+        print(f"OK: format {contents.format_version}, {counts.get('folders', 0)} folders, "
+              f"{counts.get('documents', 0)} documents, {counts.get('files', 0)} files, "
+              f"{contents.total_file_bytes} file bytes; {checked}")
+        print(_parts_line(contents))
+        for warning in contents.warnings:
+            print(f"warning: {warning}")
+        return 0
+
+    return _run(args, show)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    contents, failed = _load(args)
-    if contents is None:
-        return failed
-    if args.json:
-        json.dump({"metadata": contents.metadata, "folders": contents.folders,
-                   "documents": contents.documents, "files": contents.files,
-                   "warnings": contents.warnings}, sys.stdout, indent=2)
-        print()
+    def show(contents, index) -> int:
+        if args.json:
+            _print_listings(contents, index)
+            return 0
+        print(json.dumps(contents.metadata, indent=2, sort_keys=True))
+        with open(args.archive, "rb") as f:
+            summary = summarize_archive(f)
+        if summary.format == 3:
+            print("format 3; opens with: " + "; ".join(summary.recipients))
+            print(f"payload region: from byte {summary.payload_offset}, "
+                  f"sha256 {summary.payload_sha256}")
+        if "documents" in contents.parts:
+            print("/")
+            _show_tree(index, None, 1, contents.inactive_file_ids)
+        print(_parts_line(contents))
+        for warning in contents.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
-    print(json.dumps(contents.metadata, indent=2, sort_keys=True))
-    with open(args.archive, "rb") as f:
-        summary = summarize_archive(f)
-    if summary.format == 3:
-        print("format 3; opens with: " + "; ".join(summary.recipients))
-        print(f"payload region: from byte {summary.payload_offset}, "
-              f"sha256 {summary.payload_sha256}")
-    files = {f["id"]: f for f in contents.files}
-    children: dict = {}
-    for folder in contents.folders:
-        children.setdefault(folder["parent_id"], []).append(folder)
-    docs: dict = {}
-    for document in contents.documents:
-        docs.setdefault(document["folder_id"], []).append(document)
 
-    def show(parent, depth):
-        for document in sorted(docs.get(parent, []), key=lambda d: d["title"]):
-            served = [files[r["file_id"]]["size"] for r in document["revisions"]
-                      if r["file_id"] not in contents.inactive_file_ids]
-            current = f"{served[-1]} bytes" if served else "no content"
-            print(f"{'  ' * depth}{document['title']}  ({len(document['revisions'])} "
-                  f"revisions, {current})")
-        for folder in sorted(children.get(parent, []), key=lambda f: f["name"]):
-            print(f"{'  ' * depth}{folder['name']}/")
-            show(folder["id"], depth + 1)
+    return _run(args, show)
 
-    print("/")
-    show(None, 1)
-    for warning in contents.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    return 0
+
+def _print_listings(contents, index) -> None:
+    """`inspect --json`: one JSON object with the metadata, every listing the archive holds in
+    its listing shape and order (users without password hashes), and the warnings. Written one
+    entry per line as it is read from the index, so a large archive is never held whole."""
+    out = sys.stdout
+    out.write('{\n"metadata": ' + json.dumps(contents.metadata))
+    for kind in LISTING_KINDS:
+        if PART_OF_KIND[kind] not in contents.parts:
+            continue
+        out.write(f',\n"{kind}": [')
+        for number, record in enumerate(index.listing(kind)):
+            out.write(("," if number else "") + "\n  " + json.dumps(record))
+        out.write("\n]")
+    out.write(',\n"warnings": ' + json.dumps(contents.warnings) + "\n}\n")
+
+
+def _show_tree(index, parent, depth: int, inactive_file_ids: set[str]) -> None:
+    """The folder tree; a document shows its revision count and the size of its newest
+    revision with content (legacy archives: inactive files have none)."""
+    folders, documents = index.children(parent)
+    for document_id, title, revisions, size in documents:
+        if inactive_file_ids:
+            served = [size for file_id, size in index.revision_files(document_id)
+                      if file_id not in inactive_file_ids]
+            size = served[-1] if served else None
+        current = f"{size} bytes" if size is not None else "no content"
+        print(f"{'  ' * depth}{title}  ({revisions} revisions, {current})")
+    for folder_id, name in folders:
+        print(f"{'  ' * depth}{name}/")
+        _show_tree(index, folder_id, depth + 1, inactive_file_ids)
 
 
 def register(sub) -> None:

@@ -13,7 +13,15 @@ from pathlib import Path
 import trio
 
 from ..client import export_backup, import_backup
-from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, STATUS_COMPLETED
+from ..conventions import (
+    ACCOUNTS_DEFAULT_POLICY,
+    ACCOUNTS_POLICIES,
+    ARCHIVE_SUFFIX,
+    BACKUP_PARTS,
+    FINAL_STATUSES,
+    KEY_SUFFIX,
+    STATUS_COMPLETED,
+)
 from ..errors import CfmsError
 from . import admin, docs, profile, schedules
 from .common import EXIT_REFUSED, EXIT_USAGE, Output, add_connection_args, fail, progress_bar, run
@@ -56,7 +64,8 @@ def cmd_backup_import(args) -> int:
                                     poll_interval_s=args.poll,
                                     upload_progress=upload_bar.bytes_progress,
                                     on_status=on_status, passphrase=passphrase,
-                                    allow_missing_content=args.allow_missing_content)
+                                    allow_missing_content=args.allow_missing_content,
+                                    accounts=args.accounts)
         status_bar.done()
         if args.json:
             return Output(final, exit_code=0 if final["status"] == STATUS_COMPLETED else 1)
@@ -87,7 +96,8 @@ def cmd_backup_export(args) -> int:
         archive, key, result = await export_backup(client, Path(args.out), args.name,
                                                    args.compression, bar.bytes_progress,
                                                    recipients=tuple(args.recipient or ()),
-                                                   passphrase=passphrase)
+                                                   passphrase=passphrase,
+                                                   parts=tuple(args.part) if args.part else None)
         bar.done()
         meta = result["metadata"]
         if args.json:
@@ -149,6 +159,9 @@ def register(sub) -> None:
     imp.add_argument("--allow-missing-content", action="store_true",
                      help="restore a legacy (1.0) archive that lists files it does not hold: "
                      "everything else is restored and the missing files are reported")
+    imp.add_argument("--accounts", choices=ACCOUNTS_POLICIES, default=ACCOUNTS_DEFAULT_POLICY,
+                     help="how the archive's users and groups apply: skip_existing (default: "
+                     "present ones keep their data), replace, or none")
     imp.set_defaults(func=cmd_backup_import)
     exp = commands.add_parser("backup-export", help="make a backup and download it")
     _connection_args(exp)
@@ -159,6 +172,8 @@ def register(sub) -> None:
     exp.add_argument("--recipient", action="append", help="make the backup for this recipient "
                      "(cfms1...; repeatable); no key file exists then")
     exp.add_argument("--passphrase-file", help="let this passphrase open the backup")
+    exp.add_argument("--part", action="append", choices=BACKUP_PARTS,
+                     help="include this part (repeatable; default: all; prerequisites added)")
     exp.set_defaults(func=cmd_backup_export)
     status = commands.add_parser("backup-status", help="the state of a backup import")
     _connection_args(status)

@@ -19,7 +19,8 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
                         compression: str = "zstd",
                         progress: Progress | None = None, *,
                         recipients: tuple[str, ...] = (),
-                        passphrase: str | None = None) -> tuple[Path, Path | None, dict]:
+                        passphrase: str | None = None,
+                        parts: tuple[str, ...] | None = None) -> tuple[Path, Path | None, dict]:
     """Ask the server for a backup and download its archive and key into `out_dir`.
 
     The server's answer is not trusted to name local files: a backup name that is not one
@@ -27,6 +28,7 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
     files in `out_dir` are never replaced, and the key file is 0600 from its creation on.
     If a download fails, neither file of the pair is left behind. A backup made for
     `recipients` (or only a `passphrase`) has no key file: the key returned is None.
+    `parts`: what the backup holds (default: everything; see generate_backup).
     """
     data: dict = {"compression": compression}
     if name:
@@ -35,6 +37,8 @@ async def export_backup(client: Client, out_dir: Path, name: str | None = None,
         data["recipients"] = list(recipients)
     if passphrase is not None:
         data["passphrase"] = passphrase
+    if parts is not None:
+        data["parts"] = list(parts)
     result = await client.call("generate_backup", data)
     backup_name = result.get("backup_name")
     if not is_backup_name(backup_name):
@@ -70,11 +74,13 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
                         upload_progress: Progress | None = None,
                         on_status: StatusCallback | None = None,
                         passphrase: str | None = None,
-                        allow_missing_content: bool = False) -> dict:
+                        allow_missing_content: bool = False,
+                        accounts: str | None = None) -> dict:
     """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
     get_backup_import_status until the task is completed, failed or timed out. `key` is a key
     file or an identity file; with a `passphrase` it may be None (nothing uploaded for it).
-    `allow_missing_content`: restore a legacy archive that lists files it does not hold."""
+    `allow_missing_content`: restore a legacy archive that lists files it does not hold.
+    `accounts`: how the archive's accounts apply (skip_existing, replace, none)."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
     task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
@@ -85,6 +91,8 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
         start["passphrase"] = passphrase
     if allow_missing_content:
         start["allow_missing_content"] = True
+    if accounts is not None:
+        start["accounts"] = accounts
     await client.call("start_backup_import", start)
     while True:
         status = await client.call("get_backup_import_status", {"backup_task_id": task_id})

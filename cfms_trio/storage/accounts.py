@@ -135,7 +135,7 @@ def _require_grantable(m, caller: str, *, permissions=(), groups=()) -> None:
         raise Forbidden(f"you may grant or revoke only what you hold yourself: {lacking}")
 
 
-def _require_an_administrator(m) -> None:
+def require_an_administrator(m) -> None:
     """409 unless some member of `sysop` holds every permission. Called after a change, in its
     transaction: refusing rolls the change back, and two concurrent changes are serialized by
     the single writer, so they cannot both take away the last administrator."""
@@ -187,7 +187,7 @@ def delete_user(m, caller: str, username: str, now: float) -> dict:
     imports = backup_tasks.abandon_tasks_of(m, username, DELETED_ACCOUNT_MESSAGE, now)
     m.User.delete().where(m.User.username == username).execute()  # cascades to its rows
     # Raising rolls the change back. The lock-out is checked first: it holds whoever asks.
-    _require_an_administrator(m)
+    require_an_administrator(m)
     if outranked:
         raise outranked
     return {"imports": imports, "file_task_ids": file_task_ids}
@@ -235,7 +235,7 @@ def delete_group(m, caller: str, name: str) -> None:
         raise Conflict("the 'sysop' group cannot be deleted")
     _require_grantable(m, caller, permissions=_group_permissions(m, name))
     m.Group.delete().where(m.Group.name == name).execute()
-    _require_an_administrator(m)
+    require_an_administrator(m)
 
 
 def set_user_groups(m, caller: str, username: str, groups: list[str]) -> None:
@@ -249,7 +249,7 @@ def set_user_groups(m, caller: str, username: str, groups: list[str]) -> None:
     m.UserGroup.delete().where(m.UserGroup.user == username).execute()
     for group in sorted(set(groups)):
         m.UserGroup.create(user=username, group=group)
-    _require_an_administrator(m)
+    require_an_administrator(m)
 
 
 def set_group_permissions(m, caller: str, name: str, permissions: list[str]) -> None:
@@ -258,7 +258,7 @@ def set_group_permissions(m, caller: str, name: str, permissions: list[str]) -> 
     _require_grantable(m, caller, permissions=before ^ set(permissions))
     (m.Group.update(permissions=json.dumps(sorted(set(permissions))))
      .where(m.Group.name == name).execute())
-    _require_an_administrator(m)
+    require_an_administrator(m)
 
 
 def add_audit(m, time: float, username: str | None, action: str, target: str | None,

@@ -685,15 +685,15 @@ _WRONG_TYPES = {
                                rule_data={"match": "none"}), 'match must be "all" or "any"'),
     "metadata_count_is_a_float": (lambda d: d["metadata"].update(files_count=3.0),
                                   "files_count must be a non-negative integer"),
-    "version_unknown": (lambda d: d["metadata"].update(version="3.0"),
-                        "unsupported backup version '3.0'"),
+    "version_unknown": (lambda d: d["metadata"].update(version="4.0"),
+                        "unsupported backup version '4.0'"),
     "version_missing": (lambda d: d["metadata"].pop("version"),
                         "metadata.json: missing field 'version'"),
     "version_not_a_string": (lambda d: d["metadata"].update(version=2.0),
                              "unsupported backup version of type float in metadata.json"),
     "version_legacy_inside_format_2": (lambda d: d["metadata"].update(version="1.0"),
                                        "metadata.json says version 1.0, but the archive is "
-                                       "format 2.0"),
+                                       "format 2 (CFMSBAK2)"),
     "format_name_wrong": (lambda d: d["metadata"].update(format="tarball"),
                           "format must be 'cfms-backup'"),
 }

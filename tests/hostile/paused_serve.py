@@ -12,7 +12,7 @@ import threading
 import time
 
 from cfms_trio.backup import importer
-from cfms_trio.backup.format.tarmembers import Extractor
+from cfms_trio.backup.format import payload3, tarmembers
 from cfms_trio.cli import main
 
 PAUSE_LIMIT_S = 600  # the test kills the process long before this
@@ -44,7 +44,7 @@ def _pause_once_a_file_is_staged(report) -> None:
     reports are held back until the first file is staged, then the step is reported and the
     import pauses right there."""
     held: list = []  # the ImportProgress of the import, once it reported the step
-    write = Extractor._write_staging_file
+    write = tarmembers.write_staging_file  # the same function in both readers
 
     def hold(progress, name: str, fraction: float) -> None:
         if name == EXTRACTING:
@@ -52,15 +52,15 @@ def _pause_once_a_file_is_staged(report) -> None:
             return
         report(progress, name, fraction)
 
-    def write_then_pause(extractor, *args):
-        result = write(extractor, *args)
+    def write_then_pause(*args):
+        result = write(*args)
         if held:
             report(held[0], EXTRACTING, 0.0)
             _pause(EXTRACTING)
         return result
 
     importer.ImportProgress.report = hold
-    Extractor._write_staging_file = write_then_pause
+    tarmembers.write_staging_file = payload3.write_staging_file = write_then_pause
 
 
 if __name__ == "__main__":

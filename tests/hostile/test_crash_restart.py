@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from cfms_trio.backup.importer import STEP_PERCENT
+from cfms_trio.backup.staging_index import INDEX_FILE_NAME
 from cfms_trio.backup.supervisor import RESTART_MESSAGE
 from cfms_trio.client import open_client
 
@@ -138,8 +139,12 @@ async def test_sigkill_in_each_step_then_restart(seeded_root, tmp_path, step):
     placed = entries(root / "content" / "restore" / "files")
     if STEPS.index(step) > STEPS.index("Importing files"):
         assert {"hx1", "hx2", "hx3"} <= set(placed), placed
-    staged = [name for task in entries(root / "content" / "tmp" / "staging")
-              for name in entries(root / "content" / "tmp" / "staging" / task)]
+    staged_all = [name for task in entries(root / "content" / "tmp" / "staging")
+                  for name in entries(root / "content" / "tmp" / "staging" / task)]
+    # Since payload 3.0 the staging folder also holds the import's staging index.
+    staged = [name for name in staged_all if name != INDEX_FILE_NAME]
+    if step in ("Loading metadata", "Importing files"):
+        assert INDEX_FILE_NAME in staged_all, staged_all
     if step == "Extracting archive":
         assert staged, "nothing was staged yet"
     if step in ("Loading metadata", "Importing files"):

@@ -44,9 +44,11 @@ async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # n
                 while PAUSED_LINE not in (tmp_path / "stderr.txt").read_text():
                     await trio.sleep(0.02)
             status = await admin.call("get_backup_import_status", {"backup_task_id": task_id})
-            # Held after the commit: the task already says so; its uploads are still there.
+            # Held after the commit: the task already says so; its staging folder (files
+            # and staging index) is still there. The uploads went just before the commit.
             assert (status["status"], status["current_step"]) == ("completed", PAUSE_STEP), status
-            assert entries(root / "content" / "backups" / "import"), "cleaned up already"
+            assert entries(root / "content" / "tmp" / "staging"), "cleaned up already"
+            assert entries(root / "content" / "backups" / "import") == []
             await server.kill()
     async with serve_process(root) as server:
         async with admin_client(server.url) as admin:

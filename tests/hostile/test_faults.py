@@ -12,7 +12,7 @@ import trio
 
 from cfms_trio.backup import importer as importer_module
 from cfms_trio.backup import restore as restore_module
-from cfms_trio.backup.format import tarmembers as tarmembers_module
+from cfms_trio.backup.format import staged as staged_module
 from cfms_trio.storage import restore_rows
 
 from . import corpus
@@ -136,7 +136,7 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
     if where == "staging":
         # The second file (hx2, several segments long) fails half-written into staging.
         faulty = FaultyOs(error_number, write_from_call=2)
-        monkeypatch.setattr(tarmembers_module, "os", faulty)
+        monkeypatch.setattr(staged_module, "os", faulty)
     else:
         # The first file is in restore/files when the second one cannot be placed.
         faulty = FaultyOs(error_number, rename_from_call=2)
@@ -152,13 +152,15 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
 
 async def test_database_failing_while_inserting(seeded, tmp_path, monkeypatch):
     """Documents are inserted (after every file was placed), then the database fails."""
-    real_insert = restore_rows.insert_documents
+    real_insert = restore_rows.insert_rows
 
-    def insert_then_fail(m, documents, progress):
-        real_insert(m, documents, progress)
-        raise sqlite3.OperationalError("database or disk is full")
+    def insert_then_fail(model, *args, **kwargs):
+        inserted = real_insert(model, *args, **kwargs)
+        if model._meta.table_name == "document":
+            raise sqlite3.OperationalError("database or disk is full")
+        return inserted
 
-    monkeypatch.setattr(restore_rows, "insert_documents", insert_then_fail)
+    monkeypatch.setattr(restore_rows, "insert_rows", insert_then_fail)
     status = await import_under_fault(seeded, tmp_path)
     assert status["error_message"].startswith("internal error while restoring (log reference ")
     assert status["current_step"] == "Importing documents"

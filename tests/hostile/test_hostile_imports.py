@@ -16,7 +16,8 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cfms_trio.backup.format import parse_key_file, read_backup_archive
+from backup_support import read_back
+from cfms_trio.backup.format import parse_key_file
 from cfms_trio.conventions import MAX_TREE_DEPTH
 
 from . import corpus
@@ -113,7 +114,7 @@ def test_baselines_are_valid(tmp_path):
     for name, (archive, key) in {"v2": corpus.valid_v2_archive(),
                                  "legacy": corpus.valid_legacy_archive(),
                                  "big": (corpus.big_archive(), corpus.v2_key())}.items():
-        contents = read_backup_archive(io.BytesIO(archive),
+        contents = read_back(io.BytesIO(archive),
                                        parse_key_file(key, corpus.HOSTILE_LIMITS),
                                        tmp_path / name, corpus.HOSTILE_LIMITS)
         assert [f["id"] for f in contents.files] == ["hx1", "hx2", "hx3"]

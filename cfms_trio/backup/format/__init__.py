@@ -8,7 +8,16 @@ submodules (segments, nonces, subkeys, stanzas, tar members) are the package's o
 
 from .envelope import ArchiveSummary, RekeyResult, rekey_archive, summarize_archive
 from .keyfile import KeyInfo, make_key_file, parse_key_file, parse_key_upload
-from .listings import FORMAT_NAME, VERSION_LEGACY, VERSION_V2, BackupContents, itemised
+from .listings import (
+    FORMAT_NAME,
+    VERSION_LEGACY,
+    VERSION_V2,
+    VERSION_V3,
+    BackupContents,
+    itemised,
+    parts_of,
+)
+from .records import COUNT_FIELD_OF_KIND, LISTING_KINDS, PART_OF_KIND, RecordSink
 from .reader import read_backup_archive
 from .recipients import (
     Identity,
@@ -35,6 +44,7 @@ __all__ = [
     "parse_key_file",
     "parse_key_upload",
     "BackupContents",
+    "RecordSink",
     "KeyInfo",
     "RekeyResult",
     "ArchiveSummary",
@@ -55,7 +65,12 @@ __all__ = [
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",
+    "VERSION_V3",
     "VERSION_LEGACY",
+    "LISTING_KINDS",
+    "PART_OF_KIND",
+    "COUNT_FIELD_OF_KIND",
+    "parts_of",
     "KEY_BYTES",
     "COMPRESSION_NAMES",
 ]

@@ -10,10 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Iterable
+from typing import Any
 
 from cfms_trio.conventions import (
     ACCESS_TYPES,
+    ACCOUNT_NAME_MAX_CHARS,
+    ACCOUNT_NAMES_MAX,
+    BACKUP_PARTS,
+    NICKNAME_MAX_CHARS,
+    PASSWORD_HASH_MAX_CHARS,
     ID_MAX_CHARS,
     ID_PATTERN,
     RULE_DATA_MAX_BYTES,
@@ -22,12 +27,14 @@ from cfms_trio.conventions import (
     RULE_REQUIRE_NAMES_MAX,
     RULES_PER_ACCESS_TYPE_MAX,
     SHA256_HEX_PATTERN,
+    with_prerequisites,
 )
 from cfms_trio.errors import ArchiveError, ArchiveLimitExceeded
 
 from .jsonstream import JsonArray
 
 FORMAT_NAME = "cfms-backup"
+VERSION_V3 = "3.0"  # newline-delimited listings in pieces, accounts, audit
 VERSION_V2 = "2.0"
 VERSION_LEGACY = "1.0"
 
@@ -48,24 +55,27 @@ SHOWN_NAME_CHARS = 100
 
 @dataclasses.dataclass
 class BackupContents:
-    """The validated listings of a backup; file contents live in the staging folder.
+    """What reading a backup found, apart from its records (which went to the reader's
+    ``RecordSink`` one by one, validated): the metadata, the parts, how many records of each
+    listing kind were read, and what reading had to change.
 
-    ``files`` entries are ``{id, sha256, size, created_time}``; legacy ``path`` fields are
-    dropped and missing legacy sizes and null sha256 values are filled in from the extracted
-    files. Only a legacy archive has files that are not served: ``inactive_file_ids`` are restored
+    Only a legacy archive has files that are not served: ``inactive_file_ids`` are restored
     inactive (uploads that never happened upstream, or content missing from the archive), and
-    ``absent_file_ids`` (all of them inactive) have no content in the staging folder, so their
-    size and sha256 are None. ``warnings`` say, in plain words, what reading had to change.
+    ``absent_file_ids`` (all of them inactive) have no content in the staging folder.
+    ``warnings`` say, in plain words, what reading had to change.
     """
 
     format_version: str
     metadata: dict
-    folders: list[dict]
-    documents: list[dict]
-    files: list[dict]
+    counts: dict[str, int]  # listing kind (folders, documents, files, groups, users, audit)
+    total_file_bytes: int = 0
     inactive_file_ids: set[str] = dataclasses.field(default_factory=set)
     absent_file_ids: set[str] = dataclasses.field(default_factory=set)
     warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return parts_of(self.metadata)
 
 
 WARNING_ITEMS_MAX = 20  # items of one kind reported one by one; the rest are counted
@@ -240,36 +250,62 @@ def _parse_access_rules(owner: dict, where: str, legacy: bool, member: str,
     return parsed
 
 
-def parse_metadata(value, container_version: str) -> dict:
-    """Validate metadata.json; its version must match the container that carried it."""
+METADATA_FIELDS = {
+    "created_at": _as_time,
+    "backup_name": _as_text,
+    "server_version": _as_text,
+    "folders_count": _as_size,
+    "documents_count": _as_size,
+    "files_count": _as_size,
+    "total_file_bytes": _as_size,
+}
+# Payload 3.0 adds the accounts and the audit log.
+METADATA_V3_COUNTS = ("groups_count", "users_count", "audit_count")
+
+
+def _parse_parts(metadata: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """3.0: the parts the archive holds and the ones its maker asked for."""
+    out = []
+    for field in ("parts", "requested_parts"):
+        value = _as_list(_require(metadata, field, METADATA_MEMBER), f"{METADATA_MEMBER}: {field}")
+        if (not all(isinstance(part, str) and part in BACKUP_PARTS for part in value)
+                or len(set(value)) != len(value)):
+            raise ArchiveError(f"{METADATA_MEMBER}: {field} must list distinct parts among "
+                               f"{', '.join(BACKUP_PARTS)}")
+        out.append(tuple(part for part in BACKUP_PARTS if part in value))
+    parts, requested = out
+    if with_prerequisites(parts) != parts or not set(requested) <= set(parts):
+        raise ArchiveError(f"{METADATA_MEMBER}: parts {list(parts)} lack a prerequisite of "
+                           f"{list(requested)}")
+    return parts, requested
+
+
+def parse_metadata(value, container_version: str | None) -> dict:
+    """Validate metadata.json. A legacy container must hold version 1.0; a format 2 stream
+    holds 2.0 or 3.0 (``container_version`` None)."""
     metadata = _as_object(value, METADATA_MEMBER)
     version = _require(metadata, "version", METADATA_MEMBER)
-    if version not in (VERSION_V2, VERSION_LEGACY):
+    if version not in (VERSION_V3, VERSION_V2, VERSION_LEGACY):
         if isinstance(version, str):
             shown = show_name(version)
         else:
             shown = f"of type {type(version).__name__}"
         raise ArchiveError(f"unsupported backup version {shown} in {METADATA_MEMBER}")
-    if version != container_version:
+    if (container_version == VERSION_LEGACY) != (version == VERSION_LEGACY):
         raise ArchiveError(
             f"{METADATA_MEMBER} says version {version}, "
-            f"but the archive is format {container_version}"
+            f"but the archive is format {container_version or '2 (CFMSBAK2)'}"
         )
-    strict = version == VERSION_V2
-    checks = {
-        "created_at": _as_time,
-        "backup_name": _as_text,
-        "server_version": _as_text,
-        "folders_count": _as_size,
-        "documents_count": _as_size,
-        "files_count": _as_size,
-        "total_file_bytes": _as_size,
-    }
+    strict = version != VERSION_LEGACY
     parsed: dict[str, Any] = {"version": version}
     if strict:
         if _require(metadata, "format", METADATA_MEMBER) != FORMAT_NAME:
             raise ArchiveError(f"{METADATA_MEMBER}: format must be {FORMAT_NAME!r}")
         parsed["format"] = FORMAT_NAME
+    checks = dict(METADATA_FIELDS)
+    if version == VERSION_V3:
+        checks.update(dict.fromkeys(METADATA_V3_COUNTS, _as_size))
+        parsed["parts"], parsed["requested_parts"] = map(list, _parse_parts(metadata))
     for field, check in checks.items():
         if strict:
             value = _require(metadata, field, METADATA_MEMBER)
@@ -279,29 +315,31 @@ def parse_metadata(value, container_version: str) -> dict:
     return parsed
 
 
-def parse_folders(value, legacy: bool) -> list[dict]:
-    folders = []
-    for index, entry in enumerate(_as_list(value, FOLDERS_MEMBER)):
-        entry, folder_id, where = _entry_where(FOLDERS_MEMBER, "folder", index, entry)
-        owner = f"folder {folder_id!r}"
-        folders.append({
-            "id": folder_id,
-            "name": _as_text(_require(entry, "name", where), where, "name"),
-            "parent_id": _as_optional_id(_require(entry, "parent_id", where), where, "parent_id"),
-            "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
-            "access_rules": _parse_access_rules(entry, where, legacy, FOLDERS_MEMBER, owner),
-        })
-    return folders
+def parts_of(metadata: dict) -> tuple[str, ...]:
+    """The parts an archive holds: 3.0 says so; 2.0 and 1.0 hold documents only."""
+    return tuple(metadata.get("parts", ("documents",)))
 
 
-def _parse_revisions(document: dict, where: str, owner: str) -> list[dict]:
+def parse_folder(entry, index: int, legacy: bool, member: str = FOLDERS_MEMBER) -> dict:
+    entry, folder_id, where = _entry_where(member, "folder", index, entry)
+    owner = f"folder {folder_id!r}"
+    return {
+        "id": folder_id,
+        "name": _as_text(_require(entry, "name", where), where, "name"),
+        "parent_id": _as_optional_id(_require(entry, "parent_id", where), where, "parent_id"),
+        "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
+        "access_rules": _parse_access_rules(entry, where, legacy, member, owner),
+    }
+
+
+def _parse_revisions(document: dict, where: str, owner: str, member: str) -> list[dict]:
     revisions = []
     entries = _as_list(_require(document, "revisions", where), f"{where}: revisions")
     for index, revision in enumerate(entries):
         rev_where = f"{where}: revision {index}"
         revision = _as_object(revision, rev_where)
         revision_id = _as_child_id(_require(revision, "id", rev_where), rev_where,
-                                   DOCUMENTS_MEMBER, "revision", owner)
+                                   member, "revision", owner)
         rev_where = f"{where}: revision {revision_id!r}"
         revisions.append({
             "id": revision_id,
@@ -313,120 +351,121 @@ def _parse_revisions(document: dict, where: str, owner: str) -> list[dict]:
     return revisions
 
 
-def parse_documents(value, legacy: bool) -> list[dict]:
-    documents = []
-    for index, entry in enumerate(_as_list(value, DOCUMENTS_MEMBER)):
-        entry, document_id, where = _entry_where(DOCUMENTS_MEMBER, "document", index, entry)
-        owner = f"document {document_id!r}"
-        documents.append({
-            "id": document_id,
-            "title": _as_text(_require(entry, "title", where), where, "title"),
-            "folder_id": _as_optional_id(_require(entry, "folder_id", where), where, "folder_id"),
-            "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
-            "access_rules": _parse_access_rules(entry, where, legacy, DOCUMENTS_MEMBER, owner),
-            "revisions": _parse_revisions(entry, where, owner),
-        })
-    return documents
-
-
-def parse_files(value, legacy: bool) -> list[dict]:
-    """Validate files.json; legacy entries may lack ``size`` and have a null ``sha256`` (None
-    until extraction computes them)."""
-    files = []
-    for index, entry in enumerate(_as_list(value, FILES_MEMBER)):
-        entry, file_id, where = _entry_where(FILES_MEMBER, "file", index, entry)
-        if legacy and entry.get("size") is None:
-            size = None
-        else:
-            size = _as_size(_require(entry, "size", where), where, "size")
-        if legacy and entry.get("sha256") is None:
-            sha256 = None
-        else:
-            sha256 = _as_sha256(_require(entry, "sha256", where), where, "sha256")
-        files.append({
-            "id": file_id,
-            "sha256": sha256,
-            "size": size,
-            "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
-        })
-    return files
-
-
-def unique_index(items: Iterable[dict], kind: str) -> dict[str, dict]:
-    index: dict[str, dict] = {}
-    for item in items:
-        if item["id"] in index:
-            raise ArchiveError(f"duplicate {kind} id {item['id']!r}")
-        index[item["id"]] = item
-    return index
-
-
-def _check_folder_cycles(parent_of: dict[str, str | None]) -> None:
-    """Fail if following parent links from any folder loops instead of reaching a root."""
-    reaches_root: set[str] = set()
-    for start in parent_of:
-        path: list[str] = []
-        on_path: set[str] = set()
-        node = start
-        while node is not None and node not in reaches_root:
-            if node in on_path:
-                raise ArchiveError(f"folder {node!r} is part of a cycle in the folder hierarchy")
-            on_path.add(node)
-            path.append(node)
-            node = parent_of[node]
-        reaches_root.update(path)
-
-
-def validate_references(contents: BackupContents) -> None:
-    """Check ids are unique and every cross-reference between the listings resolves.
-
-    Root folders have ``parent_id`` null and documents in the root have ``folder_id`` null;
-    every other reference must name an object in the same backup, and folders must form a tree.
-    """
-    folders = unique_index(contents.folders, "folder")
-    unique_index(contents.documents, "document")
-    files = unique_index(contents.files, "file")
-    unique_index((rev for doc in contents.documents for rev in doc["revisions"]), "revision")
-    owners = list(contents.folders) + list(contents.documents)
-    unique_index((rule for owner in owners for rule in owner["access_rules"]), "access rule")
-    for folder in contents.folders:
-        parent_id = folder["parent_id"]
-        if parent_id is not None and parent_id not in folders:
-            raise ArchiveError(
-                f"folder {folder['id']!r}: parent folder {parent_id!r} is not in the backup"
-            )
-    _check_folder_cycles({folder["id"]: folder["parent_id"] for folder in contents.folders})
-    for document in contents.documents:
-        folder_id = document["folder_id"]
-        if folder_id is not None and folder_id not in folders:
-            raise ArchiveError(
-                f"document {document['id']!r}: folder {folder_id!r} is not in the backup"
-            )
-        for revision in document["revisions"]:
-            if revision["file_id"] not in files:
-                raise ArchiveError(
-                    f"document {document['id']!r}: revision {revision['id']!r} refers to "
-                    f"file {revision['file_id']!r}, which is not in the backup"
-                )
-
-
-def check_metadata_counts(contents: BackupContents) -> None:
-    """Fail when metadata.json's counts disagree with the listings (a sign of tampering)."""
-    lists = {
-        FOLDERS_MEMBER: contents.folders,
-        DOCUMENTS_MEMBER: contents.documents,
-        FILES_MEMBER: contents.files,
+def parse_document(entry, index: int, legacy: bool, member: str = DOCUMENTS_MEMBER) -> dict:
+    entry, document_id, where = _entry_where(member, "document", index, entry)
+    owner = f"document {document_id!r}"
+    return {
+        "id": document_id,
+        "title": _as_text(_require(entry, "title", where), where, "title"),
+        "folder_id": _as_optional_id(_require(entry, "folder_id", where), where, "folder_id"),
+        "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
+        "access_rules": _parse_access_rules(entry, where, legacy, member, owner),
+        "revisions": _parse_revisions(entry, where, owner, member),
     }
-    for field, member in METADATA_COUNT_FIELDS.items():
-        if field in contents.metadata and contents.metadata[field] != len(lists[member]):
-            raise ArchiveError(
-                f"{METADATA_MEMBER} says {field} is {contents.metadata[field]}, "
-                f"but {member} lists {len(lists[member])}"
-            )
-    if "total_file_bytes" in contents.metadata:
-        total = sum(entry["size"] or 0 for entry in contents.files)  # None: no content
-        if contents.metadata["total_file_bytes"] != total:
-            raise ArchiveError(
-                f"{METADATA_MEMBER} says total_file_bytes is "
-                f"{contents.metadata['total_file_bytes']}, but {FILES_MEMBER} adds up to {total}"
-            )
+
+
+def parse_file(entry, index: int, legacy: bool, member: str = FILES_MEMBER) -> dict:
+    """A files listing entry; legacy entries may lack ``size`` and have a null ``sha256``
+    (None until extraction computes them)."""
+    entry, file_id, where = _entry_where(member, "file", index, entry)
+    if legacy and entry.get("size") is None:
+        size = None
+    else:
+        size = _as_size(_require(entry, "size", where), where, "size")
+    if legacy and entry.get("sha256") is None:
+        sha256 = None
+    else:
+        sha256 = _as_sha256(_require(entry, "sha256", where), where, "sha256")
+    return {
+        "id": file_id,
+        "sha256": sha256,
+        "size": size,
+        "created_time": _as_time(_require(entry, "created_time", where), where, "created_time"),
+    }
+
+
+def _as_name(value, where: str, field: str, max_chars: int = ACCOUNT_NAME_MAX_CHARS) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= max_chars:
+        raise ArchiveError(f"{where}: {field} must be a string of 1 to {max_chars} characters")
+    return value
+
+
+def _as_names(value, where: str, field: str) -> list[str]:
+    names = _as_list(value, f"{where}: {field}")
+    if len(names) > ACCOUNT_NAMES_MAX:
+        raise ArchiveLimitExceeded(f"{where}: {field} lists {len(names)} names, more than "
+                                   f"{ACCOUNT_NAMES_MAX}")
+    parsed = [_as_name(name, where, field) for name in names]
+    if len(set(parsed)) != len(parsed):
+        raise ArchiveError(f"{where}: {field} lists a name twice")
+    return sorted(parsed)
+
+
+def _as_optional_text(value, where: str, field: str) -> str | None:
+    return None if value is None else _as_text(value, where, field)
+
+
+def parse_group(entry, index: int, member: str) -> dict:
+    where = f"{member}: entry {index}"
+    entry = _as_object(entry, where)
+    name = _as_name(_require(entry, "name", where), where, "name")
+    where = f"{member}: group {name!r}"
+    return {"name": name,
+            "permissions": _as_names(_require(entry, "permissions", where), where, "permissions"),
+            "created_time": _as_time(_require(entry, "created_time", where), where,
+                                     "created_time")}
+
+
+def parse_user(entry, index: int, member: str) -> dict:
+    """A user with its password hash (opaque here; the restoring server checks it names a
+    scheme it verifies), its direct permissions and its groups."""
+    where = f"{member}: entry {index}"
+    entry = _as_object(entry, where)
+    username = _as_name(_require(entry, "username", where), where, "username")
+    where = f"{member}: user {username!r}"
+    return {
+        "username": username,
+        "password_hash": _as_name(_require(entry, "password_hash", where), where,
+                                  "password_hash", PASSWORD_HASH_MAX_CHARS),
+        "nickname": _as_text(_require(entry, "nickname", where), where, "nickname")[
+            :NICKNAME_MAX_CHARS],
+        "permissions": _as_names(_require(entry, "permissions", where), where, "permissions"),
+        "groups": _as_names(_require(entry, "groups", where), where, "groups"),
+        "created_time": _as_time(_require(entry, "created_time", where), where,
+                                 "created_time"),
+        "passwd_last_modified": _as_time(_require(entry, "passwd_last_modified", where), where,
+                                         "passwd_last_modified"),
+    }
+
+
+AUDIT_TEXT_MAX_CHARS = 4096
+
+
+def parse_audit_entry(entry, index: int, member: str) -> dict:
+    where = f"{member}: entry {index}"
+    entry = _as_object(entry, where)
+    out: dict[str, Any] = {"time": _as_time(_require(entry, "time", where), where, "time")}
+    for field in ("username", "action", "target", "address"):
+        value = _require(entry, field, where)
+        text = (_as_text(value, where, field) if field == "action"
+                else _as_optional_text(value, where, field))
+        if text is not None and len(text) > AUDIT_TEXT_MAX_CHARS:
+            raise ArchiveError(f"{where}: {field} is longer than {AUDIT_TEXT_MAX_CHARS} "
+                               "characters")
+        out[field] = text
+    result = _require(entry, "result", where)
+    if type(result) is not int:
+        raise ArchiveError(f"{where}: result must be an integer")
+    out["result"] = result
+    return out
+
+
+# The record parser of each listing kind (payload 3.0 names its listings by kind).
+RECORD_PARSERS = {
+    "folders": lambda entry, index, member: parse_folder(entry, index, False, member),
+    "documents": lambda entry, index, member: parse_document(entry, index, False, member),
+    "files": lambda entry, index, member: parse_file(entry, index, False, member),
+    "groups": parse_group,
+    "users": parse_user,
+    "audit": parse_audit_entry,
+}

@@ -1,7 +1,7 @@
 """Reading a backup archive, format 2 or legacy 1.0 (SPEC §7, §9): ``read_backup_archive``.
 
 Archives come from clients, so every byte is hostile: nothing seeks, nothing is held in memory
-beyond a segment and one JSON listing, every limit of ``ArchiveLimits`` is enforced, and every
+beyond a segment and one listing entry (2.0) or piece (3.0), every limit of ``ArchiveLimits`` is enforced, and every
 failure surfaces as ``ArchiveError`` (``ArchiveLimitExceeded`` for limits) naming the offending
 member or id. Errors from tarfile, zstandard and json are converted at the boundary of
 ``read_backup_archive``; an ``OSError`` there is the server's own I/O failing (disk full,
@@ -24,6 +24,7 @@ from .envelope import MAGIC_V3, open_envelope, read_envelope
 from .keyfile import FORMAT_LEGACY, FORMAT_V2, KeyInfo
 from .legacy import LegacyCbcReader
 from .listings import BackupContents
+from .records import RecordSink
 from .recipients import Unlock
 from .segments import COMPRESSION_ZSTD, SegmentReader
 from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain, read_up_to
@@ -76,11 +77,11 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo | Unlock, limits: Arch
 
 def _extract_all(
     source: CountingSource, key_info: KeyInfo | Unlock, staging_fd: int,
-    limits: ArchiveLimits, allow_missing_content: bool,
+    limits: ArchiveLimits, allow_missing_content: bool, sink: RecordSink,
 ) -> BackupContents:
     legacy = _is_legacy(key_info)
     plaintext, segments = _plaintext_stream(source, key_info, limits)
-    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits,
+    extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits, sink=sink,
                           allow_missing_content=allow_missing_content,
                           before_listing=source.report)
     with ReadAhead(plaintext) as ahead:
@@ -111,11 +112,14 @@ def read_backup_archive(
     key_info: KeyInfo | Unlock,
     staging_dir: Path,
     limits: ArchiveLimits,
+    sink: RecordSink,
     progress: Callable[[int, int], None] | None = None,
     archive_size: int | None = None,
     allow_missing_content: bool = False,
 ) -> BackupContents:
-    """Decrypt, verify and extract a backup archive; return its validated listings.
+    """Decrypt, verify and extract a backup archive; every validated listing record goes to
+    ``sink`` as it is read (the sink checks what needs the whole set: unique ids, references);
+    returns what else was read (metadata, counts, warnings).
 
     File contents are written to ``staging_dir/<file_id>`` and checked against their size and
     sha256. ``key_info`` is a parsed key file (formats 2 and 1.0) or an ``Unlock`` of
@@ -134,7 +138,8 @@ def read_backup_archive(
     legacy = _is_legacy(key_info)
     staging_fd = _open_staging_dir(staging_dir)
     try:
-        return _extract_all(source, key_info, staging_fd, limits, allow_missing_content)
+        return _extract_all(source, key_info, staging_fd, limits, allow_missing_content,
+                            sink)
     except (ArchiveError, OSError):
         raise  # archive problems are already precise; OSError is the server's own I/O failing
     except CallbackFailed as exc:

@@ -8,10 +8,8 @@ folder, hashing them. ``member_info`` builds the headers the writer uses.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 import tarfile
-from typing import Any, Callable
+from typing import Callable
 
 from cfms_trio.config import ArchiveLimits
 from cfms_trio.conventions import ID_PATTERN
@@ -25,21 +23,28 @@ from .listings import (
     FILES_PREFIX,
     FOLDERS_MEMBER,
     JSON_MEMBERS,
+    METADATA_COUNT_FIELDS,
     METADATA_MEMBER,
     VERSION_LEGACY,
-    VERSION_V2,
+    VERSION_V3,
     BackupContents,
-    check_metadata_counts,
     itemised,
-    parse_documents,
-    parse_files,
-    parse_folders,
+    parse_document,
+    parse_file,
+    parse_folder,
     parse_metadata,
     show_name,
-    unique_index,
-    validate_references,
 )
-from .streams import COPY_BYTES
+from .payload3 import PayloadV3
+from .records import RecordSink, parse_piece_name
+from .staged import STAGING_FILE_MODE, check_listed_size, write_staging_file
+
+# A format 2 stream's listings of payload 2.0 (and legacy 1.0): member -> (kind, entry parser).
+_LISTING_PARSERS = {
+    FOLDERS_MEMBER: ("folders", parse_folder),
+    DOCUMENTS_MEMBER: ("documents", parse_document),
+    FILES_MEMBER: ("files", parse_file),
+}
 
 # pax and GNU long-name headers are read whole by tarfile; ours never need more than a few
 # records, and a cap keeps a hostile header from costing memory or quadratic parsing time.
@@ -51,7 +56,6 @@ TAR_EXTENDED_HEADERS_PER_MEMBER_MAX = 4
 TAR_GLOBAL_HEADERS_MAX_BYTES = TAR_EXTENDED_HEADER_MAX_BYTES
 _SPARSE_PAX_PREFIX = "GNU.sparse."
 _CHAIN_ATTRIBUTE = "_cfms_extended_header_chain"  # set on the TarFile being read
-STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
 _EXTENDED_HEADER_TYPES = (
     tarfile.XHDTYPE,
@@ -197,42 +201,39 @@ def _not_listed(name: str) -> ArchiveError:
     return ArchiveError(f"archive member {show_name(name)} is not listed in {FILES_MEMBER}")
 
 
-def _check_listed_size(file_id: str, entry: dict, size: int) -> None:
-    """A file's size in the archive must be the one files.json lists (legacy: when it lists one)."""
-    if entry["size"] is not None and entry["size"] != size:
-        raise ArchiveError(
-            f"file {file_id}: size mismatch ({FILES_MEMBER} says {entry['size']} bytes, "
-            f"the archive holds {size})"
-        )
-
-
 class Extractor:
     """Validates tar members one by one and extracts file contents into the staging folder.
 
-    Format 2 members must come in the exact order of SPEC §7, so files.json is known before any
-    file arrives and sizes, hashes and membership are checked while streaming. Legacy members may
-    come in any order; what cannot be checked on arrival is checked in ``finish``. A legacy file
-    listed but absent from the archive fails ``finish`` unless ``allow_missing_content``.
-    ``before_listing()`` is called before each JSON listing is parsed (progress reporting).
+    Payload 2.0 members must come in the exact order of SPEC §7, so files.json is known before
+    any file arrives and sizes, hashes and membership are checked while streaming; a 3.0 payload
+    (known from its metadata.json, the first member) is handed to ``PayloadV3``. Legacy members
+    may come in any order; what cannot be checked on arrival is checked in ``finish``. A legacy
+    file listed but absent from the archive fails ``finish`` unless ``allow_missing_content``.
+    Every listing entry goes to ``sink`` as it is validated; the files listing is asked back
+    from it. ``before_listing()`` is called before each listing member is parsed (progress).
     """
 
     def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits,
-                 allow_missing_content: bool = False,
+                 sink: RecordSink, allow_missing_content: bool = False,
                  before_listing: Callable[[], None] | None = None):
         self.legacy = legacy
         self.upstream = LegacyListings() if legacy else None
         self.allow_missing_content = allow_missing_content
         self.before_listing = before_listing
         self.null_sha256_ids: list[str] = []  # legacy files whose sha256 was computed here
-        self.version = VERSION_LEGACY if legacy else VERSION_V2
+        self.version = VERSION_LEGACY if legacy else None  # 2.0 or 3.0 once metadata is read
         self.limits = limits
+        self.sink = sink
         self.staging_fd = staging_fd
         self.member_count = 0
-        self.seen: set[str] = set()
-        self.listings: dict[str, Any] = {}
-        self.listed: dict[str, dict] | None = None  # files.json by id, once read
-        self.extracted: dict[str, tuple[int, str]] = {}  # id -> (size, sha256)
+        self.seen: set[str] = set()  # member names (2.0 and 1.0; 3.0 checks order instead)
+        self.metadata: dict | None = None
+        self.counts = {FOLDERS_MEMBER: 0, DOCUMENTS_MEMBER: 0, FILES_MEMBER: 0}
+        self.listed_bytes = 0
+        self.files_listed = False  # files.json read
+        self.early: dict[str, tuple[int, str]] = {}  # legacy: id -> (size, sha256) before files.json
         self.position = 0  # format 2: index of the next expected member
+        self.v3: PayloadV3 | None = None
 
     # -- names and types
 
@@ -250,10 +251,9 @@ class Extractor:
                 parts.pop(0)
         return "/".join(parts)
 
-    @staticmethod
-    def _classify(name: str, raw: str) -> str | None:
-        """Return the file id for ``files/<id>``, None for a JSON listing; reject anything else."""
-        if name in JSON_MEMBERS:
+    def _classify(self, name: str, raw: str) -> str | None:
+        """Return the file id for ``files/<id>``, None for a listing; reject anything else."""
+        if name in JSON_MEMBERS or (self.v3 is not None and parse_piece_name(name)):
             return None
         if name.startswith(FILES_PREFIX) and ID_PATTERN.fullmatch(name[len(FILES_PREFIX):]):
             return name[len(FILES_PREFIX):]
@@ -262,9 +262,8 @@ class Extractor:
     def _expected_name(self) -> str | None:
         if self.position < len(JSON_MEMBERS):
             return JSON_MEMBERS[self.position]
-        files = self.listings[FILES_MEMBER]
-        index = self.position - len(JSON_MEMBERS)
-        return FILES_PREFIX + files[index]["id"] if index < len(files) else None
+        file_id = self.sink.listed_file_at(self.position - len(JSON_MEMBERS))
+        return None if file_id is None else FILES_PREFIX + file_id
 
     def _check_position(self, name: str, file_id: str | None) -> None:
         """Format 2: the member must be exactly the next one SPEC §7 calls for."""
@@ -272,7 +271,7 @@ class Extractor:
         if name == expected:
             self.position += 1
             return
-        if file_id is not None and self.listed is not None and file_id not in self.listed:
+        if file_id is not None and self.files_listed and self.sink.listed_file(file_id) is None:
             raise _not_listed(name)
         if expected is None:
             raise ArchiveError(f"archive member {show_name(name)} follows the last listed file")
@@ -295,6 +294,12 @@ class Extractor:
         if problem:
             raise ArchiveError(problem)
         file_id = self._classify(name, raw)
+        if self.v3 is not None:
+            if file_id is not None or parse_piece_name(name):
+                self.v3.handle(tar, member, name)
+                return
+            raise ArchiveError(f"archive member {show_name(raw)} is out of order; expected "
+                               f"{self.v3.expected()!r}")
         if name in self.seen:
             raise ArchiveError(f"duplicate archive member {show_name(raw)}")
         if not self.legacy:
@@ -309,7 +314,7 @@ class Extractor:
 
     def _read_listing(self, tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> None:
         """Validate a JSON listing; the entry lists are parsed one entry at a time (1.0
-        entries normalised on the way, see ``LegacyListings``)."""
+        entries normalised on the way, see ``LegacyListings``) and go to the sink."""
         if self.before_listing is not None:
             self.before_listing()
         limit = self.limits.json_member_bytes
@@ -326,122 +331,113 @@ class Extractor:
             if len(data) != member.size:
                 raise ArchiveError(f"{what} is truncated")
             value = decode_json(data, what, self.limits.json_depth)
-            self.listings[name] = parse_metadata(value, self.version)
+            self.metadata = parse_metadata(value, self.version)
+            self.version = self.metadata["version"]
+            if self.version == VERSION_V3:
+                self.v3 = PayloadV3(self.metadata, self.sink, self.staging_fd, self.limits)
             return
         each = None if self.upstream is None else functools.partial(self.upstream.normalise,
                                                                       name)
         entries = JsonArray(source, member.size, name, what, self.limits.json_depth, each=each)
-        if name == FOLDERS_MEMBER:
-            self.listings[name] = parse_folders(entries, self.legacy)
-        elif name == DOCUMENTS_MEMBER:
-            self.listings[name] = parse_documents(entries, self.legacy)
-        else:
-            self.listings[name] = parse_files(entries, self.legacy)
+        kind, parse = _LISTING_PARSERS[name]
+        for index, entry in enumerate(entries):
+            record = parse(entry, index, self.legacy)
+            self.sink.add(kind, record)
+            self.counts[name] += 1
+            if name == FILES_MEMBER:
+                self.listed_bytes += record["size"] or 0
         if self.upstream is not None:
             self.upstream.finish(name)
         if name == FILES_MEMBER:
-            self.listed = unique_index(self.listings[name], "file")
-            for file_id in self.extracted:  # legacy: files that came before their listing
-                self._verify_extracted(file_id)
+            self.files_listed = True
+            for file_id in self.early:  # legacy: files that came before their listing
+                self._verify_extracted(file_id, *self.early[file_id])
+            self.early.clear()
             if not self.legacy:
                 self._check_listings_early()
 
-    def _contents(self) -> BackupContents:
-        return BackupContents(
-            format_version=self.version,
-            metadata=self.listings[METADATA_MEMBER],
-            folders=self.listings[FOLDERS_MEMBER],
-            documents=self.listings[DOCUMENTS_MEMBER],
-            files=self.listings[FILES_MEMBER],
-        )
+    def _check_counts(self) -> None:
+        """Fail when metadata.json's counts disagree with the listings (a sign of tampering)."""
+        for field, member in METADATA_COUNT_FIELDS.items():
+            if field in self.metadata and self.metadata[field] != self.counts[member]:
+                raise ArchiveError(
+                    f"{METADATA_MEMBER} says {field} is {self.metadata[field]}, "
+                    f"but {member} lists {self.counts[member]}"
+                )
+        total = self.metadata.get("total_file_bytes")
+        if total is not None and total != self.listed_bytes:
+            raise ArchiveError(
+                f"{METADATA_MEMBER} says total_file_bytes is {total}, but {FILES_MEMBER} adds "
+                f"up to {self.listed_bytes}"
+            )
 
     def _check_listings_early(self) -> None:
-        """Format 2: all listings are known before the first file; check them all now."""
-        contents = self._contents()
-        check_metadata_counts(contents)
-        validate_references(contents)
-        members = len(JSON_MEMBERS) + len(contents.files)
+        """Format 2: all listings are known before the first file; check the counts now."""
+        self._check_counts()
+        members = len(JSON_MEMBERS) + self.counts[FILES_MEMBER]
         if members > self.limits.member_count:
             raise ArchiveLimitExceeded(
                 f"archive lists {members} members; the limit is {self.limits.member_count}"
             )
-        total = sum(entry["size"] for entry in contents.files)
-        if total > self.limits.extracted_bytes:
+        if self.listed_bytes > self.limits.extracted_bytes:
             raise ArchiveLimitExceeded(
-                f"archive lists {total} bytes of files; the limit is "
+                f"archive lists {self.listed_bytes} bytes of files; the limit is "
                 f"{self.limits.extracted_bytes} bytes"
             )
 
     # -- file contents
 
     def _extract_file(self, tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str) -> None:
-        if self.listed is not None:
-            entry = self.listed.get(file_id)
+        if self.files_listed:
+            entry = self.sink.listed_file(file_id)
             if entry is None:
                 raise _not_listed(member.name)
-            _check_listed_size(file_id, entry, member.size)
-        self.extracted[file_id] = self._write_staging_file(tar, member, file_id)
-        if self.listed is not None:
-            self._verify_extracted(file_id)
+            check_listed_size(file_id, entry, member.size, FILES_MEMBER)
+        size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd)
+        if self.files_listed:
+            self._verify_extracted(file_id, size, sha256, entry)
+        else:
+            self.early[file_id] = (size, sha256)
 
-    def _write_staging_file(
-        self, tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str
-    ) -> tuple[int, str]:
-        """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
-
-        The id is validated to be a plain name, the file is created relative to the staging
-        folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
-        """
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(file_id, flags, STAGING_FILE_MODE, dir_fd=self.staging_fd)
-        except FileExistsError:
-            raise ArchiveError(f"file {file_id}: already present in the staging folder") from None
-        source = tar.extractfile(member)
-        digest = hashlib.sha256()
-        size = 0
-        with os.fdopen(fd, "wb") as target:
-            while chunk := source.read(COPY_BYTES):
-                digest.update(chunk)
-                target.write(chunk)
-                size += len(chunk)
-        if size != member.size:
-            raise ArchiveError(f"file {file_id}: archive member is truncated")
-        return size, digest.hexdigest()
-
-    def _verify_extracted(self, file_id: str) -> None:
+    def _verify_extracted(self, file_id: str, size: int, sha256: str,
+                          entry: dict | None = None) -> None:
         """Compare an extracted file with its files.json entry (known by now)."""
-        entry = self.listed.get(file_id)
+        entry = entry or self.sink.listed_file(file_id)
         if entry is None:
             raise _not_listed(FILES_PREFIX + file_id)
-        size, sha256 = self.extracted[file_id]
-        _check_listed_size(file_id, entry, size)
+        check_listed_size(file_id, entry, size, FILES_MEMBER)
         if entry["sha256"] is None:  # legacy: nothing to check against, so it is computed
-            entry["sha256"] = sha256
             self.null_sha256_ids.append(file_id)
         elif entry["sha256"] != sha256:
             raise ArchiveError(f"file {file_id}: sha256 mismatch")
+        if self.legacy:
+            if entry["size"] is None:
+                self.listed_bytes += size
+            self.sink.file_extracted(file_id, size, sha256)
 
     # -- end of archive
 
     def finish(self) -> BackupContents:
-        """Run the checks that need the whole archive and return the validated contents."""
+        """Run the checks that need the whole archive and return what was read."""
+        if self.v3 is not None:
+            counts = self.v3.finish()
+            return BackupContents(format_version=self.version, metadata=self.metadata,
+                                  counts=counts, total_file_bytes=self.v3.total_file_bytes)
         for name in JSON_MEMBERS:
-            if name not in self.listings:
+            if name not in self.seen:
                 raise ArchiveError(f"archive is missing member {name}")
-        absent = [entry["id"] for entry in self.listings[FILES_MEMBER]
-                  if entry["id"] not in self.extracted]
-        if absent and not self.legacy:
-            raise ArchiveError(
-                f"file {absent[0]}: listed in {FILES_MEMBER} but missing from the archive")
-        for entry in self.listings[FILES_MEMBER]:
-            if entry["size"] is None and entry["id"] in self.extracted:
-                entry["size"] = self.extracted[entry["id"]][0]
-        contents = self._contents()
+        if not self.legacy:
+            missing = self._expected_name()
+            if missing is not None:
+                raise ArchiveError(f"file {missing[len(FILES_PREFIX):]}: listed in "
+                                   f"{FILES_MEMBER} but missing from the archive")
+        counts = {kind: self.counts[name] for name, (kind, _) in _LISTING_PARSERS.items()}
+        contents = BackupContents(format_version=self.version, metadata=self.metadata,
+                                  counts=counts, total_file_bytes=self.listed_bytes)
         if self.legacy:
-            self._legacy_files(contents, absent)
-            check_metadata_counts(contents)
-            validate_references(contents)
+            self._legacy_files(contents, self.sink.files_without_content())
+            contents.total_file_bytes = self.listed_bytes
+            self._check_counts()
         return contents
 
     def _legacy_files(self, contents: BackupContents, absent: list[str]) -> None:

@@ -1,0 +1,47 @@
+"""Streaming one file member of a backup into the staging folder, hashing it on the way."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+
+from cfms_trio.errors import ArchiveError
+
+from .streams import COPY_BYTES
+
+STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
+
+
+def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str,
+                       staging_fd: int) -> tuple[int, str]:
+    """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
+
+    The id is validated to be a plain name, the file is created relative to the staging
+    folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(file_id, flags, STAGING_FILE_MODE, dir_fd=staging_fd)
+    except FileExistsError:
+        raise ArchiveError(f"file {file_id}: already present in the staging folder") from None
+    source = tar.extractfile(member)
+    digest = hashlib.sha256()
+    size = 0
+    with os.fdopen(fd, "wb") as target:
+        while chunk := source.read(COPY_BYTES):
+            digest.update(chunk)
+            target.write(chunk)
+            size += len(chunk)
+    if size != member.size:
+        raise ArchiveError(f"file {file_id}: archive member is truncated")
+    return size, digest.hexdigest()
+
+
+def check_listed_size(file_id: str, entry: dict, size: int, listing: str) -> None:
+    """A file's size in the archive must be the one its listing gives (legacy: if it gives one)."""
+    if entry["size"] is not None and entry["size"] != size:
+        raise ArchiveError(
+            f"file {file_id}: size mismatch ({listing} says {entry['size']} bytes, "
+            f"the archive holds {size})"
+        )
