@@ -152,7 +152,7 @@ async def test_schedule_requests_are_checked_and_dry_run_prunes_nothing(
         "data.keep' must keep at least one": {"keep": {"last": 0}},
         "data.target.type": {"target": {"type": "ftp"}},
         "data.target.bucket": {"target": {"type": "s3", "bucket": "No_Such"}},
-        "data.parts\\[0\\].*'accounts' is not a part": {"parts": ["accounts"]},
+        "data.parts\\[0\\].*'settings' is not a part": {"parts": ["settings"]},
         "data.name": {"name": "../etc"},
     }
     for message, change in refused.items():
