@@ -7,6 +7,7 @@ export, verify, inspect) and `client` (drive a running server).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import backup, client, serve
@@ -25,7 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader went away (`cfms-trio client ls | head`): stop quietly, as other tools do.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
