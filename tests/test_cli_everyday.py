@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from cfms_trio.client import ClientError
 
@@ -395,3 +398,19 @@ async def test_backup_export_import_status_from_profiles(admin_cli, start_server
     assert (await second("get", "/project", str(out), "--profile", "b")).code == 0
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} \
         == files
+
+
+async def test_output_into_a_closed_pipe_ends_quietly(admin_cli):
+    """`cfms-trio client profiles | head -0`: a reader that went away ends the command with
+    exit code 1 and no traceback."""
+    def run_with_closed_stdout() -> tuple[int, bytes]:
+        child = subprocess.Popen([sys.executable, "-m", "cfms_trio", "client", "profiles",
+                                  "--config-dir", str(admin_cli.config_dir)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        child.stdout.close()  # before the child has printed anything
+        stderr = child.stderr.read()
+        return child.wait(timeout=60), stderr
+
+    code, stderr = await trio.to_thread.run_sync(run_with_closed_stdout)
+    assert code == 1
+    assert b"Traceback" not in stderr, stderr.decode()
