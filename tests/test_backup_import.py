@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import secrets
+import threading
 import time
 from pathlib import Path
 
@@ -474,6 +475,49 @@ async def test_a_failure_after_files_were_placed_takes_them_back(
     assert "log reference" in final["error_message"], final
     assert "simulated" not in final["error_message"]
     assert list(restored_dir(target).iterdir()) == []
+
+
+async def test_restored_files_are_made_durable_before_the_commit(
+        target, target_admin, tmp_path, monkeypatch):
+    """The staged files are synced once all are written, the renames once all are done, and
+    both before the task reads `completed` (its status is written in the commit's
+    transaction)."""
+    from cfms_trio.backup import restore
+    from cfms_trio.backup.staging_index import INDEX_FILE_NAME
+
+    seen: list[tuple[str, set[str], str]] = []
+
+    def status() -> str:
+        """The task's committed status: read on a thread of its own, so on a connection of
+        its own, outside the restore's transaction."""
+        found = []
+        reader = threading.Thread(target=lambda: found.append(
+            target.app.store.run_read(backup_tasks.get_backup_task, task_id)["status"]))
+        reader.start()
+        reader.join()
+        return found[0]
+
+    def recording(name, original, folder_of):
+        def wrapper(folder):
+            held = {p.name for p in folder_of(folder).iterdir()} - {INDEX_FILE_NAME}
+            seen.append((name, held, status()))
+            original(folder)
+        return wrapper
+
+    monkeypatch.setattr(restore, "sync_filesystem",
+                        recording("staging", restore.sync_filesystem, lambda f: f))
+    monkeypatch.setattr(restore, "sync_directory",
+                        recording("restored", restore.sync_directory, lambda f: f))
+    listings, files, archive, key = legacy_backup(tmp_path)
+    init = await target_admin.call("initiate_backup_import", {"timeout_seconds": 120})
+    task_id = init["backup_task_id"]
+    await target_admin.upload_file(init["archive_task_id"], archive)
+    await target_admin.upload_file(init["key_task_id"], key)
+    await target_admin.call("start_backup_import", {"backup_task_id": task_id})
+    final = await wait_final(target_admin, task_id)
+    assert final["status"] == "completed", final
+    assert [(name, names, state) for name, names, state in seen] == [
+        ("staging", set(files), "processing"), ("restored", set(files), "processing")]
 
 
 # -- events -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..paths import restore_file_relative
 from ..storage import backup_tasks, restore_accounts, restore_rows
+from .durability import sync_directory, sync_filesystem
 from .format import (
     VERSION_LEGACY,
     BackupContents,
@@ -84,6 +85,8 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
             contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
                                            progress=on_bytes, archive_size=archive_size,
                                            allow_missing_content=allow_missing_content)
+        # Every staged file on disk before anything is committed (see durability.py).
+        sync_filesystem(staging_dir)
         report("Loading metadata", 0.0)
         check_contents(contents, index)
         _check_abort(abort)
@@ -126,6 +129,7 @@ class FileMover:
                 self.moved.append(file_id)
             done += len(batch)
             report("Importing files", done / total)
+        sync_directory(self.restore_dir)  # the renames are on disk before the commit
 
     def take_back(self) -> None:
         """Remove every file this mover placed (after a failed commit)."""
