@@ -34,18 +34,20 @@ def wrap_targets(data: dict) -> tuple:
     return tuple(targets)
 
 
-def backup_parts(data: dict) -> tuple[str, ...]:
-    """The parts asked for (default: all); their prerequisites are added by the export."""
-    parts = data["parts"]
-    if parts is None:
-        return BACKUP_PARTS
-    for index, part in enumerate(parts):
+def checked_parts(values: list | None) -> tuple[str, ...] | None:
+    """The `parts` a request names, in BACKUP_PARTS order (None: every part; the export adds
+    their prerequisites), or 400 naming the first unknown one. Shared by generate_backup and
+    create_backup_schedule."""
+    if values is None:
+        return None
+    for index, part in enumerate(values):
         if part not in BACKUP_PARTS:
-            raise BadRequest(f"field 'data.parts[{index}]' must be one of "
-                             f"{', '.join(BACKUP_PARTS)}")
-    if not parts:
-        raise BadRequest(f"field 'data.parts' must name at least one of {', '.join(BACKUP_PARTS)}")
-    return tuple(parts)
+            raise BadRequest(f"field 'data.parts[{index}]': {part!r} is not a part this server "
+                             f"exports (it exports: {', '.join(BACKUP_PARTS)})")
+    if not values:
+        raise BadRequest("field 'data.parts' must name at least one part; leave it out for "
+                         "every part")
+    return tuple(part for part in BACKUP_PARTS if part in values)
 
 
 async def generate_backup(ctx: Context, data: dict) -> dict:
@@ -53,7 +55,7 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
     now = app.now()
     name = check_backup_name(data["backup_name"] or default_backup_name(now))
     wrap_for = wrap_targets(data)
-    parts = backup_parts(data)
+    parts = checked_parts(data["parts"]) or BACKUP_PARTS
     ctx.audit_target = name
     task_id = await app.store.write(backup_tasks.create_export_task, ctx.user.username, name,
                                     now)

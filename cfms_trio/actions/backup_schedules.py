@@ -9,8 +9,9 @@ from __future__ import annotations
 from ..backup.format import Passphrase, Unlock, parse_key_upload, parse_recipient
 from ..backup.retention import parse_keep
 from ..backup.targets import parse_target
-from ..conventions import BACKUP_PARTS, is_backup_name
+from ..conventions import is_backup_name
 from ..dispatch import Context
+from .backup_export import checked_parts
 from ..errors import ArchiveError, BadRequest
 from ..storage import backups
 
@@ -45,26 +46,14 @@ def _recipients(values: list) -> list[str]:
     return out
 
 
-def _parts(values: list | None) -> list[str] | None:
-    if values is None:
-        return None
-    for index, part in enumerate(values):
-        if part not in BACKUP_PARTS:
-            raise BadRequest(f"field 'data.parts[{index}]': {part!r} is not a part this server "
-                             f"exports (it exports: {', '.join(BACKUP_PARTS)})")
-    if not values:
-        raise BadRequest("field 'data.parts' must name at least one part; leave it out for "
-                         "every part")
-    return sorted(set(values))
-
-
 async def create_backup_schedule(ctx: Context, data: dict) -> dict:
     name = _schedule_name(data["name"])
     ctx.audit_target = name
+    parts = checked_parts(data["parts"])
     schedule = await ctx.app.store.write(
         backups.create_schedule, name=name, created_by=ctx.user.username, now=ctx.app.now(),
         interval_seconds=data["interval_seconds"], recipients=_recipients(data["recipients"]),
-        parts=_parts(data["parts"]), compression=data["compression"],
+        parts=None if parts is None else list(parts), compression=data["compression"],
         target=parse_target(data["target"]), keep=parse_keep(data["keep"]))
     ctx.app.backups.changed()
     return schedule
