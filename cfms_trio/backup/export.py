@@ -40,11 +40,9 @@ from .format import (
     WriteBehind,
     make_key_file,
     parse_key_file,
-    read_backup_archive,
     write_backup_archive,
 )
-from .restore import check_contents
-from .staging_index import StagingIndex
+from .restore import checked_archive
 
 
 @dataclasses.dataclass
@@ -74,14 +72,10 @@ def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) ->
     """Read the archive at `path` end to end as an import would (every segment, listing and
     file hash, the recipient block MAC of format 3) into `staging_dir`, then the checks of
     this server's own rules (`check_contents`). Raises ArchiveError on any difference."""
-    index = StagingIndex.create(staging_dir)
-    try:
-        with open(path, "rb") as archive:
-            contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
-                                           archive_size=os.fstat(archive.fileno()).st_size)
-        check_contents(contents, index)
-    finally:
-        index.close()
+    with open(path, "rb") as archive, checked_archive(
+            archive, key_info, staging_dir, limits,
+            archive_size=os.fstat(archive.fileno()).st_size):
+        pass
 
 
 def _self_check(path: Path, key_info, out_dir: Path, name: str,

@@ -10,12 +10,13 @@ back.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable, Iterator
 
 from ..config import ArchiveLimits
 from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
@@ -94,6 +95,24 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
         index.close()
         raise
     return contents, index
+
+
+@contextlib.contextmanager
+def checked_archive(source: BinaryIO, key_info: KeyInfo | Unlock, staging_dir: Path,
+                    limits: ArchiveLimits, *, archive_size: int
+                    ) -> Iterator[tuple[BackupContents, StagingIndex]]:
+    """Read `source` into `staging_dir` and a new staging index with every check an import
+    makes before touching a store (`read_backup_archive`, then `check_contents`); yields
+    (contents, index) and closes the index afterwards. For the export's self-check,
+    `verify_backup` and `cfms-trio backup verify/inspect`."""
+    index = StagingIndex.create(staging_dir)
+    try:
+        contents = read_backup_archive(source, key_info, staging_dir, limits, index,
+                                       archive_size=archive_size)
+        check_contents(contents, index)
+        yield contents, index
+    finally:
+        index.close()
 
 
 def check_contents(contents: BackupContents, index: StagingIndex) -> None:

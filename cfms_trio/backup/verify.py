@@ -31,8 +31,8 @@ from ..config import ArchiveLimits
 from ..errors import ArchiveError, BackupTargetError, CfmsError
 from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, backups
-from .format import KeyInfo, Unlock, read_backup_archive, summarize_archive
-from .restore import FileMover, check_contents, commit_restore
+from .format import KeyInfo, Unlock, summarize_archive
+from .restore import FileMover, checked_archive, commit_restore
 from .staging_index import StagingIndex
 
 LEVEL_SELF_CHECK = "self-check"
@@ -162,11 +162,8 @@ def _check_structure(backup: dict, source: _HashingReader, report: VerifyReport)
 def _check_contents(backup: dict, source: _HashingReader, key_info, work_dir: Path,
                     limits: ArchiveLimits, deep: bool, report: VerifyReport) -> None:
     staging = work_dir / "staging"
-    index = StagingIndex.create(staging)
-    try:
-        contents = read_backup_archive(source, key_info, staging, limits, index,
-                                       archive_size=backup["size"])
-        check_contents(contents, index)
+    with checked_archive(source, key_info, staging, limits,
+                         archive_size=backup["size"]) as (contents, index):
         report.level = LEVEL_FULL
         report.checked.extend(["every segment's authentication tag",
                                "the listings and references", "every file's size and sha256",
@@ -179,8 +176,6 @@ def _check_contents(backup: dict, source: _HashingReader, key_info, work_dir: Pa
             report.not_checked.append("a restore plan (deep)")
             return
         _plan_restore(contents, index, staging, work_dir)
-    finally:
-        index.close()
     report.level = LEVEL_DEEP
     report.checked.append("a complete restore into an empty throw-away database (nothing "
                           "committed to this server)")

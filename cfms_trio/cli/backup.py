@@ -17,11 +17,9 @@ from ..backup.format import (
     PART_OF_KIND,
     VERSION_LEGACY,
     KeyInfo,
-    read_backup_archive,
     summarize_archive,
 )
-from ..backup.restore import check_contents, read_key_file
-from ..backup.staging_index import StagingIndex
+from ..backup.restore import checked_archive, read_key_file
 from ..client.files import file_sha256
 from ..config import ArchiveLimits
 from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
@@ -82,16 +80,10 @@ def _read_archive(archive: Path, key: Path | None, unlock) -> Iterator[tuple]:
             and file_sha256(archive) != key_info.archive_sha256):
         raise CfmsError("archive sha256 does not match the one recorded in the key file")
     with tempfile.TemporaryDirectory(prefix="cfms-verify-") as tmp:
-        staging = Path(tmp) / "files"
-        index = StagingIndex.create(staging)
-        try:
-            with open(archive, "rb") as f:
-                contents = read_backup_archive(f, key_info, staging, limits, index,
-                                               archive_size=archive.stat().st_size)
-            check_contents(contents, index)
-            yield contents, index
-        finally:
-            index.close()
+        with open(archive, "rb") as f, checked_archive(
+                f, key_info, Path(tmp) / "files", limits,
+                archive_size=archive.stat().st_size) as checked:
+            yield checked
 
 
 def _run(args: argparse.Namespace, show) -> int:
