@@ -16,7 +16,23 @@ from cfms_trio.client import Client, open_client
 from cfms_trio.config import Settings
 from cfms_trio.server import Running, serve
 
+import databases
 from helpers import ADMIN_PASSWORD
+
+
+@pytest.fixture(autouse=True, scope="session")
+def drop_session_databases():
+    """Databases of longer-lived servers (module fixtures) go at the end of the session."""
+    yield
+    databases.drop_databases()
+
+
+@pytest.fixture(autouse=True)
+def drop_test_databases(drop_session_databases):
+    """The databases a test's servers made (CFMS_TEST_DATABASE on PostgreSQL) go after it."""
+    before = databases.roots_with_databases()
+    yield
+    databases.drop_databases(keep=before)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +96,8 @@ class ServerUnderTest:
 def make_settings(root: Path, tls_files, **overrides) -> Settings:
     certfile, keyfile = tls_files
     base = dict(root=root, host="127.0.0.1", port=0, certfile=certfile, keyfile=keyfile,
-                initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05)
+                initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05,
+                database_url=databases.database_url_for(root))
     base.update(overrides)
     return Settings(**base)
 
