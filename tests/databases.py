@@ -110,3 +110,12 @@ def dump_tables(root: Path, tables: tuple[str, ...]) -> dict[str, list[tuple]]:
             out[table] = cursor.fetchall()
         db.rollback()
         return out
+
+
+def free_loopback_port() -> int:
+    """A loopback port nobody listens on (for a database that is not there)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
