@@ -22,17 +22,18 @@ from helpers import ADMIN_PASSWORD
 
 @pytest.fixture(autouse=True, scope="session")
 def drop_session_databases():
-    """Databases of longer-lived servers (module fixtures) go at the end of the session."""
+    """Every test database (CFMS_TEST_DATABASE on PostgreSQL) goes at the end of the session."""
     yield
-    databases.drop_databases()
+    databases.drop_all_databases()
 
 
 @pytest.fixture(autouse=True)
-def drop_test_databases(drop_session_databases):
-    """The databases a test's servers made (CFMS_TEST_DATABASE on PostgreSQL) go after it."""
+def release_test_databases(drop_session_databases):
+    """The databases of a test's servers are emptied after it, for the next test's servers
+    (those of longer-lived fixtures stay)."""
     before = databases.roots_with_databases()
     yield
-    databases.drop_databases(keep=before)
+    databases.release_databases(keep=before)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 
 CFMS_TEST_DATABASE is unset (or `sqlite`): every server uses its default SQLite file. Set to a
 PostgreSQL URL of a role allowed to create databases (`.ci/run` starts a private cluster and
-sets it), every server root gets a database of its own, created on first use and dropped when
-the test ends (`drop_test_databases`, an autouse fixture in conftest.py). Servers get it as
+sets it), every server root gets an empty database of its own on first use; when the test
+ends it is emptied and kept for a later root (`release_test_databases`, autouse in
+conftest.py), and dropped at the end of the session. Servers get it as
 `--database` (subprocesses) or `Settings.database_url` (in-process), as an operator's would.
 """
 
@@ -19,6 +20,7 @@ import pytest
 
 TEST_DATABASE_ENV = "CFMS_TEST_DATABASE"
 _databases_by_root: dict[Path, str] = {}
+_emptied: list[str] = []  # databases of this process that no root uses now, empty
 
 
 def admin_url() -> str | None:
@@ -59,9 +61,12 @@ def database_url_for(root: Path) -> str | None:
     root = Path(root).resolve()
     url = _databases_by_root.get(root)
     if url is None:
-        name = f"cfms_test_{secrets.token_hex(6)}"
-        with _admin_connection() as connection:
-            connection.cursor().execute(f'CREATE DATABASE "{name}"')
+        if _emptied:
+            name = _emptied.pop()
+        else:
+            name = f"cfms_test_{secrets.token_hex(6)}"
+            with _admin_connection() as connection:
+                connection.cursor().execute(f'CREATE DATABASE "{name}"')
         url = _databases_by_root[root] = _with_dbname(admin_url(), name)
     return url
 
@@ -76,17 +81,37 @@ def roots_with_databases() -> set[Path]:
     return set(_databases_by_root)
 
 
-def drop_databases(keep: set[Path] = frozenset()) -> None:
-    """Drop the databases of every root but `keep` (their servers are stopped, or are forced
-    off)."""
+def release_databases(keep: set[Path] = frozenset()) -> None:
+    """Give up the databases of every root but `keep`: their sessions are ended (a server that
+    is still stopping is forced off) and everything in them is dropped, so the next root gets
+    an empty database. Creating a database costs PostgreSQL far more than emptying one."""
     doomed = [root for root in _databases_by_root if root not in keep]
     if not doomed:
         return
-    with _admin_connection() as connection:
-        cursor = connection.cursor()
+    import psycopg2
+
+    with _admin_connection() as admin:
         for root in doomed:
-            name = urllib.parse.urlsplit(_databases_by_root.pop(root)).path.lstrip("/")
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            url = _databases_by_root.pop(root)
+            name = urllib.parse.urlsplit(url).path.lstrip("/")
+            admin.cursor().execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+            with contextlib.closing(psycopg2.connect(url)) as connection:
+                connection.autocommit = True
+                connection.cursor().execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+            _emptied.append(name)
+
+
+def drop_all_databases() -> None:
+    """At the end of the session: every database this process made."""
+    release_databases()
+    if not _emptied:
+        return
+    with _admin_connection() as connection:
+        while _emptied:
+            connection.cursor().execute(f'DROP DATABASE IF EXISTS "{_emptied.pop()}" '
+                                        "WITH (FORCE)")
 
 
 def dump_tables(root: Path, tables: tuple[str, ...]) -> dict[str, list[tuple]]:

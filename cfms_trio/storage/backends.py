@@ -4,12 +4,13 @@ SQLite (the default: one file under content/) and PostgreSQL (`--database postgr
 run the same models and the same storage functions. What they do differently lives here and
 nowhere else: opening the database, how a write transaction and a consistent read begin,
 streaming a large result without holding it, inserting batches, recognising a full disk,
-text comparison order, and opening a second connection of its own (for LISTEN, say).
+column types, and opening a second connection of its own (for LISTEN, say).
 
-Text columns on PostgreSQL are declared with the "C" collation: SQLite compares text by its
-bytes (BINARY), and so must PostgreSQL whatever locale its cluster has, or names would sort
-differently per backend and the export's merged listings (sorted by id) would disagree with
-Python's string order.
+Columns on PostgreSQL behave as on SQLite: floats are 8 bytes; text columns are declared with the "C" collation and no length: SQLite compares
+text by its bytes (BINARY), and so must PostgreSQL whatever locale its cluster has, or names
+would sort differently per backend and the export's merged listings (sorted by id) would
+disagree with Python's string order; and SQLite ignores VARCHAR lengths, so a name the
+protocol accepts (or an upstream archive brings) must fit on PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -159,13 +160,18 @@ def lock_schema(database: pw.Database) -> None:
         database.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
 
 
-def use_binary_text_order(models: Iterable[type[pw.Model]]) -> None:
+def columns_as_on_sqlite(models: Iterable[type[pw.Model]]) -> None:
     """Before the tables are created on PostgreSQL: text columns compare and sort by their
-    bytes, as SQLite's do."""
+    bytes and hold any length, and floats (every time stamp) have 8 bytes, as SQLite's do
+    (peewee's FloatField would be a 4-byte REAL there, a time off by minutes)."""
     for model in models:
         for field in model._meta.sorted_fields:
+            if field.field_type == "FLOAT":
+                field.field_type = "DOUBLE"
             if field.field_type in ("VARCHAR", "TEXT", "CHAR"):
                 field.collation = POSTGRES_TEXT_COLLATION
+                if isinstance(field, pw.CharField):
+                    field.max_length = None
 
 
 def streamed_rows(database: pw.Database, query) -> Iterator[tuple]:

@@ -197,5 +197,5 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
     ns.all = [getattr(ns, name) for name in ALL_MODEL_NAMES]
     ns.REVISION_HISTORY_INDEX = REVISION_HISTORY_INDEX
     if backends.is_postgresql(database):
-        backends.use_binary_text_order(ns.all)
+        backends.columns_as_on_sqlite(ns.all)
     return ns
