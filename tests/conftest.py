@@ -20,6 +20,22 @@ import databases
 from helpers import ADMIN_PASSWORD
 
 
+# In-process servers hash passwords with a cheaper scrypt cost than production's: every test
+# starts a server (hashing the admin password) and logs in, and at the production cost that
+# hashing was a large share of the suite's CPU time. Each hash names its own cost, so
+# verification is exercised exactly as in production; subprocess servers keep the real cost.
+TEST_SCRYPT_N = 2**11
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cheaper_password_hashing():
+    from cfms_trio import auth
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auth, "SCRYPT_N", TEST_SCRYPT_N)
+        yield
+
+
 @pytest.fixture(autouse=True, scope="session")
 def drop_session_databases():
     """Every test database (CFMS_TEST_DATABASE on PostgreSQL) goes at the end of the session."""

@@ -32,8 +32,13 @@ def on_postgresql() -> bool:
     return admin_url() is not None
 
 
-skip_on_postgresql = pytest.mark.skipif(
-    on_postgresql(), reason="exercises the SQLite file itself")
+def skip_on_postgresql_run(reason: str):
+    """For a test that is the same on every backend or about SQLite alone: the PostgreSQL run
+    skips it, saying why."""
+    return pytest.mark.skipif(on_postgresql(), reason=reason)
+
+
+skip_on_postgresql = skip_on_postgresql_run("exercises the SQLite file itself")
 
 
 def _with_dbname(url: str, dbname: str) -> str:

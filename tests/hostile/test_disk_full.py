@@ -49,7 +49,7 @@ def test_full_database_is_a_507_not_a_500(tmp_path):
     error): every write through the Store, a login's token included, answers 507 and
     changes nothing."""
     store = Store(tmp_path / "cfms.db")
-    store.create_tables()
+    store.upgrade_schema()
     store.database.connect(reuse_if_open=True)
     pages = store.database.execute_sql("PRAGMA page_count").fetchone()[0]
     store.database.execute_sql(f"PRAGMA max_page_count = {pages}")
