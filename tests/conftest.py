@@ -36,6 +36,39 @@ def cheaper_password_hashing():
         yield
 
 
+# -- the PostgreSQL run: only the tests that reach a database -----------------------------------
+
+# Fixtures that start a server (a test using one has it in its fixture closure) and what a test
+# module's source says when it starts servers or stores itself (subprocesses, threads).
+SERVER_FIXTURES = {"start_server", "hostile_server", "plain_server"}
+SERVER_MARKERS = ("serve_subprocess", "serve_process", "Store(", "await serve(",
+                  "nursery.start(serve", "databases.")
+
+
+def _reaches_a_database(item, sources: dict) -> bool:
+    if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    path = Path(str(item.fspath))
+    if path not in sources:
+        sources[path] = path.read_text()
+    return any(marker in sources[path] for marker in SERVER_MARKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On PostgreSQL (CFMS_TEST_DATABASE), a test that starts no server and opens no store
+    runs exactly as in the SQLite run: it is deselected there, so the two runs together fit
+    CI's time."""
+    if not databases.on_postgresql():
+        return
+    sources: dict = {}
+    keep, drop = [], []
+    for item in items:
+        (keep if _reaches_a_database(item, sources) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(autouse=True, scope="session")
 def drop_session_databases():
     """Every test database (CFMS_TEST_DATABASE on PostgreSQL) goes at the end of the session."""

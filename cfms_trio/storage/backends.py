@@ -162,12 +162,14 @@ def lock_schema(database: pw.Database) -> None:
 
 def columns_as_on_sqlite(models: Iterable[type[pw.Model]]) -> None:
     """Before the tables are created on PostgreSQL: text columns compare and sort by their
-    bytes and hold any length, and floats (every time stamp) have 8 bytes, as SQLite's do
-    (peewee's FloatField would be a 4-byte REAL there, a time off by minutes)."""
+    bytes and hold any length, floats (every time stamp) and sequences have 8 bytes, as
+    SQLite's do (peewee's FloatField would be a 4-byte REAL there, a time off by minutes)."""
     for model in models:
         for field in model._meta.sorted_fields:
             if field.field_type == "FLOAT":
                 field.field_type = "DOUBLE"
+            elif field.field_type == "AUTO":  # SQLite's INTEGER PRIMARY KEY has 8 bytes
+                field.field_type = "BIGAUTO"
             if field.field_type in ("VARCHAR", "TEXT", "CHAR"):
                 field.collation = POSTGRES_TEXT_COLLATION
                 if isinstance(field, pw.CharField):

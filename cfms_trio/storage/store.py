@@ -82,6 +82,9 @@ class Store:
         where = self.location.describe()
         try:
             self.database.connect(reuse_if_open=True)
+        except pw.ImproperlyConfigured:
+            raise StartupError(f"cannot open the {where}: its driver is not installed (pip "
+                               "install 'cfms-trio[postgresql]')") from None
         except pw.OperationalError as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StartupError(f"cannot open the {where}: {reason}") from None
