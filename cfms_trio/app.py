@@ -14,6 +14,7 @@ import trio
 
 from .backup.scheduler import BackupScheduler
 from .backup.supervisor import ImportSupervisor
+from .cluster import ClusterRelay
 from .config import Settings
 from .events import EventHub
 from .paths import Paths
@@ -29,6 +30,7 @@ class App:
     paths: Paths
     store: Store
     hub: EventHub
+    relay: ClusterRelay  # messages to and from the other instances on the same database
     transfers: TransferRegistry  # transfers running now, so one task has one at a time
     # Disk and crypto work of short requests: transfer chunks, removing files. Long jobs never
     # take these slots, so a download never waits behind an import.

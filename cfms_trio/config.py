@@ -94,6 +94,9 @@ class Settings:
     s3_region: str | None = None
     # Bytes per part of a multipart upload (S3 wants at least 5 MiB for all but the last).
     s3_part_bytes: int = 8 * MiB
+    # Several instances on one database (issue 16): an instance renews the leases of its
+    # imports and uploads every third of this; one silent for this long is taken for dead.
+    lease_s: float = 30.0
 
     @property
     def content(self) -> Path:

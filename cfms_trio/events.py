@@ -9,6 +9,11 @@ Listeners whose session ended are dropped and their queue closed, so their event
 Because the audience comes from the store at publish time, no code that changes rights or
 sessions has to tell the hub about it.
 
+With several instances on one database (issue 16) the hub also hands every event it publishes
+to its relay (`cluster_events.EventRelay`), which sends it to the other instances; each of them
+`deliver`s it to its own listeners, deciding the audience there, as above. The audience
+therefore travels as data (`Audience`), not as a function.
+
 Delivery never blocks: each listener has a bounded queue, and a listener whose queue is full is
 dropped on the spot and its `on_drop` callback ends its connection, so a slow or dead client
 never delays the server or any other listener.
@@ -16,9 +21,10 @@ never delays the server or any other listener.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -26,6 +32,24 @@ from .permissions import Principal
 from .storage import Store, accounts
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Audience:
+    """Who may see an event: the user `owner` and anyone holding one of `rights`."""
+
+    owner: str
+    rights: tuple[str, ...] = ()
+
+    def __call__(self, principal: Principal) -> bool:
+        return principal.username == self.owner or any(principal.has(r) for r in self.rights)
+
+    def to_wire(self) -> dict:
+        return {"owner": self.owner, "rights": list(self.rights)}
+
+    @classmethod
+    def from_wire(cls, data: dict) -> "Audience":
+        return cls(str(data["owner"]), tuple(str(r) for r in data["rights"]))
 
 
 class Listener:
@@ -63,10 +87,13 @@ class Listener:
 
 
 class EventHub:
-    def __init__(self, store: Store, queue_events: int):
+    def __init__(self, store: Store, queue_events: int,
+                 relay: Callable[[dict, Audience], Awaitable[None]] | None = None):
+        """`relay(message, audience)` sends each published event to the other instances."""
         self._store = store
         self.queue_events = queue_events
         self._listeners: set[Listener] = set()
+        self._relay = relay
 
     def register(self, username: str, token_hash: str,
                  on_drop: Callable[[], None] | None = None
@@ -88,9 +115,17 @@ class EventHub:
             if listener.token_hash == old_token_hash:
                 listener.token_hash = new_token_hash
 
-    async def publish(self, message: dict, visible_to: Callable[[Principal], bool]) -> int:
-        """Queue `message` for every listener whose session is live and whose user, as the
-        store has it now, may see it; return how many got it."""
+    async def publish(self, message: dict, audience: Audience) -> int:
+        """Deliver `message` here and relay it to the other instances (which deliver it to
+        theirs); return how many listeners of this instance got it."""
+        delivered = await self.deliver(message, audience)
+        if self._relay is not None:
+            await self._relay(message, audience)
+        return delivered
+
+    async def deliver(self, message: dict, visible_to: Callable[[Principal], bool]) -> int:
+        """Queue `message` for every listener of this instance whose session is live and whose
+        user, as the store has it now, may see it; return how many got it."""
         listeners = [listener for listener in self._listeners if listener.active]
         if not listeners:
             return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
 
+VERIFY_DIR_PREFIX = "verify-"  # under staging: one verify_backup's folder; others are imports
 PART_SUFFIX = ".part"  # the verified prefix of an interrupted upload, kept for resuming
 _PARTIAL_BACKUP_MARK = ".partial-"
 _SELF_CHECK_MARK = ".self-check-"
@@ -107,6 +108,11 @@ class Paths:
         return self.content / "tmp" / "staging"
 
     @property
+    def serve_lock(self) -> Path:
+        """Held (flock) by the one server using this root's SQLite database."""
+        return self.content / "serve.lock"
+
+    @property
     def admin_password(self) -> Path:
         return self.content / "admin_password.txt"
 
@@ -117,7 +123,7 @@ class Paths:
     def backup_verify_dir(self) -> Path:
         """A private folder for one `verify_backup`: its staging files and throw-away database
         (unique per call, under the staging area that start-up clears)."""
-        return self.staging / f"verify-{secrets.token_hex(8)}"
+        return self.staging / f"{VERIFY_DIR_PREFIX}{secrets.token_hex(8)}"
 
     def partial_upload(self, task_id: str) -> Path:
         return self.uploads / f"{task_id}{PART_SUFFIX}"

@@ -10,6 +10,7 @@ them all; the database is closed last.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
 import logging
 import os
@@ -25,15 +26,17 @@ from .app import App
 from .backup.scheduler import BackupScheduler
 from .backup.supervisor import ImportSupervisor
 from .backup.targets import S3Options
+from .cluster import ClusterRelay, new_instance_id
 from .config import Settings
 from .connection import serve_connection
 from .dispatch import Dispatcher
-from .events import EventHub
+from .errors import StartupError
+from .events import Audience, EventHub
 from .listener import ConnectionGate, GatedListener
 from .paths import Paths
 from .reaper import FileReaper
 from .storage import Store, accounts
-from .storage.backends import parse_database_url
+from .storage.backends import SQLITE, parse_database_url
 from .tls import ensure_self_signed, server_context
 from .transfer.registry import TransferRegistry
 from .transfer.sweeper import UploadSweeper
@@ -92,19 +95,45 @@ def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
     return store, paths, generated
 
 
+def hold_single_instance_lock(paths: Paths) -> int:
+    """SQLite serves one instance: the first `serve` on a root holds `content/serve.lock`
+    (an flock, released by the kernel if the process dies) and a second one is refused.
+    Returns the descriptor to close at shutdown."""
+    fd = os.open(paths.serve_lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(
+            f"another cfms-trio server is running on {paths.content} (it holds "
+            f"{paths.serve_lock.name}); a SQLite database serves one instance: stop the other "
+            "one, or run several instances on PostgreSQL (--database postgresql://...)"
+        ) from None
+    return fd
+
+
 def build_app(settings: Settings, store: Store, paths: Paths) -> App:
     """Every service of one server, wired together (inside `trio.run`: limiters need it)."""
-    hub = EventHub(store, settings.limits.listener_queue_events)
-    transfers = TransferRegistry()
+    relay = ClusterRelay(store, new_instance_id())
+
+    async def relay_event(message: dict, audience: Audience) -> None:
+        await relay.send("event", {"message": message, "audience": audience.to_wire()})
+
+    hub = EventHub(store, settings.limits.listener_queue_events,
+                   relay=relay_event if relay.enabled else None)
+    relay.on("event", lambda body: hub.deliver(body["message"],
+                                               Audience.from_wire(body["audience"])))
+    transfers = TransferRegistry(store, relay.instance_id, settings.lease_s)
+    relay.on("abort_transfer", transfers.abort_from_elsewhere)
     io_limiter = trio.CapacityLimiter(IO_THREADS)
     bulk_io_limiter = trio.CapacityLimiter(BULK_IO_THREADS)
     reaper = FileReaper(io_limiter)
     return App(
-        settings=settings, paths=paths, store=store, hub=hub, transfers=transfers,
+        settings=settings, paths=paths, store=store, hub=hub, relay=relay, transfers=transfers,
         io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=reaper,
         # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
         imports=ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
-                                 settings.limits.archive),
+                                 settings.limits.archive, relay, settings.lease_s),
         sweeper=UploadSweeper(store, paths, transfers),
         backups=BackupScheduler(store, paths, hub, reaper, bulk_io_limiter,
                                 settings.limits.archive,
@@ -123,7 +152,19 @@ def _tls_context(settings: Settings, paths: Paths):
 
 async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the server until cancelled; reports a `Running` once it accepts connections."""
-    store, paths, generated = await trio.to_thread.run_sync(prepare_root, settings)
+    lock_fd = None
+    if (not settings.database_url
+            or parse_database_url(settings.database_url).kind == SQLITE):
+        paths = Paths(settings.content)
+        await trio.to_thread.run_sync(
+            lambda: paths.content.mkdir(parents=True, exist_ok=True))
+        lock_fd = await trio.to_thread.run_sync(hold_single_instance_lock, paths)
+    try:
+        store, paths, generated = await trio.to_thread.run_sync(prepare_root, settings)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
     try:
         app = build_app(settings, store, paths)
         ssl_context = await trio.to_thread.run_sync(_tls_context, settings, paths)
@@ -136,6 +177,8 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
                                     hub=app.hub, limits=limits, frame_bytes=frame_limit,
                                     gate=gate)
         async with trio.open_nursery() as nursery:
+            await nursery.start(app.relay.run)  # listening before anything is published
+            await nursery.start(app.transfers.run)
             await nursery.start(app.imports.run)
             await nursery.start(app.sweeper.run)
             await nursery.start(app.backups.run)
@@ -158,3 +201,5 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         # Runs on cancellation (shutdown) too, so it must be shielded to run at all.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
+            if lock_fd is not None:
+                os.close(lock_fd)

@@ -551,13 +551,13 @@ async def test_state_changing_actions_leave_audit_entries(server, admin):
 
 
 async def publish(server, name: str, data: dict, visible_to=lambda principal: True) -> int:
-    return await server.app.hub.publish(protocol.event(name, data), visible_to=visible_to)
+    return await server.app.hub.deliver(protocol.event(name, data), visible_to=visible_to)
 
 
 async def listener_count(server) -> int:
     """Listeners the hub holds, counted by a publish that asks about each and sends to none."""
     asked = []
-    await server.app.hub.publish(protocol.event("probe", {}), visible_to=lambda p: asked.append(p))
+    await server.app.hub.deliver(protocol.event("probe", {}), visible_to=lambda p: asked.append(p))
     return len(asked)
 
 

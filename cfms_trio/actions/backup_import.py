@@ -61,10 +61,9 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                 raise BadRequest(f"the {' and '.join(missing)} {verb} not complete; "
                                  "upload them with upload_file first")
         # Compare-and-set: a task that is no longer pending (started already) gets 409 here.
-        task = await app.store.write(backup_tasks.transition_backup_task, task_id,
-                                     STATUS_PENDING, status=STATUS_PROCESSING,
-                                     started_time=app.now(), current_step=FIRST_STEP,
-                                     progress_percent=STEP_PERCENT[FIRST_STEP][0])
+        task = await app.imports.begin(task_id, started_time=app.now(),
+                                       current_step=FIRST_STEP,
+                                       progress_percent=STEP_PERCENT[FIRST_STEP][0])
         app.imports.start(task, passphrase=passphrase, with_key=with_key,
                           allow_missing_content=data["allow_missing_content"],
                           accounts=data["accounts"])

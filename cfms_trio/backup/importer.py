@@ -22,7 +22,7 @@ from ..conventions import ACCOUNTS_DEFAULT_POLICY, STATUS_COMPLETED, STATUS_FAIL
 from ..errors import CfmsError, ImportAborted, describe_os_error, internal_error
 from ..paths import Paths
 from ..reaper import remove_tree, unlink_all
-from ..storage import Store, backup_tasks
+from ..storage import Store, backup_tasks, leases
 from .restore import FileMover, RestoreOptions, StepReporter, commit_restore, unpack
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ STEP_PERCENT = {
 FIRST_STEP = "Decrypting archive"  # where start_backup_import leaves a task (SPEC §8)
 COMPLETED_STEP = "Restore completed"  # recorded with the restored rows, reported after them
 SHUTDOWN_MESSAGE = "the server shut down during the import"
+LEASE_LOST_MESSAGE = ("this server instance lost its lease on the import (it could not reach "
+                      "the database in time) and another instance ended it")
 
 
 class ImportProgress:
@@ -76,6 +78,9 @@ class ImportJob:
         self.options = RestoreOptions(accounts=accounts, importer=task["username"])
         self.progress = ImportProgress()
         self.abort = threading.Event()
+        # Another instance ended the task after this one's lease expired: this job only
+        # cleans up, records nothing and announces nothing.
+        self.lease_lost = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +91,7 @@ class ImportEnvironment:
     paths: Paths
     limits: ArchiveLimits
     io_limiter: trio.CapacityLimiter
+    instance_id: str  # the owner of the leases this instance's imports run under
 
 
 async def discard_uploads(env: ImportEnvironment, task: dict) -> None:
@@ -140,8 +146,8 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, **counts}
-        await env.store.write(commit_restore, contents, index, mover, report, job.abort,
-                              task_id, outcome, job.options)
+        await env.store.write(_commit_if_held, env.instance_id, contents, index, mover,
+                              report, job.abort, task_id, outcome, job.options)
         del contents
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -170,6 +176,16 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         return await env.store.read(backup_tasks.get_backup_task, task_id)
 
 
+def _commit_if_held(m, instance_id: str, contents, index, mover: FileMover,
+                    report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
+                    options: RestoreOptions) -> None:
+    """The restore's transaction, only while this instance still holds the import's lease:
+    an instance that failed it after the lease expired has the last word."""
+    if not leases.holds_import(m, task_id, instance_id):
+        raise ImportAborted(LEASE_LOST_MESSAGE)
+    commit_restore(m, contents, index, mover, report, abort, task_id, outcome, options)
+
+
 def _report_completed_and_remove_staging(report: StepReporter, staging: Path) -> None:
     """The first step after the commit, in a worker thread like every step of the import."""
     report(COMPLETED_STEP, 1.0)
@@ -196,6 +212,7 @@ async def _finish_failed(env: ImportEnvironment, job: ImportJob, staging: Path,
     except Exception:
         log.exception("could not clean up after import %s", job.task_id)
     await _clean_up_uploads(env, job)
-    await env.store.write(backup_tasks.update_backup_task, job.task_id,
-                          completed_time=time.time(), **outcome)
+    if not await env.store.write(leases.finish_held_import, job.task_id, env.instance_id,
+                                 completed_time=time.time(), **outcome):
+        job.lease_lost = True
     return await env.store.read(backup_tasks.get_backup_task, job.task_id)

@@ -14,6 +14,15 @@ and pending ones get their deadline watchers back. Then it runs, in its own nurs
 
 When the server shuts down, every running job is told to stop, so its threads end and it rolls
 back.
+
+Several instances on one PostgreSQL database (issue 16): an import runs under a lease of the
+instance that started it (owner id and expiry, renewed every third of `lease_s` by `_leases`).
+Every instance, every third of the lease time, also fails the processing imports whose lease
+expired (their instance died: the restore never committed) and cleans what it can reach of
+them, and claims the pending imports past their deadline that nobody is timing out (a row lock
+with SKIP LOCKED, then a lease), so each deadline is enforced by exactly one instance, whether
+the instance that created the task lives or not. Outcomes reach the listeners of every
+instance through the event hub's relay.
 """
 
 from __future__ import annotations
@@ -38,11 +47,13 @@ from ..conventions import (
 )
 from ..deadlines import trio_deadline
 from ..errors import Conflict
-from ..events import EventHub
-from ..paths import Paths, partial_backups
+from ..events import Audience, EventHub
+from ..paths import VERIFY_DIR_PREFIX, Paths, partial_backups
 from ..protocol import event
 from ..reaper import remove_tree, remove_unclaimed, unlink_all
-from ..storage import Store, backup_tasks, restore_rows
+from ..cluster import ClusterRelay
+from ..storage import Store, backup_tasks, leases, restore_rows
+from ..storage.backends import SQLITE
 from ..transfer.registry import TransferRegistry
 from .importer import ImportEnvironment, ImportJob, discard_uploads, run_import
 
@@ -50,29 +61,31 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_MESSAGE = "the uploads were not completed and the import not started before the deadline"
 RESTART_MESSAGE = "server restarted during the import"
+LEASE_EXPIRED_MESSAGE = ("the server instance running the import stopped (its lease expired); "
+                         "nothing was imported")
 EXPORT_RESTART_MESSAGE = "server restarted during the export"
 COMPLETED_EVENT = "backup_import_completed"
 # How long a timed-out import waits for its aborted uploads to unwind before removing them.
 UPLOAD_UNWIND_TIMEOUT_S = 5.0
 
 
-def backup_event_audience(owner: str):
+def backup_event_audience(owner: str) -> Audience:
     """Who may see a backup task's events: its owner and backup administrators."""
-    def visible(principal) -> bool:
-        return (principal.username == owner or principal.has("import_backup")
-                or principal.has("export_backup"))
-    return visible
+    return Audience(owner, ("import_backup", "export_backup"))
 
 
 class ImportSupervisor:
     def __init__(self, store: Store, paths: Paths, hub: EventHub,
                  transfers: TransferRegistry, io_limiter: trio.CapacityLimiter,
-                 limits: ArchiveLimits):
+                 limits: ArchiveLimits, relay: ClusterRelay, lease_s: float):
         self._store = store
         self._paths = paths
         self._hub = hub
         self._transfers = transfers
-        self._env = ImportEnvironment(store, paths, limits, io_limiter)
+        self._relay = relay
+        self._lease_s = lease_s
+        self._instance_id = relay.instance_id
+        self._env = ImportEnvironment(store, paths, limits, io_limiter, relay.instance_id)
         self._nursery: trio.Nursery | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._deciding: dict[str, trio.Lock] = {}
@@ -87,7 +100,7 @@ class ImportSupervisor:
             await self._recover()
             task_status.started()
             try:
-                await trio.sleep_forever()
+                await self._leases()
             finally:
                 for job in self._jobs.values():
                     job.abort.set()
@@ -110,6 +123,61 @@ class ImportSupervisor:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._deciding.pop(task_id, None)
 
+    async def begin(self, task_id: str, **fields) -> dict:
+        """Compare-and-set a pending import to `processing` under this instance's lease (409
+        when it has moved on, or its deadline has passed); then `start` it."""
+        now = time.time()
+        return await self._store.write(leases.start_import, task_id, self._instance_id, now,
+                                       now + self._lease_s, **fields)
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    async def _leases(self) -> None:
+        """Every third of the lease time: renew this instance's imports, end the imports of
+        instances that died, time out pending imports nobody else times out."""
+        while True:
+            await trio.sleep(self._lease_s / 3)
+            try:
+                await self._lease_round()
+            except Exception:
+                log.exception("import lease round failed")
+
+    async def _lease_round(self) -> None:
+        now = time.time()
+        running = sorted(self._jobs)
+        still_mine = await self._store.write(leases.renew_imports, running, self._instance_id,
+                                             now + self._lease_s)
+        for task_id in set(running) - still_mine:
+            job = self._jobs.get(task_id)
+            if job is not None:
+                log.warning("import %s: lost its lease to another instance; stopping", task_id)
+                job.lease_lost = True
+                job.abort.set()
+        for task in await self._store.write(leases.fail_expired_imports, now,
+                                            LEASE_EXPIRED_MESSAGE):
+            log.warning("import %s: its instance stopped (lease expired); marked failed",
+                        task["backup_task_id"])
+            await self._clean_after_other_instance(task)
+            await self._publish_outcome(task)
+        for task_id in await self._store.write(leases.claim_due_imports, self._instance_id,
+                                               now, now + self._lease_s):
+            self._stop_watching(task_id)
+            await self._expire(task_id, claimed=True)
+
+    async def _clean_after_other_instance(self, task: dict) -> None:
+        """What a failed import of a dead instance left where this one can reach it: its
+        uploads, its staging (when the instances share a content folder), restored files no
+        row claims (when no import runs anywhere)."""
+        try:
+            await discard_uploads(self._env, task)
+            await trio.to_thread.run_sync(remove_tree,
+                                          self._paths.import_staging(task["backup_task_id"]))
+            if not await self._store.read(leases.live_import_ids, time.time()):
+                known = await self._store.read(restore_rows.restored_file_ids)
+                await trio.to_thread.run_sync(remove_unclaimed, self._paths.restore_files, known)
+        except Exception:
+            log.exception("could not clean up after import %s", task["backup_task_id"])
+
     # -- deadlines --------------------------------------------------------------------------------
 
     def watch(self, task_id: str, timeout_time: float) -> None:
@@ -130,21 +198,30 @@ class ImportSupervisor:
             del self._watchers[task_id]
             await self._expire(task_id)
 
-    async def _expire(self, task_id: str) -> None:
-        """Time out a task that is still pending; do nothing if it has moved on.
+    async def _expire(self, task_id: str, *, claimed: bool = False) -> None:
+        """Time out a task that is still pending; do nothing if it has moved on, or another
+        instance is timing it out (the claim takes its lease; `claimed`: taken already).
 
-        The uploads are aborted and removed before the status becomes `timeout`, so a client
-        that sees `timeout` never finds them still there.
+        The uploads are aborted (on every instance) and removed before the status becomes
+        `timeout`, so a client that sees `timeout` never finds them still there. No instance
+        can start the import meanwhile: `begin` refuses a task past its deadline.
         """
         async with self.deciding(task_id):
+            if not claimed:
+                now = time.time()
+                if not await self._store.write(leases.claim_due_imports, self._instance_id,
+                                               now, now + self._lease_s, task_id):
+                    return
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
             if task["status"] != STATUS_PENDING:
                 return
             uploads = await self._store.read(backup_tasks.import_upload_tasks,
                                              task["archive_file_id"], task["key_file_id"])
             for upload in uploads:
-                self._transfers.abort(upload["task_id"],
-                                      "the backup import timed out; the upload was aborted")
+                reason = "the backup import timed out; the upload was aborted"
+                self._transfers.abort(upload["task_id"], reason)
+                await self._relay.send("abort_transfer",
+                                       {"task_id": upload["task_id"], "reason": reason})
             missing = sorted(u["what"] for u in uploads if not u["done"])
             message = (f"upload deadline passed before the {' and '.join(missing)} "
                        f"upload{'s were' if len(missing) > 1 else ' was'} completed"
@@ -159,7 +236,8 @@ class ImportSupervisor:
             try:
                 task = await self._store.write(
                     backup_tasks.transition_backup_task, task_id, STATUS_PENDING,
-                    status=STATUS_TIMEOUT, error_message=message, completed_time=time.time())
+                    status=STATUS_TIMEOUT, error_message=message, completed_time=time.time(),
+                    lease_owner=None, lease_expires_time=None)
             except Conflict:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
@@ -210,6 +288,8 @@ class ImportSupervisor:
             return
         finally:
             del self._jobs[job.task_id]
+        if job.lease_lost:
+            return  # the instance that ended it published the outcome
         await self._publish_outcome(final)
 
     async def _publish_outcome(self, task: dict) -> None:
@@ -231,11 +311,13 @@ class ImportSupervisor:
     async def _recover(self) -> None:
         """Fail what a previous run left half done, remove its traces, re-arm deadlines."""
         store, paths = self._store, self._paths
-        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
-                                     STATUS_PROCESSING):
-            await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
-                              status=STATUS_FAILED, error_message=RESTART_MESSAGE,
-                              completed_time=time.time())
+        # SQLite has one instance (a lock file in the root sees to it): whatever is processing
+        # was this server's before the restart. On PostgreSQL other instances may be running
+        # imports now: only those whose lease expired are failed (the others by `_leases`).
+        alone = store.backend == SQLITE
+        for task in await store.write(leases.fail_expired_imports, time.time(),
+                                      RESTART_MESSAGE if alone else LEASE_EXPIRED_MESSAGE,
+                                      every_lease=alone):
             await discard_uploads(self._env, task)
             log.warning("import %s was interrupted by a restart; marked failed",
                         task["backup_task_id"])
@@ -243,20 +325,39 @@ class ImportSupervisor:
             await discard_uploads(self._env, task)
             log.warning("import %s ended before a restart but kept its uploads; removed them",
                         task["backup_task_id"])
-        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_EXPORT,
-                                     STATUS_PROCESSING):
-            await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
-                              status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
-                              completed_time=time.time())
-        # No import runs yet: everything in staging is left over, and a restored file with no
-        # row is from an import that never committed.
-        await trio.to_thread.run_sync(remove_tree, paths.staging)
-        await trio.to_thread.run_sync(lambda: paths.staging.mkdir(parents=True, exist_ok=True))
-        known = await store.read(restore_rows.restored_file_ids)
-        removed = await trio.to_thread.run_sync(remove_unclaimed, paths.restore_files, known)
-        if removed:
-            log.warning("removed %d restored files left by an interrupted import", removed)
-        await trio.to_thread.run_sync(lambda: unlink_all(partial_backups(paths.backups)))
+        if alone:
+            for task in await store.read(backup_tasks.tasks_in_status, OPERATION_EXPORT,
+                                         STATUS_PROCESSING):
+                await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
+                                  status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
+                                  completed_time=time.time())
+        # No import of this instance runs yet: staging that no live lease claims is left
+        # over, and a restored file with no row is from an import that never committed (when
+        # no instance runs an import now).
+        live = await store.read(leases.live_import_ids, time.time())
+        await trio.to_thread.run_sync(_clear_staging, paths, live, alone)
+        if not live:
+            known = await store.read(restore_rows.restored_file_ids)
+            removed = await trio.to_thread.run_sync(remove_unclaimed, paths.restore_files,
+                                                    known)
+            if removed:
+                log.warning("removed %d restored files left by an interrupted import", removed)
+        if alone:
+            await trio.to_thread.run_sync(lambda: unlink_all(partial_backups(paths.backups)))
         for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
                                      STATUS_PENDING):
             self.watch(task["backup_task_id"], task["timeout_time"])
+
+
+def _clear_staging(paths: Paths, live_imports: set[str], alone: bool) -> None:
+    """Remove the staging left by interrupted work: all of it when this instance is alone;
+    otherwise the staging of every import no instance holds a live lease on (a shared content
+    folder also holds the running imports and verifications of other instances)."""
+    if alone:
+        remove_tree(paths.staging)
+    elif paths.staging.is_dir():
+        for entry in paths.staging.iterdir():
+            if (not entry.name.startswith(VERIFY_DIR_PREFIX)
+                    and entry.name not in live_imports):
+                remove_tree(entry)
+    paths.staging.mkdir(parents=True, exist_ok=True)

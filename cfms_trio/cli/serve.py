@@ -77,7 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
                         limits=limits, database_url=args.database,
                         s3_endpoint_url=args.s3_endpoint,
-                        s3_region=args.s3_region)
+                        s3_region=args.s3_region,
+                        lease_s=args.lease_seconds or Settings.lease_s)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
@@ -178,5 +179,9 @@ def register(sub) -> None:
                             "the standard AWS_* environment variables")
     serve.add_argument("--s3-region", metavar="REGION",
                        help="S3 region (default: $AWS_DEFAULT_REGION)")
+    serve.add_argument("--lease-seconds", type=_positive(float), metavar="SECONDS",
+                       help="several instances on PostgreSQL: an instance silent this long is "
+                            "taken for dead and its imports failed, its uploads resumable "
+                            "elsewhere (default 30)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)

@@ -153,6 +153,15 @@ def snapshot_transaction(database: pw.Database):
     return database.atomic()
 
 
+def locked_skipping_others(database: pw.Database, query):
+    """`query` with its rows locked for the transaction, rows another transaction holds left
+    out (PostgreSQL `FOR UPDATE SKIP LOCKED`: instances claiming work never wait on each
+    other). SQLite's IMMEDIATE write transaction already excludes every other writer."""
+    if is_postgresql(database):
+        return query.for_update(skip_locked=True)
+    return query
+
+
 def lock_schema(database: pw.Database) -> None:
     """Inside the schema upgrade's transaction: one instance upgrades at a time (SQLite's
     IMMEDIATE transaction already excludes every other writer)."""

@@ -67,14 +67,16 @@ def delete_schedule(m, name: str) -> None:
 def start_run(m, name: str, now: float) -> bool:
     """Record that a run of `name` starts now; the next is due one interval later, whatever
     was missed before (runs missed while the server was down collapse into this one). False if
-    the schedule was deleted meanwhile."""
+    the schedule was deleted meanwhile, or is not due (another instance on the same database
+    started this run: the compare-and-set on the due time lets exactly one of them run it)."""
     row = m.BackupSchedule.get_or_none(m.BackupSchedule.name == name)
     if row is None:
         return False
-    (m.BackupSchedule.update(last_run_time=now, next_run_time=now + row.interval_seconds,
-                             runs_count=m.BackupSchedule.runs_count + 1)
-     .where(m.BackupSchedule.name == name).execute())
-    return True
+    return bool(m.BackupSchedule.update(
+        last_run_time=now, next_run_time=now + row.interval_seconds,
+        runs_count=m.BackupSchedule.runs_count + 1)
+        .where((m.BackupSchedule.name == name) & (m.BackupSchedule.next_run_time <= now))
+        .execute())
 
 
 def finish_run(m, name: str, now: float, *, backup: str | None, error: str | None) -> None:

@@ -64,9 +64,19 @@ def _revision_history_index(database: pw.Database, m: types.SimpleNamespace) -> 
         f'"{m.Revision.seq.column_name}")')
 
 
+def _instance_leases(database: pw.Database, m: types.SimpleNamespace) -> None:
+    """Several instances on one database (issue 16): leases on backup and transfer tasks, and
+    the table of events too large for a notification."""
+    for model in (m.BackupTask, m.FileTask):
+        _add_column_if_missing(database, model, "lease_owner")
+        _add_column_if_missing(database, model, "lease_expires_time")
+    database.create_tables([m.ClusterEvent], safe=True)
+
+
 MIGRATIONS = (
     Migration(1, "baseline: missing tables and BackupTask.warnings", _baseline),
     Migration(2, "index on revision (document_id, seq)", _revision_history_index),
+    Migration(3, "task leases of several instances, the cluster event table", _instance_leases),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -17,6 +17,7 @@ from . import backends
 ALL_MODEL_NAMES = (
     "User", "Group", "UserGroup", "Token", "AuditLog", "Folder", "Document", "File",
     "Revision", "AccessRule", "FileTask", "BackupTask", "BackupSchedule", "Backup",
+    "ClusterEvent",
 )
 
 # Named so the migration that adds it to older databases (storage/migrations.py) names the same.
@@ -125,6 +126,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # the same content can resume at the verified bytes kept on disk.
         declared_size = pw.BigIntegerField(null=True)
         declared_sha256 = pw.CharField(null=True)
+        # The instance running a transfer of this task now, until when (issue 16; migration 3).
+        lease_owner = pw.CharField(null=True)
+        lease_expires_time = pw.FloatField(null=True)
 
     class BackupTask(Base):
         id = pw.CharField(primary_key=True, max_length=64)
@@ -147,6 +151,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # JSON list of strings: what an import had to change (added by issue 11; older
         # databases get it from migration 1).
         warnings = pw.TextField(default="[]")
+        # The instance running (or timing out) this task, until when (issue 16; migration 3).
+        lease_owner = pw.CharField(null=True)
+        lease_expires_time = pw.FloatField(null=True)
 
     class BackupSchedule(Base):
         """A backup the server makes by itself every `interval_seconds` (issue 18)."""
@@ -190,6 +197,15 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
 
         class Meta:
             indexes = ((("schedule", "created_time"), False),)
+
+    class ClusterEvent(Base):
+        """An event too large for a PostgreSQL NOTIFY payload: the notification carries its id
+        and every instance reads it here (issue 16; migration 3). Rows older than a few
+        minutes are removed as new ones are written."""
+
+        id = pw.BigAutoField()
+        payload = pw.TextField()
+        created_time = pw.FloatField(index=True)
 
     defined = locals()
     ns = types.SimpleNamespace(**{name: defined[name] for name in ALL_MODEL_NAMES})

@@ -60,7 +60,7 @@ async def receive_upload(ctx: "Context", task: dict) -> dict:
     max_size = min(task["max_size"] or app.settings.limits.upload_bytes,
                    app.settings.limits.upload_bytes)
     partial = PartialUpload(app.paths.partial_upload(task["task_id"]))
-    with app.transfers.claim(task["task_id"]) as active:
+    async with app.transfers.claim(task["task_id"]) as active:
         active.scope.deadline = trio_deadline(task["end_time"])
         with active.scope:
             return await _upload(ctx, task, partial, chunk_size, max_size)

@@ -2,7 +2,9 @@
 
 An interrupted upload keeps its verified chunks in its partial-upload file so the client can
 resume. Once its task has expired (or is gone) nobody can resume it, so a periodic sweep closes
-expired tasks and removes their partial files.
+expired tasks and removes their partial files. Several instances may sweep at once: closing
+is a compare-and-set and a partial file is kept while any instance's transfer holds its task's
+lease, so they never undo each other's work.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import trio
 
 from ..paths import PART_SUFFIX, Paths
 from ..reaper import remove_unclaimed
-from ..storage import Store, transfers
+from ..storage import Store, leases, transfers
 from .registry import TransferRegistry
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ class UploadSweeper:
         await self._store.write(transfers.close_expired_tasks, now)
         keep = await self._store.read(transfers.open_upload_task_ids, now)
         keep |= self._running.active_task_ids()
+        # Uploads running on other instances (several instances share the content storage).
+        keep |= await self._store.read(leases.leased_transfer_ids, now)
         removed = await trio.to_thread.run_sync(remove_unclaimed, self._paths.uploads, keep,
                                                 PART_SUFFIX)
         if removed:

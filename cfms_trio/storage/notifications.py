@@ -1,0 +1,71 @@
+"""PostgreSQL LISTEN/NOTIFY between server instances (issue 16), blocking.
+
+A notification is sent inside a write transaction (`notify`), so it leaves when that commits.
+Its payload is limited (about 8000 bytes): a larger message is stored in `ClusterEvent` and
+the notification carries only its id (`stored_event`). The receiving side holds a connection
+of its own (`open_listening`), outside the pool; `drain` takes what has arrived without
+waiting, so the caller can wait for the socket to become readable itself.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import peewee as pw
+
+from . import backends
+
+CHANNEL = "cfms_events"
+# Below PostgreSQL's limit of 8000 bytes, with room for the envelope around a stored id.
+NOTIFY_PAYLOAD_MAX_BYTES = 7000
+# A stored event is read by every instance within moments of its notification.
+STORED_EVENT_KEEP_S = 600.0
+
+
+def notify(m, payload: dict) -> None:
+    """Send `payload` (JSON-able) to every listening instance when this transaction commits."""
+    text = json.dumps(payload, separators=(",", ":"))
+    if len(text.encode()) > NOTIFY_PAYLOAD_MAX_BYTES:
+        now = time.time()
+        m.ClusterEvent.delete().where(m.ClusterEvent.created_time < now - STORED_EVENT_KEEP_S
+                                      ).execute()
+        row = m.ClusterEvent.create(payload=text, created_time=now)
+        text = json.dumps({"stored": row.id})
+    m.db.execute_sql("SELECT pg_notify(%s, %s)", (CHANNEL, text))
+
+
+def stored_event(m, event_id: int) -> dict | None:
+    row = m.ClusterEvent.get_or_none(m.ClusterEvent.id == event_id)
+    return None if row is None else json.loads(row.payload)
+
+
+class ListeningConnection:
+    """A connection of its own that LISTENs on the channel (autocommit, no pool)."""
+
+    def __init__(self, database: pw.Database):
+        if not backends.is_postgresql(database):
+            raise ValueError("LISTEN needs PostgreSQL")
+        self._database = database
+        database.connect()
+        self._raw = database.connection()
+        self._raw.autocommit = True
+        with self._raw.cursor() as cursor:
+            cursor.execute(f"LISTEN {CHANNEL}")
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def drain(self) -> list[dict]:
+        """The payloads that have arrived (a stored one as {"stored": id}); never waits for
+        more. Raises the driver's error when the connection is lost."""
+        self._raw.poll()
+        arrived = [json.loads(n.payload) for n in self._raw.notifies]
+        self._raw.notifies.clear()
+        return arrived
+
+    def close(self) -> None:
+        try:
+            self._database.close()
+        except Exception:
+            pass
