@@ -118,6 +118,7 @@ class ServerUnderTest:
     settings: Settings
     ssl_context: ssl.SSLContext
     cancel_scope: trio.CancelScope
+    stopped: trio.Event  # set once `serve` has returned (its database closed, lock released)
 
     @property
     def url(self) -> str:
@@ -140,7 +141,9 @@ class ServerUnderTest:
             yield client
 
     async def stop(self) -> None:
+        """Shut the server down and wait until it has (so the root can be served again)."""
         self.cancel_scope.cancel()
+        await self.stopped.wait()
 
 
 def make_settings(root: Path, tls_files, **overrides) -> Settings:
@@ -161,14 +164,18 @@ def start_server(nursery, tmp_path, tls_files, client_ssl):
         root.mkdir(exist_ok=True)
         settings = make_settings(root, tls_files, **overrides)
         scope_holder = {}
+        stopped = trio.Event()
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
-            with trio.CancelScope() as scope:
-                scope_holder["scope"] = scope
-                await serve(settings, task_status=task_status)
+            try:
+                with trio.CancelScope() as scope:
+                    scope_holder["scope"] = scope
+                    await serve(settings, task_status=task_status)
+            finally:
+                stopped.set()
 
         running = await nursery.start(run)
-        return ServerUnderTest(running, settings, client_ssl, scope_holder["scope"])
+        return ServerUnderTest(running, settings, client_ssl, scope_holder["scope"], stopped)
 
     return start
 

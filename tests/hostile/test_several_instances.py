@@ -1,0 +1,151 @@
+"""Two `cfms-trio serve` processes on one PostgreSQL database and one content folder (issue
+16): content uploaded through one is downloaded through the other, an upload interrupted on
+one resumes on the other (and is never run on both at once), an import's outcome reaches a
+listener of the other instance exactly once, and an instance killed in the middle of an
+import has the import failed by the other within the lease time, the store unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import trio
+
+from cfms_trio.backup.supervisor import LEASE_EXPIRED_MESSAGE
+
+import databases
+from test_transfer import raw_announce, raw_begin, sealed, sha256_hex
+
+from . import corpus
+from .support import (
+    COMPLETED_EVENT,
+    assert_no_leftovers,
+    assert_store_unchanged,
+    capture,
+    start_import,
+    upload_bytes,
+    wait_for_outcome,
+)
+from .test_crash_restart import STEP_TIMEOUT_S, admin_client, serve_process
+
+pytestmark = pytest.mark.skipif(
+    not databases.on_postgresql(),
+    reason="several instances need PostgreSQL (a SQLite root serves one instance: a second "
+           "serve on it is refused)")
+
+LEASE_S = 2.0
+LEASE_ARGS = ("--lease-seconds", str(LEASE_S))
+# An instance notices an expired lease within a third of the lease time after it expired.
+TAKEOVER_S = LEASE_S * 2 + 10
+
+
+async def _events_of(client, task_id: str, wait_s: float) -> list[dict]:
+    """Every completion event of `task_id` the listener `client` receives within `wait_s`."""
+    seen = []
+    with trio.move_on_after(wait_s):
+        while True:
+            event = await client.next_event(COMPLETED_EVENT)
+            if event["data"]["backup_task_id"] == task_id:
+                seen.append(event["data"])
+    return seen
+
+
+async def test_upload_on_one_instance_download_on_the_other(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    async with serve_process(root, extra_args=LEASE_ARGS) as a, \
+            serve_process(root, extra_args=LEASE_ARGS) as b:
+        async with admin_client(a.url) as on_a, admin_client(b.url) as on_b:
+            with trio.fail_after(STEP_TIMEOUT_S):
+                content = os.urandom(3 * 1024 * 1024 + 5)
+                created = await on_a.call("create_document", {"title": "shared"})
+                await upload_bytes(on_a, created["task_id"], content, tmp_path)
+                ticket = await on_b.call("get_document",
+                                         {"document_id": created["document_id"]})
+                target = tmp_path / "downloaded"
+                await on_b.download_file(ticket["task_id"], target)
+                assert target.read_bytes() == content
+
+
+async def test_an_upload_runs_on_one_instance_at_a_time_and_resumes_on_another(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    async with serve_process(root, extra_args=LEASE_ARGS) as a, \
+            serve_process(root, extra_args=LEASE_ARGS) as b:
+        content = os.urandom(5 * 1024 * 1024 + 100)
+        async with admin_client(b.url) as on_b:
+            with trio.fail_after(STEP_TIMEOUT_S):
+                created = await on_b.call("create_document", {"title": "resumed"})
+                task_id = created["task_id"]
+                async with admin_client(a.url) as on_a:
+                    assert (await raw_begin(on_a, task_id))["action"] == "transfer_file"
+                    ready = (await raw_announce(on_a, len(content), sha256_hex(content)))["data"]
+                    # The same task on the other instance, while A runs it: refused.
+                    refused = await on_b.request("upload_file", {"task_id": task_id})
+                    assert refused["code"] == 409, refused
+                    assert "another server instance" in refused["message"]
+                    for index in range(3):
+                        await on_a.send_raw(sealed(ready, content, index))
+                    await trio.sleep(1.0)  # A verifies and keeps them before the drop
+                # A noticed the dropped connection and released the task: B resumes it.
+                path = tmp_path / "content"
+                path.write_bytes(content)
+                while True:
+                    progress: list[tuple[int, int]] = []
+                    try:
+                        await on_b.upload_file(task_id, path,
+                                               progress=lambda *p: progress.append(p))
+                        break
+                    except Exception as exc:  # A has not let go yet
+                        assert getattr(exc, "code", None) == 409, exc
+                        await trio.sleep(0.1)
+                assert progress[0] == (3 * ready["chunk_size"], len(content))
+                ticket = await on_b.call("get_document", {"document_id": created["document_id"]})
+                await on_b.download_file(ticket["task_id"], tmp_path / "back")
+                assert (tmp_path / "back").read_bytes() == content
+
+
+async def test_an_import_on_one_instance_is_announced_once_on_every_instance(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    async with serve_process(root, extra_args=LEASE_ARGS) as a, \
+            serve_process(root, extra_args=LEASE_ARGS) as b:
+        async with admin_client(a.url) as on_a, admin_client(b.url) as on_b:
+            archive, key = corpus.valid_v2_archive(corpus.seed_dataset())
+            task_id = await start_import(on_a, archive, key, tmp_path)
+            status = await wait_for_outcome(on_b, task_id)
+            assert status["status"] == "completed", status
+            # Exactly once per listener: no second copy on either instance.
+            assert await _events_of(on_b, task_id, 1.0) == []
+            on_a_events = await _events_of(on_a, task_id, 1.0)
+            assert [e["status"] for e in on_a_events] == ["completed"]
+
+
+async def test_an_instance_killed_mid_import_has_it_failed_by_the_other(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    async with serve_process(root, pause_at="Importing files", extra_args=LEASE_ARGS) as a, \
+            serve_process(root, extra_args=LEASE_ARGS) as b:
+        async with admin_client(b.url) as on_b:
+            before = await capture(root)
+            async with admin_client(a.url) as on_a:
+                task_id = await start_import(on_a, corpus.big_archive(), corpus.v2_key(),
+                                             tmp_path)
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    while (await on_a.call("get_backup_import_status", {
+                            "backup_task_id": task_id}))["current_step"] != "Importing files":
+                        await trio.sleep(0.05)
+            await a.kill()
+            killed = time.monotonic()
+            with trio.fail_after(TAKEOVER_S):
+                event = await on_b.next_event(COMPLETED_EVENT)
+            assert time.monotonic() - killed < TAKEOVER_S
+            assert event["data"]["backup_task_id"] == task_id
+            assert event["data"]["status"] == "failed"
+            assert event["data"]["error"] == LEASE_EXPIRED_MESSAGE
+            status = await on_b.call("get_backup_import_status", {"backup_task_id": task_id})
+            assert status["status"] == "failed" and status["files_count"] == 0, status
+            assert_store_unchanged(before, await capture(root))
+            assert_no_leftovers(root)
