@@ -36,6 +36,7 @@ from .storage import Store, accounts
 from .tls import ensure_self_signed, server_context
 from .transfer.registry import TransferRegistry
 from .transfer.sweeper import UploadSweeper
+from .transfer import wire
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def _tls_context(settings: Settings, paths: Paths):
 
 async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the server until cancelled; reports a `Running` once it accepts connections."""
+    wire.install()
     store, paths, generated = await trio.to_thread.run_sync(prepare_root, settings)
     try:
         app = build_app(settings, store, paths)

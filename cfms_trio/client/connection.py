@@ -26,6 +26,7 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 
 from ..nurseries import single_error_unwrapped
 from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
+from ..transfer import wire
 from ..transfer.pipeline import send_ahead
 from .files import file_sha256, open_download_target, unlink_if_present
 
@@ -349,6 +350,7 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
 
     `check_certificate_first` makes one extra TLS handshake so that an untrusted certificate
     is reported at once and clearly (the command-line tools use it)."""
+    wire.install()  # C masking and reused buffers for this process (transfer/wire.py)
     if url.startswith("wss://") and ssl_context is None:
         ssl_context = client_ssl_context(cafile, insecure)
     if check_certificate_first and url.startswith("wss://"):
