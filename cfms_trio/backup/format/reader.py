@@ -27,7 +27,7 @@ from .listings import BackupContents
 from .records import RecordSink
 from .recipients import Unlock
 from .segments import COMPRESSION_ZSTD, SegmentReader
-from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain, read_up_to
+from .streams import CallbackFailed, CountingSource, ReadAhead, TarSource, drain, read_up_to
 from .tarmembers import Extractor, GuardedTarInfo
 
 ERROR_DETAIL_CHARS = 200
@@ -85,9 +85,12 @@ def _extract_all(
                           allow_missing_content=allow_missing_content,
                           before_listing=source.report)
     with ReadAhead(plaintext) as ahead:
-        limited = LimitedReader(ahead, limits.extracted_bytes)
+        limited = TarSource(ahead, limits.extracted_bytes)
+        # The plain read mode ("r:") on a forward-only source: tarfile then reads headers and
+        # listings from it directly, and file contents come out of it without copies
+        # (`write_staging_file` reads them from `tar.fileobj`).
         with tarfile.open(
-            fileobj=limited, mode="r|", tarinfo=GuardedTarInfo, encoding="utf-8",
+            fileobj=limited, mode="r:", tarinfo=GuardedTarInfo, encoding="utf-8",
             errors="strict",
         ) as tar:
             while (member := tar.next()) is not None:

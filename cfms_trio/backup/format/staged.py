@@ -8,7 +8,7 @@ import tarfile
 
 from cfms_trio.errors import ArchiveError
 
-from .streams import COPY_BYTES
+from .streams import TarSource
 
 STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
@@ -25,14 +25,18 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
         fd = os.open(file_id, flags, STAGING_FILE_MODE, dir_fd=staging_fd)
     except FileExistsError:
         raise ArchiveError(f"file {file_id}: already present in the staging folder") from None
-    source = tar.extractfile(member)
+    # The content comes straight from the tar stream's pieces (no copy, see TarSource):
+    # tarfile has just read the member's header, so the stream is at its first byte.
+    data: TarSource = tar.fileobj
+    if data.tell() != member.offset_data:
+        raise ArchiveError(f"file {file_id}: the tar stream is not at the member's data")
     digest = hashlib.sha256()
     size = 0
     with os.fdopen(fd, "wb") as target:
-        while chunk := source.read(COPY_BYTES):
-            digest.update(chunk)
-            target.write(chunk)
-            size += len(chunk)
+        for piece in data.pieces(member.size):
+            digest.update(piece)
+            target.write(piece)
+            size += len(piece)
     if size != member.size:
         raise ArchiveError(f"file {file_id}: archive member is truncated")
     return size, digest.hexdigest()

@@ -2,7 +2,7 @@
 
 Writing: ``HashingWriter`` (size and sha256 in the same pass), ``WriteBehind`` (writes on a
 second thread), ``VerifyingSource`` (a file must match its recorded size and sha256). Reading:
-``CountingSource`` (archive size limit, progress), ``LimitedReader`` (extracted bytes limit),
+``CountingSource`` (archive size limit, progress), ``TarSource`` (extracted bytes limit),
 ``ReadAhead`` (reads on a second thread). All blocking; the server runs them in worker threads.
 """
 
@@ -220,32 +220,67 @@ class CountingSource(io.RawIOBase):
             raise CallbackFailed() from exc
 
 
-class LimitedReader(io.RawIOBase):
-    """The decrypted (and decompressed) tar stream: enforces the extracted bytes limit.
+class TarSource:
+    """The decrypted (and decompressed) tar stream, as tarfile's plain read mode ("r:") reads
+    it: ``read``, ``tell``, and ``seek`` forward only. Enforces the extracted bytes limit.
 
-    Counting here, after decompression, is what defeats a compression bomb.
+    Counting here, after decompression, is what defeats a compression bomb. tarfile's stream
+    mode ("r|") would re-block everything into 10 KiB reads and copy each byte several times;
+    here a member's content is handed out by ``pieces`` as views of the pieces ``source``
+    produced (``ReadAhead``'s, of ``COPY_BYTES``), without a copy.
     """
 
     def __init__(self, source, limit_bytes: int):
-        super().__init__()
         self._source = source
         self._limit_bytes = limit_bytes
-        self.produced = 0
+        self._view = memoryview(b"")
+        self._position = 0  # bytes handed out (read or skipped)
+        self.produced = 0  # bytes taken from source
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._source.read(len(view))
-        count = len(data)
-        self.produced += count
+    def _fill(self) -> bool:
+        """Take the next piece from ``source``; False at its end."""
+        piece = self._source.read(COPY_BYTES)
+        if not piece:
+            return False
+        self.produced += len(piece)
         if self.produced > self._limit_bytes:
             raise ArchiveLimitExceeded(
                 f"archive expands to more than the limit of {self._limit_bytes} bytes"
             )
-        view[:count] = data
-        return count
+        self._view = memoryview(piece)
+        return True
+
+    def pieces(self, size: int):
+        """Yield the next ``size`` bytes (fewer at the end of the stream) as views that are
+        valid until the next call on this source."""
+        while size > 0:
+            if not self._view and not self._fill():
+                return
+            piece = self._view[:size]
+            self._view = self._view[len(piece):]
+            self._position += len(piece)
+            size -= len(piece)
+            yield piece
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            raise io.UnsupportedOperation("TarSource reads only a given number of bytes")
+        if len(self._view) >= size:  # the common case: a header, a small listing
+            data = bytes(self._view[:size])
+            self._view = self._view[size:]
+            self._position += size
+            return data
+        return b"".join(bytes(piece) for piece in self.pieces(size))
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        if whence != io.SEEK_SET or position < self._position:
+            raise io.UnsupportedOperation("the tar stream can only be read forward")
+        for _ in self.pieces(position - self._position):
+            pass
+        return self._position
 
 
 class ReadAhead(io.RawIOBase):
