@@ -33,6 +33,7 @@ from .format import (
     KEY_BYTES,
     PART_OF_KIND,
     VERSION_V3,
+    DropBehindWriter,
     HashingWriter,
     Passphrase,
     Recipient,
@@ -187,17 +188,19 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
 
             listings = {kind: read(m) for kind, read in snapshot.LISTINGS.items()
                         if PART_OF_KIND[kind] in parts}
-            with WriteBehind(raw) as behind:
-                write_backup_archive(behind, key, compression=compression, metadata=metadata,
-                                     listings=listings, open_file=open_file,
-                                     chunk_log2=chunk_log2, wrap_for=wrap_for)
+            write_backup_archive(raw, key, compression=compression, metadata=metadata,
+                                 listings=listings, open_file=open_file,
+                                 chunk_log2=chunk_log2, wrap_for=wrap_for)
         return metadata
 
     try:
         fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw_file:
-            out = HashingWriter(raw_file)
-            metadata = store.run_read(write_archive, out, key)
+            # Hashed where it is sealed (SegmentWriter's helper thread), written on the
+            # write-behind thread: three threads share reading, sealing and writing.
+            with WriteBehind(DropBehindWriter(raw_file)) as behind:
+                out = HashingWriter(behind)
+                metadata = store.run_read(write_archive, out, key)
             raw_file.flush()
             os.fsync(raw_file.fileno())
         digest = out.hexdigest()

@@ -31,7 +31,7 @@ from .recipients import (
     parse_recipient,
 )
 from .segments import KEY_BYTES
-from .streams import HashingWriter, WriteBehind
+from .streams import DropBehindWriter, HashingWriter, WriteBehind, start_writeback
 from .writer import COMPRESSION_NAMES, write_backup_archive
 
 __all__ = [
@@ -62,6 +62,9 @@ __all__ = [
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",
+    "DropBehindWriter",
+    # bulk writers start the writeback of what they wrote (uploads)
+    "start_writeback",
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",
