@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 # WebSocket frames may exceed a transfer chunk's ciphertext by this much before the library
 # itself refuses them (close code 1009); text messages are held to the smaller message limit.
 FRAME_SLACK_BYTES = 64 * 1024
-# Bytes asked of the TLS stream per read. trio-websocket's default (4 KiB) turns every 1 MiB
-# chunk into hundreds of reads and parser passes; larger reads keep transfers at disk speed.
-WS_RECEIVE_BYTES = 256 * 1024
 # Worker threads for the disk and crypto work of short requests (transfer chunks, removals).
 IO_THREADS = 4
 # Worker threads for long jobs (an import's unpacking, an export): running jobs beyond this
@@ -142,7 +139,7 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
             ws_server = WebSocketServer(
                 handler, listeners, handler_nursery=nursery,
                 max_message_size=min(limits.unauthenticated_message_bytes, frame_limit),
-                receive_buffer_size=WS_RECEIVE_BYTES,
+                receive_buffer_size=wire.WS_RECEIVE_BYTES,
                 connect_timeout=limits.handshake_timeout_s,
                 disconnect_timeout=limits.handshake_timeout_s)
             await nursery.start(ws_server.run)

@@ -1,11 +1,14 @@
-"""The WebSocket speed-ups of transfer/wire.py: the C masker gives wsproto's exact bytes, and
-an installed process masks and unmasks real frames with it."""
+"""The WebSocket speed-ups of transfer/wire.py: the C masker gives wsproto's exact bytes, an
+installed process masks and unmasks real frames with it, and a sped-up TLS stream hands out
+many records per receive without losing a byte or the end of the stream."""
 
 from __future__ import annotations
 
 import os
 import random
+import ssl
 
+import trio
 import wsproto.frame_protocol as frame_protocol
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
@@ -56,3 +59,38 @@ def test_installed_masker_round_trips_a_large_client_frame_in_pieces():
             assert item.opcode in (Opcode.BINARY, Opcode.CONTINUATION)
             received += item.payload
     assert bytes(received) == payload
+
+
+async def test_a_sped_up_tls_stream_returns_many_records_per_receive_and_still_ends(
+        tls_files, client_ssl):
+    """Over a real TCP socket: the receiver gets the sender's bytes unchanged, in pieces larger
+    than one TLS record (16 KiB), and sees the end of the stream when the sender closes."""
+    certfile, keyfile = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(certfile, keyfile)
+    payload = os.urandom(4 * 1024 * 1024 + 5)
+    received, sizes = bytearray(), []
+    with trio.fail_after(20):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = listeners[0].socket.getsockname()[1]
+
+        async def send() -> None:
+            stream = await trio.open_ssl_over_tcp_stream("127.0.0.1", port,
+                                                         ssl_context=client_ssl,
+                                                         https_compatible=True)
+            await stream.send_all(payload)
+            await stream.aclose()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            raw = await listeners[0].accept()
+            stream = wire.speed_up_tls(trio.SSLStream(raw, server_context, server_side=True,
+                                                      https_compatible=True))
+            while data := await stream.receive_some(wire.WS_RECEIVE_BYTES):
+                sizes.append(len(data))
+                received += data
+            await stream.aclose()
+        await listeners[0].aclose()
+    assert bytes(received) == payload
+    assert max(sizes) > 16 * 1024
+    assert max(sizes) <= wire.WS_RECEIVE_BYTES

@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ..backup.format import DropBehindWriter
 from ..nurseries import single_error_unwrapped
 from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
 from ..transfer import wire
@@ -40,7 +41,6 @@ CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 EVENT_QUEUE = 1024
 DEFAULT_PORT = 5104
 TLS_CHECK_TIMEOUT_S = 30
-WS_RECEIVE_BYTES = 256 * 1024  # per TLS read; the library default of 4 KiB slows transfers
 
 
 class ClientError(Exception):
@@ -261,6 +261,7 @@ class Client:
                     # at the end.
                     digest = None if offset else hashlib.sha256()
                     await trio.to_thread.run_sync(_seek_and_truncate, f, offset)
+                    writer = DropBehindWriter(f, offset)
                     for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
                         sealed = await self.receive_reply()
                         if not isinstance(sealed, bytes):
@@ -269,8 +270,8 @@ class Client:
                             raise ClientError(0, "protocol error: expected a binary chunk")
                         # Meanwhile the reader task keeps receiving the next chunks.
                         try:
-                            await trio.to_thread.run_sync(_open_and_write, f, digest, key,
-                                                          prefix, index, sealed)
+                            await trio.to_thread.run_sync(_open_and_write, writer, digest,
+                                                          key, prefix, index, sealed)
                         except ChunkTagError as err:
                             await self._resync()
                             raise ClientError(0, f"download failed: {err}") from None
@@ -357,7 +358,9 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
         await check_tls(url, ssl_context)
     async with open_websocket_url(url, ssl_context=ssl_context,
                                   max_message_size=max_message_size,
-                                  receive_buffer_size=WS_RECEIVE_BYTES) as ws:
+                                  receive_buffer_size=wire.WS_RECEIVE_BYTES) as ws:
+        if isinstance(ws._stream, trio.SSLStream):  # trio-websocket opened it: no other way in
+            wire.speed_up_tls(ws._stream)
         client = Client(ws)
         # The reader task never fails on its own, so a group here holds the caller's own
         # exception: it comes back unwrapped.
@@ -380,7 +383,8 @@ def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) ->
 
 
 def _open_and_write(f, digest, key: bytes, prefix: bytes, index: int, sealed: bytes) -> None:
-    """Verify and decrypt one downloaded chunk, append it to `f` and to `digest` (if any)."""
+    """Verify and decrypt one downloaded chunk, append it to `f` (a DropBehindWriter) and to
+    `digest` (if any)."""
     plaintext = open_chunk(key, prefix, index, sealed)
     f.write(plaintext)
     if digest is not None:

@@ -6,9 +6,12 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..backup.format import DropBehindWriter, release_pages
 from .crypto import open_chunk, seal_chunk
 
 HASH_READ_BYTES = 1024 * 1024
+# A download releases the pages it has sent every this many chunks.
+RELEASE_EVERY_CHUNKS = 8
 
 
 class PartialUpload:
@@ -22,6 +25,7 @@ class PartialUpload:
         self.path = path
         self.hasher = hashlib.sha256()
         self._file = None
+        self._writer = None
         self.size = 0
 
     def open(self, keep_bytes: int) -> int:
@@ -43,6 +47,7 @@ class PartialUpload:
             self.hasher.update(block)
             remaining -= len(block)
         self._file.seek(kept)
+        self._writer = DropBehindWriter(self._file, kept)
         self.size = kept
         return kept
 
@@ -55,7 +60,7 @@ class PartialUpload:
     def write_sealed(self, key: bytes, prefix: bytes, index: int, sealed: bytes) -> None:
         """Authenticate and decrypt one chunk, then append it (raises ChunkTagError)."""
         plaintext = open_chunk(key, prefix, index, sealed)
-        self._file.write(plaintext)
+        self._writer.write(plaintext)
         self.hasher.update(plaintext)
         self.size += len(plaintext)
 
@@ -90,15 +95,23 @@ class SealedReader:
 
     def __init__(self, path: Path, chunk_size: int, key: bytes, prefix: bytes):
         self._file = open(path, "rb")
+        self._released = 0  # pages before this offset were released
         self.chunk_size = chunk_size
         self.key = key
         self.prefix = prefix
 
     def seek_chunk(self, index: int) -> None:
         self._file.seek(index * self.chunk_size)
+        self._released = index * self.chunk_size
 
     def read_sealed(self, index: int) -> bytes:
         plaintext = self._file.read(self.chunk_size)
+        # What was sent leaves the page cache, as an upload's writes do: refilling fresh pages
+        # costs more than reading again from disk (docs/PERFORMANCE.md).
+        if index % RELEASE_EVERY_CHUNKS == RELEASE_EVERY_CHUNKS - 1:
+            end = index * self.chunk_size
+            release_pages(self._file.fileno(), self._released, end - self._released)
+            self._released = end
         return seal_chunk(self.key, self.prefix, index, plaintext)
 
     def close(self) -> None:

@@ -31,7 +31,7 @@ from .recipients import (
     parse_recipient,
 )
 from .segments import KEY_BYTES
-from .streams import DropBehindWriter, HashingWriter, WriteBehind, start_writeback
+from .streams import DropBehindWriter, HashingWriter, WriteBehind, release_pages
 from .writer import COMPRESSION_NAMES, write_backup_archive
 
 __all__ = [
@@ -63,8 +63,8 @@ __all__ = [
     "HashingWriter",
     "WriteBehind",
     "DropBehindWriter",
-    # bulk writers start the writeback of what they wrote (uploads)
-    "start_writeback",
+    # transfers keep the page cache from filling with what they stream
+    "release_pages",
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",

@@ -8,7 +8,7 @@ import tarfile
 
 from cfms_trio.errors import ArchiveError
 
-from .streams import WRITEBACK_START_BYTES, TarSource, start_writeback
+from .streams import WRITEBACK_START_BYTES, TarSource, release_pages
 
 STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
@@ -41,10 +41,10 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
             # The sync after extraction (durability.py) then finds little left to write.
             if size - written_back >= WRITEBACK_START_BYTES:
                 target.flush()
-                start_writeback(fd, written_back, size - written_back)
+                release_pages(fd, written_back, size - written_back)
                 written_back = size
         target.flush()
-        start_writeback(fd, written_back, size - written_back)
+        release_pages(fd, written_back, size - written_back)
     if size != member.size:
         raise ArchiveError(f"file {file_id}: archive member is truncated")
     return size, digest.hexdigest()

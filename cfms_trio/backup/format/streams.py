@@ -28,10 +28,11 @@ PROGRESS_STEP_BYTES = 1024 * 1024  # report progress at most once per this many 
 WRITEBACK_START_BYTES = 8 * 1024 * 1024
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a just-written range of ``fd`` to disk, without waiting for it. Linux's
-    POSIX_FADV_DONTNEED starts the writeback of dirty pages and drops only the pages that are
-    clean already (none of a range just written)."""
+def release_pages(fd: int, offset: int, length: int) -> None:
+    """Tell the kernel a range of ``fd`` is not needed in memory (POSIX_FADV_DONTNEED): on
+    Linux its dirty pages start being written to disk, without waiting, and its clean pages
+    (already written, or read) leave the page cache for reuse. Just after writing a range,
+    that only starts its writeback; behind a reader, it drops what was read."""
     if length > 0 and hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
@@ -86,21 +87,24 @@ class HashingWriter(io.RawIOBase):
 
 
 class DropBehindWriter(io.RawIOBase):
-    """Writable wrapper of a file written once from start to end (an archive): every
+    """Writable wrapper of a file written once from ``offset`` to its end (an archive, a
+    transfer): every
     ``WRITEBACK_START_BYTES`` it starts writing the new range to disk, and drops the ranges
     before it, written by then, from the page cache.
 
     Keeping the final fsync short is one half. The other: on the VM these figures come from,
     filling fresh page-cache pages cost about 3 ms per MiB, while pages given back this way
-    are reused at memory speed. The archive is read again at most once (by a download).
-    ``out`` (a raw or buffered file) is never closed.
+    are reused at memory speed (a 1 GiB download: 3.4 s of kernel time down to 0.7 s). What
+    is written this way is read again rarely, and then from disk. ``out`` (a raw or buffered
+    file) is never closed.
     """
 
-    def __init__(self, out: BinaryIO):
+    def __init__(self, out: BinaryIO, offset: int = 0):
         super().__init__()
         self._out = out
-        self._written = 0
-        self._started = 0  # writeback started for [0, _started)
+        self._first = offset  # where in the file the writes begin
+        self._written = offset
+        self._started = offset  # writeback started for [offset, _started)
 
     def writable(self) -> bool:
         return True
@@ -111,9 +115,8 @@ class DropBehindWriter(io.RawIOBase):
         if self._written - self._started >= WRITEBACK_START_BYTES:
             self._out.flush()
             fd = self._out.fileno()
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, self._started, os.POSIX_FADV_DONTNEED)
-            start_writeback(fd, self._started, self._written - self._started)
+            release_pages(fd, self._first, self._started - self._first)  # written by now
+            release_pages(fd, self._started, self._written - self._started)  # starts writing
             self._started = self._written
         return count
 
