@@ -21,8 +21,9 @@ class PartialUpload:
     file holds exactly the bytes a resumed upload can keep.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, keep_cached: bool = False):
         self.path = path
+        self.keep_cached = keep_cached  # see DropBehindWriter
         self.hasher = hashlib.sha256()
         self._file = None
         self._writer = None
@@ -47,7 +48,7 @@ class PartialUpload:
             self.hasher.update(block)
             remaining -= len(block)
         self._file.seek(kept)
-        self._writer = DropBehindWriter(self._file, kept)
+        self._writer = DropBehindWriter(self._file, kept, keep_cached=self.keep_cached)
         self.size = kept
         return kept
 

@@ -59,7 +59,9 @@ async def receive_upload(ctx: "Context", task: dict) -> dict:
     chunk_size = app.settings.limits.transfer_chunk_bytes
     max_size = min(task["max_size"] or app.settings.limits.upload_bytes,
                    app.settings.limits.upload_bytes)
-    partial = PartialUpload(app.paths.partial_upload(task["task_id"]))
+    # A backup being imported is read whole right after its upload: it keeps its pages.
+    for_import = app.paths.resolve(task["file_path"]).parent == app.paths.backup_imports
+    partial = PartialUpload(app.paths.partial_upload(task["task_id"]), keep_cached=for_import)
     with app.transfers.claim(task["task_id"]) as active:
         active.scope.deadline = trio_deadline(task["end_time"])
         with active.scope:

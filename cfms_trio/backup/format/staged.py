@@ -43,8 +43,9 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
                 target.flush()
                 release_pages(fd, written_back, size - written_back)
                 written_back = size
-        target.flush()
-        release_pages(fd, written_back, size - written_back)
+        if written_back:  # smaller files are left to the sync after extraction
+            target.flush()
+            release_pages(fd, written_back, size - written_back)
     if size != member.size:
         raise ArchiveError(f"file {file_id}: archive member is truncated")
     return size, digest.hexdigest()
