@@ -61,14 +61,15 @@ def test_installed_masker_round_trips_a_large_client_frame_in_pieces():
     assert bytes(received) == payload
 
 
-async def test_a_sped_up_tls_stream_returns_many_records_per_receive_and_still_ends(
-        tls_files, client_ssl):
-    """Over a real TCP socket: the receiver gets the sender's bytes unchanged, in pieces larger
-    than one TLS record (16 KiB), and sees the end of the stream when the sender closes."""
+TLS_RECORD_BYTES = 16 * 1024  # the most plaintext one TLS record carries
+
+
+async def _receive_through_sped_up_tls(tls_files, client_ssl, payload: bytes):
+    """Send `payload` over a real TCP socket and TLS, receive it through `speed_up_tls`
+    until the sender's close; return what arrived and the size of each receive."""
     certfile, keyfile = tls_files
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(certfile, keyfile)
-    payload = os.urandom(4 * 1024 * 1024 + 5)
     received, sizes = bytearray(), []
     with trio.fail_after(20):
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -91,6 +92,27 @@ async def test_a_sped_up_tls_stream_returns_many_records_per_receive_and_still_e
                 received += data
             await stream.aclose()
         await listeners[0].aclose()
-    assert bytes(received) == payload
-    assert max(sizes) > 16 * 1024
+    return bytes(received), sizes
+
+
+async def test_a_sped_up_tls_stream_returns_many_records_per_receive_and_still_ends(
+        tls_files, client_ssl):
+    """The receiver gets the sender's bytes unchanged, in pieces larger than one TLS record,
+    and sees the end of the stream when the sender closes."""
+    payload = os.urandom(4 * 1024 * 1024 + 5)
+    received, sizes = await _receive_through_sped_up_tls(tls_files, client_ssl, payload)
+    assert received == payload
+    assert max(sizes) > TLS_RECORD_BYTES
     assert max(sizes) <= wire.WS_RECEIVE_BYTES
+
+
+async def test_without_trios_tls_object_receives_take_the_public_path_unchanged(
+        tls_files, client_ssl, monkeypatch):
+    """A trio that keeps its ssl.SSLObject under another name (simulated by looking for a
+    name no SSLStream has): the speed-up leaves receives to trio, one record each, and the
+    bytes and the end of the stream arrive as before."""
+    monkeypatch.setattr(wire, "_TRIO_TLS_OBJECT_ATTRIBUTE", "_no_such_attribute")
+    payload = os.urandom(1024 * 1024 + 5)
+    received, sizes = await _receive_through_sped_up_tls(tls_files, client_ssl, payload)
+    assert received == payload
+    assert max(sizes) <= TLS_RECORD_BYTES

@@ -359,8 +359,7 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
     async with open_websocket_url(url, ssl_context=ssl_context,
                                   max_message_size=max_message_size,
                                   receive_buffer_size=wire.WS_RECEIVE_BYTES) as ws:
-        if isinstance(ws._stream, trio.SSLStream):  # trio-websocket opened it: no other way in
-            wire.speed_up_tls(ws._stream)
+        wire.speed_up_client_tls(ws)
         client = Client(ws)
         # The reader task never fails on its own, so a group here holds the caller's own
         # exception: it comes back unwrapped.

@@ -122,17 +122,34 @@ class _LargeReads(trio.abc.HalfCloseableStream):
         await self.inner.aclose()
 
 
+# trio's SSLStream keeps its ssl.SSLObject under this private name, and has no public way to
+# read the records it has already received without a scheduler pass for each (see
+# `_tls_object`, the only place that reads it).
+_TRIO_TLS_OBJECT_ATTRIBUTE = "_ssl_object"
+
+
+def _tls_object(stream: trio.SSLStream) -> ssl.SSLObject | None:
+    """The TLS object of ``stream``, or None when this trio keeps it elsewhere (then receives
+    take trio's public path: one record each)."""
+    tls_object = getattr(stream, _TRIO_TLS_OBJECT_ATTRIBUTE, None)
+    return tls_object if isinstance(tls_object, ssl.SSLObject) else None
+
+
 def speed_up_tls(stream: trio.SSLStream) -> trio.SSLStream:
     """Make `stream.receive_some(n)` return up to `n` bytes: after trio's own receive, the
     records already in the TLS object's buffer are decrypted too, without waiting for more.
     Whatever that extra reading meets (a close, an error) is left for the next receive, which
     meets it through trio's handling. Call it before the stream is used, or while nothing but
-    its receiver waits on it."""
-    ssl_object = getattr(stream, "_ssl_object", None)
-    if not isinstance(ssl_object, ssl.SSLObject):
-        raise RuntimeError("trio.SSLStream no longer keeps its ssl.SSLObject in _ssl_object")
+    its receiver waits on it.
+
+    The socket underneath is read `TRANSPORT_RECEIVE_BYTES` at a time in any case (its
+    `transport_stream` is public). Without the TLS object (`_tls_object`), receives stay
+    trio's own, one record each: slower, never wrong."""
     if isinstance(stream.transport_stream, trio.SocketStream):
         stream.transport_stream = _LargeReads(stream.transport_stream)
+    tls_object = _tls_object(stream)
+    if tls_object is None:
+        return stream
     receive = stream.receive_some
 
     async def receive_some(max_bytes: int | None = None) -> bytes | bytearray:
@@ -142,7 +159,7 @@ def speed_up_tls(stream: trio.SSLStream) -> trio.SSLStream:
         parts, total = [data], len(data)
         while total < max_bytes:
             try:
-                more = ssl_object.read(max_bytes - total)
+                more = tls_object.read(max_bytes - total)
             except ssl.SSLError:  # want-read: no whole record left; or a close to report
                 break
             if not more:
@@ -153,3 +170,14 @@ def speed_up_tls(stream: trio.SSLStream) -> trio.SSLStream:
 
     stream.receive_some = receive_some
     return stream
+
+
+def speed_up_client_tls(ws) -> None:
+    """`speed_up_tls` for the stream of a client connection trio-websocket opened itself.
+
+    trio-websocket offers no public handle on that stream (`wrap_client_stream` takes one, but
+    would mean doing `open_websocket_url`'s connect, timeouts and close here again), so it is
+    taken from the connection's private `_stream`; without one, nothing changes."""
+    stream = getattr(ws, "_stream", None)
+    if isinstance(stream, trio.SSLStream):
+        speed_up_tls(stream)
