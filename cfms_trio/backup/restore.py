@@ -85,7 +85,8 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
         with open(archive_path, "rb") as archive:
             contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
                                            progress=on_bytes, archive_size=archive_size,
-                                           allow_missing_content=allow_missing_content)
+                                           allow_missing_content=allow_missing_content,
+                                           durable=True)
         # Every staged file on disk before anything is committed (see durability.py).
         sync_filesystem(staging_dir)
         report("Loading metadata", 0.0)

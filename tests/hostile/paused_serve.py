@@ -52,8 +52,8 @@ def _pause_once_a_file_is_staged(report) -> None:
             return
         report(progress, name, fraction)
 
-    def write_then_pause(*args):
-        result = write(*args)
+    def write_then_pause(*args, **kwargs):
+        result = write(*args, **kwargs)
         if held:
             report(held[0], EXTRACTING, 0.0)
             _pause(EXTRACTING)

@@ -14,8 +14,12 @@ STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer c
 
 
 def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str,
-                       staging_fd: int) -> tuple[int, str]:
+                       staging_fd: int, *, durable: bool) -> tuple[int, str]:
     """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
+
+    ``durable`` (an import, which syncs staging before its commit): the file's writeback is
+    started every ``WRITEBACK_START_BYTES`` as it is written, so that sync finds little left.
+    Otherwise (a check that deletes the files at once) its pages stay in memory unwritten.
 
     The id is validated to be a plain name, the file is created relative to the staging
     folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
@@ -38,8 +42,7 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
             digest.update(piece)
             target.write(piece)
             size += len(piece)
-            # The sync after extraction (durability.py) then finds little left to write.
-            if size - written_back >= WRITEBACK_START_BYTES:
+            if durable and size - written_back >= WRITEBACK_START_BYTES:
                 target.flush()
                 release_pages(fd, written_back, size - written_back)
                 written_back = size
