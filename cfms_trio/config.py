@@ -84,6 +84,9 @@ class Settings:
     # Used on first start only; None means generate one and write content/admin_password.txt.
     initial_admin_password: str | None = None
     limits: Limits = dataclasses.field(default_factory=Limits)
+    # Where the database is: None for the SQLite file content/cfms.db, else a URL
+    # (postgresql://USER[:PASSWORD]@HOST[:PORT]/DB, or sqlite:///PATH).
+    database_url: str | None = None
     # S3 backup targets (issue 18): None leaves it to boto3's defaults, i.e. the standard
     # AWS_ENDPOINT_URL / AWS_DEFAULT_REGION environment variables and AWS configuration files.
     # Credentials always come from there (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).

@@ -92,6 +92,16 @@ class ImportAborted(CfmsError):
     code = 503
 
 
+class StartupError(Exception):
+    """The server cannot start on what it was given (a database of a newer release, an
+    unreachable database): `serve` prints the message as one line and exits 1. Never sent to
+    a client."""
+
+
+class SchemaTooNew(StartupError):
+    """The database's schema was upgraded by a newer release than this code."""
+
+
 class ArchiveError(BadRequest):
     """A backup archive or key file is unreadable, tampered with, or breaks the format.
 

@@ -33,6 +33,7 @@ from .listener import ConnectionGate, GatedListener
 from .paths import Paths
 from .reaper import FileReaper
 from .storage import Store, accounts
+from .storage.backends import parse_database_url
 from .tls import ensure_self_signed, server_context
 from .transfer.registry import TransferRegistry
 from .transfer.sweeper import UploadSweeper
@@ -69,8 +70,13 @@ def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
     for directory in paths.all_dirs():
         directory.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.content, 0o700)
-    store = Store(paths.database)
-    store.create_tables()
+    store = Store(parse_database_url(settings.database_url) if settings.database_url
+                  else paths.database)
+    try:
+        store.upgrade_schema()
+    except BaseException:
+        store.close()
+        raise
     generated = None
     if not store.run_read(accounts.is_initialized):
         password = settings.initial_admin_password

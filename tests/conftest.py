@@ -16,7 +16,73 @@ from cfms_trio.client import Client, open_client
 from cfms_trio.config import Settings
 from cfms_trio.server import Running, serve
 
+import databases
 from helpers import ADMIN_PASSWORD
+
+
+# In-process servers hash passwords with a cheaper scrypt cost than production's: every test
+# starts a server (hashing the admin password) and logs in, and at the production cost that
+# hashing was a large share of the suite's CPU time. Each hash names its own cost, so
+# verification is exercised exactly as in production; subprocess servers keep the real cost.
+TEST_SCRYPT_N = 2**11
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cheaper_password_hashing():
+    from cfms_trio import auth
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(auth, "SCRYPT_N", TEST_SCRYPT_N)
+        yield
+
+
+# -- the PostgreSQL run: only the tests that reach a database -----------------------------------
+
+# Fixtures that start a server (a test using one has it in its fixture closure) and what a test
+# module's source says when it starts servers or stores itself (subprocesses, threads).
+SERVER_FIXTURES = {"start_server", "hostile_server", "plain_server"}
+SERVER_MARKERS = ("serve_subprocess", "serve_process", "Store(", "await serve(",
+                  "nursery.start(serve", "databases.")
+
+
+def _reaches_a_database(item, sources: dict) -> bool:
+    if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    path = Path(str(item.fspath))
+    if path not in sources:
+        sources[path] = path.read_text()
+    return any(marker in sources[path] for marker in SERVER_MARKERS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On PostgreSQL (CFMS_TEST_DATABASE), a test that starts no server and opens no store
+    runs exactly as in the SQLite run: it is deselected there, so the two runs together fit
+    CI's time."""
+    if not databases.on_postgresql():
+        return
+    sources: dict = {}
+    keep, drop = [], []
+    for item in items:
+        (keep if _reaches_a_database(item, sources) else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True, scope="session")
+def drop_session_databases():
+    """Every test database (CFMS_TEST_DATABASE on PostgreSQL) goes at the end of the session."""
+    yield
+    databases.drop_all_databases()
+
+
+@pytest.fixture(autouse=True)
+def release_test_databases(drop_session_databases):
+    """The databases of a test's servers are emptied after it, for the next test's servers
+    (those of longer-lived fixtures stay)."""
+    before = databases.roots_with_databases()
+    yield
+    databases.release_databases(keep=before)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +146,8 @@ class ServerUnderTest:
 def make_settings(root: Path, tls_files, **overrides) -> Settings:
     certfile, keyfile = tls_files
     base = dict(root=root, host="127.0.0.1", port=0, certfile=certfile, keyfile=keyfile,
-                initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05)
+                initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05,
+                database_url=databases.database_url_for(root))
     base.update(overrides)
     return Settings(**base)
 

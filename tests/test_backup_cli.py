@@ -13,6 +13,7 @@ import pytest
 
 from cfms_trio.config import Limits
 
+import databases
 from backup_support import (
     build_legacy_archive, build_store, cli_command, legacy_key_file, run_cli, serve_subprocess,
     sha256_hex, spec_decode,
@@ -30,7 +31,8 @@ async def exported(start_server, tmp_path):
         built = await build_store(client, tmp_path / "src", big_bytes=1_200_000)
     out = tmp_path / "out"
     done = await run_cli(*cli_command("backup", "export", "--root", str(server.root),
-                                      "--out", str(out), "--name", "offline"))
+                                       *databases.serve_arguments(server.root),
+                                       "--out", str(out), "--name", "offline"))
     assert done.returncode == 0, done.stderr.decode()
     return server, built, out / "offline.cfms.enc", out / "offline.key", done.stdout.decode()
 
@@ -56,7 +58,8 @@ async def test_backup_export_writes_an_archive_the_spec_can_read(exported, tmp_p
     assert sorted(p.name for p in archive.parent.iterdir()) == ["offline.cfms.enc",
                                                                "offline.key"]
 
-    plain = await run_cli(*cli_command("backup", "export", "--root", str(server.root), "--out",
+    plain = await run_cli(*cli_command("backup", "export", "--root", str(server.root),
+                                       *databases.serve_arguments(server.root), "--out",
                                        str(tmp_path / "out"), "--name", "plain",
                                        "--compression", "none"))
     assert plain.returncode == 0, plain.stderr.decode()
@@ -66,6 +69,7 @@ async def test_backup_export_writes_an_archive_the_spec_can_read(exported, tmp_p
     assert decoded.compression == 0 and decoded.file_bytes() == built.contents
 
     again = await run_cli(*cli_command("backup", "export", "--root", str(server.root),
+                                       *databases.serve_arguments(server.root),
                                        "--out", str(tmp_path / "out"), "--name", "offline"))
     assert again.returncode == 1
     assert "already exists" in again.stderr.decode()

@@ -19,6 +19,8 @@ from trio_websocket import ConnectionClosed
 
 from cfms_trio.client import ClientError, open_client
 
+import databases
+
 # A hard bound on every test, on top of the fail_after around each wait.
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,7 +89,8 @@ async def run_serve(root: Path, *args: str, admin_password: str | None = None):
         env["CFMS_ADMIN_PASSWORD"] = admin_password
     root.mkdir(parents=True, exist_ok=True)
     stderr_path = root.parent / f"{root.name}-stderr-{len(list(root.parent.iterdir()))}.txt"
-    command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root)]
+    command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root),
+               *databases.serve_arguments(root)]
     if "--port" not in args:
         command += ["--port", "0"]
     with open(stderr_path, "wb") as stderr:

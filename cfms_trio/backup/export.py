@@ -165,7 +165,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     def write_archive(m, raw, key: bytes) -> dict:
         """The whole archive from one read transaction: one consistent snapshot (WAL), read
         as streams while the archive is written, never whole."""
-        with m.db.atomic():
+        with snapshot.consistent_read(m):
             metadata = {"format": FORMAT_NAME, "version": VERSION_V3, "created_at": now,
                         "backup_name": name, "server_version": __version__,
                         "parts": list(parts), "requested_parts": list(requested),

@@ -185,7 +185,7 @@ def _plan_restore(contents, index: StagingIndex, staging: Path, work_dir: Path) 
     """The import's commit, run against an empty temporary store in `work_dir`."""
     store = Store(work_dir / "plan.db")
     try:
-        store.create_tables()
+        store.upgrade_schema()
         task_id = store.run_write(backups.create_plan_task, time.time())
         mover = FileMover(staging, work_dir / "restore")
         outcome = {"status": "completed", "error_message": None}

@@ -25,6 +25,7 @@ from ..config import ArchiveLimits
 from ..conventions import ARCHIVE_SUFFIX, KEY_SUFFIX
 from ..errors import CfmsError
 from ..storage import Store
+from ..storage.backends import parse_database_url, sqlite_at
 from . import keys
 
 
@@ -36,13 +37,21 @@ def _fail(message: str) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     database = root / "content" / "cfms.db"
-    if not database.exists():
-        return _fail(f"no cfms-trio store at {root} (missing content/cfms.db)")
+    if args.database:
+        try:
+            location = parse_database_url(args.database)
+        except ValueError as err:
+            return _fail(f"--database: {err}")
+    elif not database.exists():
+        return _fail(f"no cfms-trio store at {root} (missing content/cfms.db; a store on "
+                     "PostgreSQL needs --database)")
+    else:
+        location = sqlite_at(database)
     try:
         wrap_for = keys.wrap_targets(args.recipient, args.passphrase_file)
     except (CfmsError, ValueError, OSError) as err:
         return _fail(getattr(err, "message", None) or str(err))
-    store = Store(database)
+    store = Store(location)
     name = args.name or default_backup_name(time.time())
     try:
         result = export_store(store, root / "content", Path(args.out), name, args.compression,
@@ -191,6 +200,9 @@ def register(sub) -> None:
     commands = backup.add_subparsers(dest="backup_command", required=True)
     export = commands.add_parser("export", help="export a store to an encrypted archive")
     export.add_argument("--root", default=".", help="server root (holds content/cfms.db)")
+    export.add_argument("--database", metavar="URL",
+                        help="the server's database when it is not content/cfms.db "
+                             "(postgresql://USER@HOST:PORT/DB, as given to serve)")
     export.add_argument("--out", required=True,
                         help=f"folder for NAME{ARCHIVE_SUFFIX} and NAME{KEY_SUFFIX}")
     export.add_argument("--name", help="backup name (default: backup-<time>-<random>)")

@@ -15,6 +15,8 @@ from pathlib import Path
 import trio
 
 from ..config import Limits, Settings, parse_size
+from ..errors import StartupError
+from ..storage.backends import parse_database_url
 
 log = logging.getLogger("cfms_trio")
 
@@ -55,6 +57,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.certfile and not args.keyfile:
         print("error: --certfile needs --keyfile", file=sys.stderr)
         return 2
+    if args.database:
+        try:
+            parse_database_url(args.database)
+        except ValueError as exc:
+            print(f"error: --database: {exc}", file=sys.stderr)
+            return 2
     defaults = Limits()
     archive = dataclasses.replace(
         defaults.archive,
@@ -67,13 +75,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         certfile=Path(args.certfile) if args.certfile else None,
                         keyfile=Path(args.keyfile) if args.keyfile else None,
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
-                        limits=limits, s3_endpoint_url=args.s3_endpoint,
+                        limits=limits, database_url=args.database,
+                        s3_endpoint_url=args.s3_endpoint,
                         s3_region=args.s3_region)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
-    except (OSError, BaseExceptionGroup) as exc:
-        os_error = _find_os_error(exc)
+    except (OSError, StartupError, BaseExceptionGroup) as exc:
+        startup = _find_error(exc, StartupError)
+        if startup is not None:
+            print(f"error: {startup}", file=sys.stderr)
+            return 1
+        os_error = _find_error(exc, OSError)
         if os_error is None:
             raise
         if os_error.errno == errno.EADDRINUSE:
@@ -85,14 +98,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_os_error(exc: BaseException) -> OSError | None:
-    """The OSError (port in use, unreadable root...) behind a start-up failure, if that is
-    what it was: it deserves one clear line, not a traceback."""
-    if isinstance(exc, OSError):
+def _find_error(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The error of `kind` (a StartupError; an OSError: port in use, unreadable root...)
+    behind a start-up failure, if that is what it was: it deserves one clear line, not a
+    traceback."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _find_os_error(inner)
+            found = _find_error(inner, kind)
             if found is not None:
                 return found
     return None
@@ -154,6 +168,10 @@ def register(sub) -> None:
     serve.add_argument("--max-extracted-bytes", type=_size, metavar="SIZE",
                        help="most bytes one import may unpack (default 256G)")
     _add_connection_flags(serve)
+    serve.add_argument("--database", metavar="URL",
+                       help="the database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (a "
+                            "password may also come from $PGPASSWORD or ~/.pgpass); default: "
+                            "the SQLite file ROOT/content/cfms.db")
     serve.add_argument("--s3-endpoint", metavar="URL",
                        help="S3-compatible service for backup targets that name no endpoint "
                             "(default: $AWS_ENDPOINT_URL, else AWS); credentials come from "

@@ -2,7 +2,8 @@
 
 `build_models(database)` returns a fresh set of model classes bound to that database, so several
 server instances (two servers in one test process, say) never share class-level state. Code
-outside `cfms_trio.storage` never touches these classes: it calls storage functions.
+outside `cfms_trio.storage` never touches these classes: it calls storage functions. A change
+here needs its migration in `migrations.py` (a database made by an earlier release gets it there).
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ import types
 
 import peewee as pw
 
+from . import backends
+
 ALL_MODEL_NAMES = (
     "User", "Group", "UserGroup", "Token", "AuditLog", "Folder", "Document", "File",
     "Revision", "AccessRule", "FileTask", "BackupTask", "BackupSchedule", "Backup",
 )
 
-
-# Columns added to a table after databases were first created with it: (model, field). peewee's
-# create_tables never alters an existing table, so the store adds these where they are missing.
-ADDED_COLUMNS = (("BackupTask", "warnings"),)
+# Named so the migration that adds it to older databases (storage/migrations.py) names the same.
+REVISION_HISTORY_INDEX = "revision_document_id_seq"
 
 
 def build_models(database: pw.Database) -> types.SimpleNamespace:
@@ -96,6 +97,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         created_time = pw.FloatField()
         seq = pw.IntegerField()  # position in the document's history, oldest first
 
+        class Meta:
+            indexes = ((("document", "seq"), False),)
+
     class AccessRule(Base):
         id = pw.CharField(primary_key=True, max_length=64)
         object_type = pw.CharField()  # "folder" | "document"
@@ -140,8 +144,8 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         timeout_time = pw.FloatField(null=True)
         error_message = pw.TextField(null=True)
         backup_name = pw.CharField(null=True)
-        # JSON list of strings: what an import had to change (added after the first release;
-        # see ADDED_COLUMNS).
+        # JSON list of strings: what an import had to change (added by issue 11; older
+        # databases get it from migration 1).
         warnings = pw.TextField(default="[]")
 
     class BackupSchedule(Base):
@@ -191,4 +195,7 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
     ns = types.SimpleNamespace(**{name: defined[name] for name in ALL_MODEL_NAMES})
     ns.db = database
     ns.all = [getattr(ns, name) for name in ALL_MODEL_NAMES]
+    ns.REVISION_HISTORY_INDEX = REVISION_HISTORY_INDEX
+    if backends.is_postgresql(database):
+        backends.columns_as_on_sqlite(ns.all)
     return ns

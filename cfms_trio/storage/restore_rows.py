@@ -2,9 +2,10 @@
 
 These run inside the restore's single write transaction, so either every row of the backup
 lands or none does. They take the rows in batches (from the import's staging index) and speak
-SQL to the store's own sqlite3 connection (the one holding that transaction) rather than
-through peewee queries: for a backup of 100,000 documents, building each batch's SQL value by
-value in peewee took several times longer than SQLite's own work.
+SQL to the store's own connection (the one holding that transaction) rather than through
+peewee queries: for a backup of 100,000 documents, building each batch's SQL value by value in
+peewee took several times longer than SQLite's own work. How a batch is sent differs per
+database (`backends.insert_batch`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from ..paths import RESTORE_FILES_RELATIVE
+from . import backends
 
 LOOKUP_BATCH_IDS = 900  # ids per IN (...) lookup; SQLite allows at least 999 parameters
 
@@ -32,7 +34,7 @@ def existing_keys(model, field: str, keys: list[str], *, root_only: str | None =
     """Which of `keys` (at most LOOKUP_BATCH_IDS) `model` already holds in `field`; with
     `root_only` (the parent field), only among top-level rows."""
     meta = model._meta
-    marks = ", ".join("?" * len(keys))
+    marks = ", ".join([meta.database.param] * len(keys))
     where = f'"{_column(model, field)}" IN ({marks})'
     if root_only:
         where += f' AND "{_column(model, root_only)}" IS NULL'
@@ -63,12 +65,10 @@ def insert_rows(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
     """Insert every batch of `batches` (tuples in the order of `fields`) with executemany;
     return how many rows."""
     meta = model._meta
-    columns = ", ".join(f'"{_column(model, name)}"' for name in fields)
-    sql = f'INSERT INTO "{meta.table_name}" ({columns}) VALUES ({", ".join("?" * len(fields))})'
-    cursor = meta.database.cursor()
+    columns = [_column(model, name) for name in fields]
     total = 0
     for batch in batches:
-        cursor.executemany(sql, batch)
+        backends.insert_batch(meta.database, meta.table_name, columns, batch)
         total += len(batch)
         if progress:
             progress(len(batch))

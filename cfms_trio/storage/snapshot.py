@@ -1,13 +1,15 @@
 """Reading the store for an export as streams of records (blocking; run via Store).
 
-The caller holds one read transaction around everything (`export.export_store`): SQLite in
-WAL mode gives that transaction one consistent snapshot however long the export streams,
-while other connections keep writing. Each listing is one cursor (or a few, merged on their
+The caller holds one read transaction around everything (`consistent_read`, used by
+`export.export_store`): SQLite in WAL mode, or PostgreSQL in REPEATABLE READ, gives that
+transaction one consistent snapshot however long the export streams, while other connections
+keep writing. Each listing is one cursor (or a few, merged on their
 common sort key) stepped row by row, so an export holds a piece of records, never a table.
 
 Revisions whose content was never uploaded are left out: they hold nothing to restore, and
-neither do files no revision refers to. Rows come as plain tuples from the sqlite3 cursor:
-a model instance per row took most of the time of an export of 100,000 small documents.
+neither do files no revision refers to. Rows come as plain tuples from the driver's cursor (a
+server-side cursor on PostgreSQL, so memory stays bounded there too): a model instance per row
+took most of the time of an export of 100,000 small documents.
 """
 
 from __future__ import annotations
@@ -17,10 +19,17 @@ from typing import Iterator
 
 import peewee as pw
 
+from . import backends
+
+
+def consistent_read(m):
+    """The read transaction an export holds around all its listings: one snapshot."""
+    return backends.snapshot_transaction(m.db)
+
 
 def _rows(m, query) -> Iterator[tuple]:
-    """The rows of `query` straight from a fresh sqlite3 cursor, stepped lazily."""
-    return iter(m.db.execute(query))
+    """The rows of `query` straight from the driver's cursor, stepped lazily."""
+    return backends.streamed_rows(m.db, query)
 
 
 def _grouped(rows: Iterator[tuple]) -> Iterator[tuple[str, list[tuple]]]:
@@ -44,7 +53,8 @@ class _Merge:
         self.current = next(self.runs, None)
 
     def take(self, key: str) -> list[tuple]:
-        # Both sides are sorted by BINARY collation; ids are ASCII, so Python's order agrees.
+        # Both sides are sorted by their bytes (BINARY on SQLite, "C" on PostgreSQL): for
+        # UTF-8 text that is code point order, Python's order.
         while self.current is not None and self.current[0] < key:
             self.current = next(self.runs, None)
         if self.current is not None and self.current[0] == key:
@@ -129,7 +139,7 @@ def file_path(m, file_id: str) -> str:
     """A file's stored path, relative to the content folder. Plain SQL: building a peewee
     query per file took a fifth of a 1M-document export (100,000 files)."""
     sql = (f'SELECT "{m.File.path.column_name}" FROM "{m.File._meta.table_name}" '
-           f'WHERE "{m.File.id.column_name}" = ?')
+           f'WHERE "{m.File.id.column_name}" = {m.db.param}')
     row = m.db.execute_sql(sql, (file_id,)).fetchone()
     return None if row is None else row[0]
 

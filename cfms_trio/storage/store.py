@@ -10,40 +10,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import peewee as pw
 import trio
-from playhouse.migrate import SchemaMigrator, migrate
 
-from ..errors import Conflict, InsufficientStorage
+from ..errors import Conflict, InsufficientStorage, StartupError
+from . import backends, migrations
 from . import models as models_module
+from .backends import DatabaseLocation
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 READER_THREADS = 4
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 DATABASE_FULL_MESSAGE = ("the server ran out of disk space while writing to its database; "
                          "nothing was changed")
-
-
-def _is_database_full(exc: BaseException) -> bool:
-    """SQLITE_FULL: the disk (or the database's size limit) is full. peewee keeps the
-    driver's exception as its first argument; SQLite rolls the transaction back itself, so
-    what reaches us may be peewee's failed rollback, with the full write as its context."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        original = seen.args[0] if seen.args else seen
-        for candidate in (seen, original):
-            if getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-                return True
-        seen = seen.__context__
-    return False
 
 
 @contextlib.contextmanager
@@ -57,7 +42,7 @@ def translated_driver_errors() -> Iterator[None]:
         raise Conflict("the change conflicts with an object that already exists "
                        "(same id or name); reload and try again") from None
     except pw.OperationalError as exc:
-        if not _is_database_full(exc):
+        if not backends.is_database_full(exc):
             raise
         log.warning("database write failed: %s", exc)
         raise InsufficientStorage(DATABASE_FULL_MESSAGE) from None
@@ -66,50 +51,80 @@ def translated_driver_errors() -> Iterator[None]:
 class Store:
     """A database plus the limiters that keep blocking work off the event loop.
 
-    SQLite allows one writer: every write goes through a limiter of one thread, inside one
-    transaction per call. Reads run concurrently on a few threads (WAL mode lets them proceed
-    while a write is in progress). Limiters are created lazily inside `trio.run`.
+    Every write goes through a limiter of one thread, inside one transaction per call (SQLite
+    allows one writer; on PostgreSQL the one writer keeps the same order of writes within an
+    instance). Reads run concurrently on a few threads (WAL mode lets SQLite's proceed while
+    a write is in progress). SQLite connections stay open per thread; PostgreSQL ones come
+    from a pool for the length of one call. Limiters are created lazily inside `trio.run`.
     """
 
-    def __init__(self, db_path: Path):
-        self.db_path = db_path
-        self.database = pw.SqliteDatabase(
-            str(db_path),
-            pragmas={
-                "journal_mode": "wal",
-                "synchronous": "normal",
-                "foreign_keys": 1,
-                "busy_timeout": SQLITE_BUSY_TIMEOUT_MS,
-                "cache_size": -32_000,
-            },
-            check_same_thread=False,
-        )
+    def __init__(self, location: DatabaseLocation | Path):
+        if isinstance(location, Path):
+            location = backends.sqlite_at(location)
+        self.location = location
+        self.database = backends.open_database(location)
         self.m = models_module.build_models(self.database)
         self._read_limiter: trio.CapacityLimiter | None = None
         self._write_limiter: trio.CapacityLimiter | None = None
 
+    @property
+    def backend(self) -> str:
+        """backends.SQLITE or backends.POSTGRESQL."""
+        return self.location.kind
+
     # -- lifecycle (blocking) -------------------------------------------------------------
 
-    def create_tables(self) -> None:
-        """Create missing tables, and the columns of ADDED_COLUMNS missing from a database made
-        by an earlier version (idempotent: the store has no migrations beyond this)."""
-        with self.database.connection_context():
-            self.database.create_tables(self.m.all)
-            for model_name, field_name in models_module.ADDED_COLUMNS:
-                self._add_column_if_missing(getattr(self.m, model_name), field_name)
+    def upgrade_schema(self) -> int | None:
+        """Create the schema of a new database or migrate an older one to this code's version
+        (see migrations.py); return the version found (None: the database was empty). Raises
+        SchemaTooNew for a database of a newer release, StartupError when the database cannot
+        be reached."""
+        where = self.location.describe()
+        try:
+            self.database.connect(reuse_if_open=True)
+        except pw.ImproperlyConfigured:
+            raise StartupError(f"cannot open the {where}: its driver is not installed (pip "
+                               "install 'cfms-trio[postgresql]')") from None
+        except pw.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StartupError(f"cannot open the {where}: {reason}") from None
+        try:
+            return migrations.upgrade(self.database, self.m, where)
+        finally:
+            if backends.is_postgresql(self.database):
+                self.database.close()
 
-    def _add_column_if_missing(self, model, field_name: str) -> None:
-        field = model._meta.fields[field_name]
-        present = {column.name for column in self.database.get_columns(model._meta.table_name)}
-        if field.column_name not in present:
-            log.info("adding column %s.%s", model._meta.table_name, field.column_name)
-            migrator = SchemaMigrator.from_database(self.database)
-            with self.database.atomic():
-                migrate(migrator.add_column(model._meta.table_name, field.column_name, field))
+    def schema_version(self) -> int | None:
+        with self._connection():
+            return migrations.current_version(self.database, self.m)
+
+    def open_side_connection(self) -> pw.Database:
+        """A database of its own on the same location, outside the pool and the writer (for
+        PostgreSQL LISTEN, which holds a connection); the caller connects and closes it."""
+        return backends.open_side_connection(self.location)
 
     def close(self) -> None:
-        if not self.database.is_closed():
+        if isinstance(self.database, backends.PooledPostgresqlDatabase):
+            self.database.close_all()
+        elif not self.database.is_closed():
             self.database.close()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        """This thread's connection, open for the call: SQLite's stays open for the thread's
+        next call; PostgreSQL's goes back to the pool (unless it was open already)."""
+        if not backends.is_postgresql(self.database):
+            self.database.connect(reuse_if_open=True)
+            yield
+            return
+        opened = self.database.is_closed()
+        if opened:
+            self.database.connect()
+        try:
+            yield
+        finally:
+            if opened:
+                self.database.close()
 
     # -- offloading ----------------------------------------------------------------------
 
@@ -121,15 +136,13 @@ class Store:
 
     def run_read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread with a connection open."""
-        self.database.connect(reuse_if_open=True)
-        with translated_driver_errors():
+        with self._connection(), translated_driver_errors():
             return fn(self.m, *args, **kwargs)
 
     def run_write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn(models, *args)` in the calling thread inside one write transaction."""
-        self.database.connect(reuse_if_open=True)
-        with translated_driver_errors():
-            with self.database.atomic("IMMEDIATE"):
+        with self._connection(), translated_driver_errors():
+            with backends.write_transaction(self.database):
                 return fn(self.m, *args, **kwargs)
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -20,6 +20,7 @@ from cfms_trio.client import open_client
 from cfms_trio.config import Limits, Settings
 from cfms_trio.server import Running, serve
 
+import databases
 from helpers import ADMIN_PASSWORD, snapshot_tree
 
 from . import corpus, support
@@ -138,7 +139,7 @@ def shared_server(tmp_path_factory, tls_files, tls_ca, *, limits: Limits, seed: 
     certfile, keyfile = tls_files
     settings = Settings(root=root, host="127.0.0.1", port=0, certfile=certfile, keyfile=keyfile,
                         initial_admin_password=ADMIN_PASSWORD, login_failure_delay_s=0.05,
-                        limits=limits)
+                        limits=limits, database_url=databases.database_url_for(root))
     thread = ServerThread(settings)
     running = thread.start()
     try:

@@ -7,13 +7,13 @@ import contextlib
 import dataclasses
 import itertools
 import os
-import sqlite3
 from pathlib import Path
 
 import trio
 
 from cfms_trio.client import Client, ClientError
 
+import databases
 from helpers import snapshot_tree
 
 from . import corpus
@@ -34,11 +34,9 @@ _file_numbers = itertools.count()
 # Pictures of the store
 
 
-def dump_tables(database: Path) -> dict[str, list[tuple]]:
+def dump_tables(root: Path) -> dict[str, list[tuple]]:
     """Every row of the data tables, read through a connection of our own (blocking)."""
-    with contextlib.closing(sqlite3.connect(database, timeout=30)) as db:
-        return {table: db.execute(f"SELECT * FROM {table} ORDER BY id").fetchall()
-                for table in DATA_TABLES}
+    return databases.dump_tables(root, DATA_TABLES)
 
 
 def content_tree(content: Path) -> dict[str, str]:
@@ -59,7 +57,7 @@ class StoreState:
 
 def capture_blocking(root: Path) -> StoreState:
     content = root / "content"
-    return StoreState(dump_tables(content / "cfms.db"), content_tree(content))
+    return StoreState(dump_tables(root), content_tree(content))
 
 
 async def capture(root: Path) -> StoreState:

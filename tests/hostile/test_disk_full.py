@@ -13,6 +13,8 @@ from cfms_trio.backup import export as backup_export
 from cfms_trio.errors import InsufficientStorage
 from cfms_trio.storage import Store
 
+import databases
+
 from .support import entries
 from .test_faults import FaultyOs
 
@@ -41,12 +43,13 @@ async def test_disk_full_export_answers_507_and_leaves_no_partial_backup(server,
     assert done["backup_name"] == "full"
 
 
+@databases.skip_on_postgresql
 def test_full_database_is_a_507_not_a_500(tmp_path):
     """SQLite reports a full disk as SQLITE_FULL (here its page limit, which is the same
     error): every write through the Store, a login's token included, answers 507 and
     changes nothing."""
     store = Store(tmp_path / "cfms.db")
-    store.create_tables()
+    store.upgrade_schema()
     store.database.connect(reuse_if_open=True)
     pages = store.database.execute_sql("PRAGMA page_count").fetchone()[0]
     store.database.execute_sql(f"PRAGMA max_page_count = {pages}")
