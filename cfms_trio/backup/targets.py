@@ -89,10 +89,12 @@ def describe_target(target: dict) -> str:
 
 
 class LocalTarget:
-    """The server's own backups folder (`content/backups/`)."""
+    """The server's own backups folder (`content/backups/`, in the content storage: local
+    files, or the bucket of `serve --storage`)."""
 
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, content):
         self._paths = paths
+        self._content = content
 
     def location_of(self, name: str) -> str:
         return self._paths.relative(backup_pair(self._paths.backups, name)[0])
@@ -106,13 +108,10 @@ class LocalTarget:
         return self._paths.relative(archive)
 
     def open_archive(self, location: str) -> BinaryIO:
-        return open(self._paths.resolve(location), "rb")
+        return self._content.open_read(location)
 
     def delete(self, location: str) -> None:
-        try:
-            os.unlink(self._paths.resolve(location))
-        except FileNotFoundError:
-            pass
+        self._content.delete([location])
 
 
 class S3Target:
@@ -253,7 +252,10 @@ def _s3_reason(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
-def open_target(target: dict, paths: Paths, options: S3Options) -> LocalTarget | S3Target:
+def open_target(target: dict, paths: Paths, options: S3Options,
+                content) -> LocalTarget | S3Target:
+    """The target `target` describes; a local one lives in `content` (the server's content
+    storage)."""
     if target["type"] == TARGET_S3:
         return S3Target(target, options)
-    return LocalTarget(paths)
+    return LocalTarget(paths, content)

@@ -15,6 +15,8 @@ from pathlib import Path
 import trio
 
 from ..config import Limits, Settings, parse_size
+from ..content import parse_storage_url
+from ..errors import StorageUnavailable
 
 log = logging.getLogger("cfms_trio")
 
@@ -68,14 +70,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         keyfile=Path(args.keyfile) if args.keyfile else None,
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
                         limits=limits, s3_endpoint_url=args.s3_endpoint,
-                        s3_region=args.s3_region)
+                        s3_region=args.s3_region, storage_url=args.storage)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
     except (OSError, BaseExceptionGroup) as exc:
         os_error = _find_os_error(exc)
         if os_error is None:
-            raise
+            unavailable = _find_error(exc, StorageUnavailable)
+            if unavailable is None:
+                raise
+            print(f"error: {unavailable.message}", file=sys.stderr)
+            return 1
         if os_error.errno == errno.EADDRINUSE:
             print(f"error: cannot listen on {settings.host}:{settings.port}: address already "
                   f"in use", file=sys.stderr)
@@ -88,14 +94,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _find_os_error(exc: BaseException) -> OSError | None:
     """The OSError (port in use, unreadable root...) behind a start-up failure, if that is
     what it was: it deserves one clear line, not a traceback."""
-    if isinstance(exc, OSError):
+    return _find_error(exc, OSError)
+
+
+def _find_error(exc: BaseException, kind: type):
+    """The `kind` error behind a start-up failure (inside exception groups), or None."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _find_os_error(inner)
+            found = _find_error(inner, kind)
             if found is not None:
                 return found
     return None
+
+
+def _storage(text: str) -> str:
+    try:
+        parse_storage_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # -- connection bounds (issue 12 item 7) --------------------------------------------------------
@@ -154,10 +173,14 @@ def register(sub) -> None:
     serve.add_argument("--max-extracted-bytes", type=_size, metavar="SIZE",
                        help="most bytes one import may unpack (default 256G)")
     _add_connection_flags(serve)
+    serve.add_argument("--storage", type=_storage, metavar="s3://BUCKET/PREFIX",
+                       help="keep file contents, partial uploads, restored files and backups "
+                            "in this S3 bucket (default: local files under ROOT/content/); "
+                            "the bucket must exist")
     serve.add_argument("--s3-endpoint", metavar="URL",
-                       help="S3-compatible service for backup targets that name no endpoint "
-                            "(default: $AWS_ENDPOINT_URL, else AWS); credentials come from "
-                            "the standard AWS_* environment variables")
+                       help="S3-compatible service for --storage and for backup targets that "
+                            "name no endpoint (default: $AWS_ENDPOINT_URL, else AWS); "
+                            "credentials come from the standard AWS_* environment variables")
     serve.add_argument("--s3-region", metavar="REGION",
                        help="S3 region (default: $AWS_DEFAULT_REGION)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
