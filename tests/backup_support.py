@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cfms_trio.client import export_backup, import_backup
 from cfms_trio.conventions import FINAL_STATUSES
 
+import storage_mode
 from helpers import ADMIN_PASSWORD, snapshot_tree
 
 # SPEC §8: the steps of a running import and the progress each one starts at.
@@ -457,7 +458,8 @@ async def serve_subprocess(root: Path):
     stderr_path = root.parent / f"{root.name}-serve-stderr.txt"
     with open(stderr_path, "wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0"],
+            [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0",
+             *storage_mode.server_args(root)],
             stdout=subprocess.PIPE, stderr=stderr, env=env)
     try:
         buffer = b""
