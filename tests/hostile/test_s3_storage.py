@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 
-from cfms_trio.client import export_backup, import_backup
+from cfms_trio.client import ClientError, export_backup, import_backup
 from cfms_trio.config import Limits
 
 from backup_support import dump_store
@@ -207,3 +208,27 @@ async def test_a_backup_moves_from_local_to_s3_storage_and_back_identical(
                 lambda m, i=row["id"]: m.File.get_by_id(i).path)
             data = (back.root / "content" / got).read_bytes()
             assert sha256_hex(data) == row["sha256"]
+
+
+async def test_a_missing_bucket_stops_the_start_with_one_clear_line(s3, tmp_path):
+    command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(tmp_path),
+               "--port", "0", "--storage", "s3://no-such-bucket-here/x",
+               "--s3-endpoint", s3.endpoint]
+    with trio.fail_after(TEST_DEADLINE_S):
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True,
+                                        check=False)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip().splitlines()[-1] == (
+        "error: S3 storage s3://no-such-bucket-here/x/ is not usable: no such bucket")
+
+
+async def test_a_bucket_gone_while_running_answers_503_naming_it(on_s3, s3, bucket, tmp_path):
+    async with on_s3.connect("admin") as admin:
+        created = await admin.call("create_document", {"title": "f"})
+        s3.client().delete_bucket(Bucket=bucket)
+        with pytest.raises(ClientError) as info:
+            await admin.upload_file(created["task_id"], write_file(tmp_path, b"some bytes"))
+        assert info.value.code == 503
+        assert f"S3 storage s3://{bucket}/data/" in info.value.message
+        assert "NoSuchBucket" in info.value.message
+        assert (await admin.call("server_info"))["name"] == "cfms-trio"
