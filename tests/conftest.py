@@ -86,6 +86,10 @@ def make_settings(root: Path, tls_files, **overrides) -> Settings:
     return Settings(**base)
 
 
+def pytest_collection_modifyitems(config, items):
+    storage_mode.skip_local_disk_tests(items)
+
+
 @pytest.fixture(autouse=True)
 def _storage_mode(request):
     """In S3 mode (CFMS_TEST_STORAGE=s3), every test gets the moto server's credentials in
@@ -111,7 +115,7 @@ def start_server(nursery, tmp_path, tls_files, client_ssl, _storage_mode):
         root.mkdir(exist_ok=True)
         if storage_mode.S3_MODE and "storage_url" not in overrides:
             overrides.setdefault("s3_endpoint_url", _storage_mode.endpoint)
-            overrides["storage_url"] = storage_mode.new_storage_url()
+            overrides["storage_url"] = storage_mode.storage_url_of(root)
         settings = make_settings(root, tls_files, **overrides)
         scope_holder = {}
 

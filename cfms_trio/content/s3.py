@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -116,7 +117,8 @@ class S3Content:
             return getattr(self.s3(), operation)(Bucket=self.bucket, **kwargs)
         except Exception as exc:
             if _is_missing(exc):
-                raise FileNotFoundError(f"{self.description}{kwargs.get('Key', '')}") from None
+                raise FileNotFoundError(errno.ENOENT, "no such object in the bucket",
+                                        f"s3://{self.bucket}/{kwargs.get('Key', '')}") from None
             raise self.failed(doing, exc) from exc
 
     def keys_under(self, folder: str) -> Iterator[str]:
@@ -233,7 +235,8 @@ class S3Content:
                 self.s3().download_file(self.bucket, self.object_key(key), str(target))
             except Exception as exc:
                 if _is_missing(exc):
-                    raise FileNotFoundError(f"{self.description}{key}") from None
+                    raise FileNotFoundError(errno.ENOENT, "no such object in the bucket",
+                                            f"{self.description}{key}") from None
                 raise self.failed("download", exc) from exc
             yield target
         finally:
