@@ -92,6 +92,9 @@ class Settings:
     # Credentials always come from there (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # Where document contents, partial uploads, restored files and backups live: None is the
+    # local `content/` folder; "s3://BUCKET/PREFIX" a bucket (with the endpoint and region above).
+    storage_url: str | None = None
     # Bytes per part of a multipart upload (S3 wants at least 5 MiB for all but the last).
     s3_part_bytes: int = 8 * MiB
 

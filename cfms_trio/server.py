@@ -27,6 +27,7 @@ from .backup.supervisor import ImportSupervisor
 from .backup.targets import S3Options
 from .config import Settings
 from .connection import serve_connection
+from .content import open_content_storage
 from .dispatch import Dispatcher
 from .events import EventHub
 from .listener import ConnectionGate, GatedListener
@@ -90,24 +91,25 @@ def prepare_root(settings: Settings) -> tuple[Store, Paths, str | None]:
     return store, paths, generated
 
 
-def build_app(settings: Settings, store: Store, paths: Paths) -> App:
+def build_app(settings: Settings, store: Store, paths: Paths, content) -> App:
     """Every service of one server, wired together (inside `trio.run`: limiters need it)."""
     hub = EventHub(store, settings.limits.listener_queue_events)
     transfers = TransferRegistry()
     io_limiter = trio.CapacityLimiter(IO_THREADS)
     bulk_io_limiter = trio.CapacityLimiter(BULK_IO_THREADS)
-    reaper = FileReaper(io_limiter)
+    reaper = FileReaper(io_limiter, content)
     return App(
         settings=settings, paths=paths, store=store, hub=hub, transfers=transfers,
         io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=reaper,
+        content=content,
         # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
         imports=ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
-                                 settings.limits.archive),
-        sweeper=UploadSweeper(store, paths, transfers),
+                                 settings.limits.archive, content),
+        sweeper=UploadSweeper(store, content, transfers),
         backups=BackupScheduler(store, paths, hub, reaper, bulk_io_limiter,
                                 settings.limits.archive,
                                 S3Options(settings.s3_endpoint_url, settings.s3_region,
-                                          settings.s3_part_bytes)))
+                                          settings.s3_part_bytes), content))
 
 
 def _tls_context(settings: Settings, paths: Paths):
@@ -124,7 +126,11 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     wire.install()
     store, paths, generated = await trio.to_thread.run_sync(prepare_root, settings)
     try:
-        app = build_app(settings, store, paths)
+        content = open_content_storage(settings, paths)
+        # A bucket that is missing or refuses these credentials stops the start, clearly.
+        await trio.to_thread.run_sync(content.check)
+        log.info("content storage: %s", content.description)
+        app = build_app(settings, store, paths, content)
         ssl_context = await trio.to_thread.run_sync(_tls_context, settings, paths)
         dispatcher = Dispatcher(app, ROUTES)
         limits = settings.limits

@@ -17,6 +17,7 @@ import trio
 
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
+from cfms_trio.content import local as local_content
 from cfms_trio.storage import backup_tasks, restore_rows
 from cfms_trio.transfer.crypto import seal_chunk
 
@@ -519,8 +520,8 @@ async def test_restored_files_are_made_durable_before_the_commit(
 
     monkeypatch.setattr(restore, "sync_filesystem",
                         recording("staging", restore.sync_filesystem, lambda f: f))
-    monkeypatch.setattr(restore, "sync_directory",
-                        recording("restored", restore.sync_directory, lambda f: f))
+    monkeypatch.setattr(local_content, "sync_directory",
+                        recording("restored", local_content.sync_directory, lambda f: f))
     listings, files, archive, key = legacy_backup(tmp_path)
     init = await target_admin.call("initiate_backup_import", {"timeout_seconds": 120})
     task_id = init["backup_task_id"]

@@ -8,6 +8,7 @@ meanwhile) and is written to the BackupTask row at stage boundaries and at the e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,9 +22,10 @@ from ..config import ArchiveLimits
 from ..conventions import ACCOUNTS_DEFAULT_POLICY, STATUS_COMPLETED, STATUS_FAILED
 from ..errors import CfmsError, ImportAborted, describe_os_error, internal_error
 from ..paths import Paths
-from ..reaper import remove_tree, unlink_all
+from ..paths import import_archive_relative, import_key_relative
+from ..reaper import remove_tree
 from ..storage import Store, backup_tasks
-from .restore import FileMover, RestoreOptions, StepReporter, commit_restore, unpack
+from .restore import RestoreOptions, StepReporter, commit_restore, unpack
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class ImportEnvironment:
 
     store: Store
     paths: Paths
+    content: object  # the content storage (`content`): uploads and restored files live there
     limits: ArchiveLimits
     io_limiter: trio.CapacityLimiter
 
@@ -94,9 +97,8 @@ async def discard_uploads(env: ImportEnvironment, task: dict) -> None:
         return
     gone = await env.store.write(backup_tasks.discard_import_uploads, task["archive_file_id"],
                                  task["key_file_id"])
-    paths = [env.paths.resolve(rel) for rel in gone["paths"]]
-    paths += [env.paths.partial_upload(task_id) for task_id in gone["task_ids"]]
-    await trio.to_thread.run_sync(unlink_all, paths)
+    await trio.to_thread.run_sync(env.content.delete, gone["paths"])
+    await trio.to_thread.run_sync(env.content.discard_partial_uploads, gone["task_ids"])
 
 
 def failure_message(exc: BaseException) -> str:
@@ -115,20 +117,14 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     deleted just before it, once read; what follows the commit is clean-up only, which the
     restart recovery finishes if a crash interrupts it.
     """
-    task = job.task
     task_id = job.task_id
     staging = env.paths.import_staging(task_id)
-    archive_path = env.paths.import_archive(task["archive_file_id"])
-    key_path = env.paths.import_key(task["key_file_id"]) if job.with_key else None
-    mover = FileMover(staging, env.paths.restore_files)
+    mover = env.content.restored_files(staging, task_id)
     report = job.progress.report
     index = None
     try:
         contents, index = await trio.to_thread.run_sync(
-            functools.partial(unpack, archive_path, key_path, staging, env.limits, report,
-                              job.abort, job.passphrase,
-                              allow_missing_content=job.allow_missing_content),
-            limiter=env.io_limiter)
+            functools.partial(_unpack_uploads, env, job, staging), limiter=env.io_limiter)
         counts = {f"{kind}_count": contents.counts.get(kind, 0)
                   for kind in ("documents", "folders", "files")}
         await env.store.write(backup_tasks.update_backup_task, task_id,
@@ -137,6 +133,10 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         # Everything is read: the uploads go now, so a client that sees `completed` never
         # finds them (a crash before the commit fails the task, as any crash does).
         await _clean_up_uploads(env, job)
+        # Content storage without a rename (S3) stores the staged files now, where the rows
+        # about to be committed will point; a failure below takes them back.
+        await trio.to_thread.run_sync(mover.before_commit, index, contents.absent_file_ids,
+                                      report, job.abort, limiter=env.io_limiter)
         outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, **counts}
@@ -168,6 +168,27 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         await trio.to_thread.run_sync(index.close)
         await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
         return await env.store.read(backup_tasks.get_backup_task, task_id)
+
+
+def _unpack_uploads(env: ImportEnvironment, job: ImportJob, staging: Path):
+    """`restore.unpack` of the job's uploads, read from local files: the content storage's own
+    when local, else copies spooled next to the staging folder (removed afterwards)."""
+    task = job.task
+    spool = staging.with_name(f"{staging.name}.spool")
+    try:
+        with contextlib.ExitStack() as stack:
+            archive_path = stack.enter_context(env.content.local_copy(
+                import_archive_relative(task["archive_file_id"]), spool))
+            key_path = None
+            if job.with_key:
+                key_path = stack.enter_context(env.content.local_copy(
+                    import_key_relative(task["key_file_id"]), spool))
+            return unpack(archive_path, key_path, staging, env.limits, job.progress.report,
+                          job.abort, job.passphrase,
+                          allow_missing_content=job.allow_missing_content)
+    finally:
+        if spool.exists():
+            remove_tree(spool)
 
 
 def _report_completed_and_remove_staging(report: StepReporter, staging: Path) -> None:

@@ -5,14 +5,14 @@ folder, verifying every file's size and sha256 and every reference between the l
 Stage 2, `commit_restore`: inside one write transaction, check ids against the store, insert
 every row, and move the staged files into the restore folder. Nothing outside the staging folder
 is touched before stage 2, and stage 2 records every file it moved so a failure can take them
-back.
+back. (Content storage without a rename, S3, uploads the staged files just before stage 2 to
+the keys the rows name; `content.s3.S3RestoredFiles`.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,9 +21,8 @@ from typing import BinaryIO, Callable, Iterator
 from ..config import ArchiveLimits
 from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
-from ..paths import restore_file_relative
 from ..storage import backup_tasks, restore_accounts, restore_rows
-from .durability import sync_directory, sync_filesystem
+from .durability import sync_filesystem
 from .format import (
     VERSION_LEGACY,
     BackupContents,
@@ -123,44 +122,6 @@ def check_contents(contents: BackupContents, index: StagingIndex) -> None:
     contents.warnings += index.check(rename_twins=contents.format_version == VERSION_LEGACY)
 
 
-class FileMover:
-    """Moves staged files into the restore folder, remembering each one it placed."""
-
-    def __init__(self, staging_dir: Path, restore_dir: Path):
-        self.staging_dir = staging_dir
-        self.restore_dir = restore_dir
-        self.moved: list[str] = []  # file ids, each now restore_dir/<id>
-
-    def move_all(self, index: StagingIndex, absent: set[str], report: StepReporter,
-                 abort: threading.Event) -> None:
-        """Move every staged file of `index` (except the `absent` ones, which have no
-        content) into the restore folder."""
-        self.restore_dir.mkdir(parents=True, exist_ok=True)
-        # Plain string paths: a backup may hold 100,000 files, and a Path object per name
-        # costs more than the rename's own bookkeeping here.
-        source_dir, target_dir = os.fspath(self.staging_dir), os.fspath(self.restore_dir)
-        total, done = max(1, index.count("files")), 0
-        for batch in index.keys("files", restore_rows.LOOKUP_BATCH_IDS):
-            _check_abort(abort)
-            for file_id in batch:
-                if file_id in absent:
-                    continue
-                os.rename(os.path.join(source_dir, file_id), os.path.join(target_dir, file_id))
-                self.moved.append(file_id)
-            done += len(batch)
-            report("Importing files", done / total)
-        sync_directory(self.restore_dir)  # the renames are on disk before the commit
-
-    def take_back(self) -> None:
-        """Remove every file this mover placed (after a failed commit)."""
-        for file_id in self.moved:
-            try:
-                (self.restore_dir / file_id).unlink()
-            except FileNotFoundError:
-                pass
-        self.moved.clear()
-
-
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
     """How `start_backup_import` asked to apply an archive: the accounts policy and who is
@@ -203,14 +164,15 @@ def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
     return warnings
 
 
-def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: FileMover,
+def commit_restore(m, contents: BackupContents, index: StagingIndex, mover,
                    report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
                    options: RestoreOptions = RestoreOptions()) -> None:
     """Stage 2, run inside one write transaction: rows in (from the staging index, in
     batches), files into place, accounts by `options`, the audit log appended, and the task's
     final `outcome` (its completed status, counts and warnings) recorded with them.
 
-    The task says `completed` exactly when the restored rows exist: a crash after the commit
+    `mover` (from the content storage's `restored_files`) names each restored file's key
+    and puts the staged files in place. The task says `completed` exactly when the restored rows exist: a crash after the commit
     leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming an id
     that already exists. The transaction commits when this returns; if anything here or in the
     commit fails, the caller calls `mover.take_back()`.
@@ -221,7 +183,7 @@ def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: File
         warnings += _apply_accounts(m, contents, index, options)
     report("Importing files", 0.0)
     restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
-        index.rows("files"), restore_file_relative, contents.inactive_file_ids))
+        index.rows("files"), mover.key_of, contents.inactive_file_ids))
     mover.move_all(index, contents.absent_file_ids, report, abort)
     for step, model, fields, kinds in (
             ("Importing folders", m.Folder, restore_rows.FOLDER_FIELDS, ("folders",)),

@@ -41,7 +41,8 @@ from ..errors import Conflict
 from ..events import EventHub
 from ..paths import Paths, partial_backups
 from ..protocol import event
-from ..reaper import remove_tree, remove_unclaimed, unlink_all
+from ..content.local import unlink_quietly
+from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, restore_rows
 from ..transfer.registry import TransferRegistry
 from .importer import ImportEnvironment, ImportJob, discard_uploads, run_import
@@ -67,12 +68,13 @@ def backup_event_audience(owner: str):
 class ImportSupervisor:
     def __init__(self, store: Store, paths: Paths, hub: EventHub,
                  transfers: TransferRegistry, io_limiter: trio.CapacityLimiter,
-                 limits: ArchiveLimits):
+                 limits: ArchiveLimits, content):
         self._store = store
         self._paths = paths
+        self._content = content
         self._hub = hub
         self._transfers = transfers
-        self._env = ImportEnvironment(store, paths, limits, io_limiter)
+        self._env = ImportEnvironment(store, paths, content, limits, io_limiter)
         self._nursery: trio.Nursery | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._deciding: dict[str, trio.Lock] = {}
@@ -231,8 +233,10 @@ class ImportSupervisor:
     async def _recover(self) -> None:
         """Fail what a previous run left half done, remove its traces, re-arm deadlines."""
         store, paths = self._store, self._paths
+        interrupted = []
         for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
                                      STATUS_PROCESSING):
+            interrupted.append(task["backup_task_id"])
             await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
                               status=STATUS_FAILED, error_message=RESTART_MESSAGE,
                               completed_time=time.time())
@@ -249,14 +253,16 @@ class ImportSupervisor:
                               status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
                               completed_time=time.time())
         # No import runs yet: everything in staging is left over, and a restored file with no
-        # row is from an import that never committed.
+        # row is from an import that never committed (in S3 storage: under the prefix of an
+        # import that was interrupted).
         await trio.to_thread.run_sync(remove_tree, paths.staging)
         await trio.to_thread.run_sync(lambda: paths.staging.mkdir(parents=True, exist_ok=True))
         known = await store.read(restore_rows.restored_file_ids)
-        removed = await trio.to_thread.run_sync(remove_unclaimed, paths.restore_files, known)
+        removed = await trio.to_thread.run_sync(self._content.remove_interrupted_restores,
+                                                interrupted, known)
         if removed:
             log.warning("removed %d restored files left by an interrupted import", removed)
-        await trio.to_thread.run_sync(lambda: unlink_all(partial_backups(paths.backups)))
+        await trio.to_thread.run_sync(lambda: unlink_quietly(partial_backups(paths.backups)))
         for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
                                      STATUS_PENDING):
             self.watch(task["backup_task_id"], task["timeout_time"])

@@ -15,7 +15,8 @@ from pathlib import Path
 import trio
 
 from ..config import Limits, Settings, parse_size
-from ..errors import StartupError
+from ..content import parse_storage_url
+from ..errors import StartupError, StorageUnavailable
 from ..storage.backends import parse_database_url
 
 log = logging.getLogger("cfms_trio")
@@ -77,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
                         limits=limits, database_url=args.database,
                         s3_endpoint_url=args.s3_endpoint,
-                        s3_region=args.s3_region)
+                        s3_region=args.s3_region, storage_url=args.storage)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
@@ -88,7 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
         os_error = _find_error(exc, OSError)
         if os_error is None:
-            raise
+            unavailable = _find_error(exc, StorageUnavailable)
+            if unavailable is None:
+                raise
+            print(f"error: {unavailable.message}", file=sys.stderr)
+            return 1
         if os_error.errno == errno.EADDRINUSE:
             print(f"error: cannot listen on {settings.host}:{settings.port}: address already "
                   f"in use", file=sys.stderr)
@@ -110,6 +115,14 @@ def _find_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
             if found is not None:
                 return found
     return None
+
+
+def _storage(text: str) -> str:
+    try:
+        parse_storage_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # -- connection bounds (issue 12 item 7) --------------------------------------------------------
@@ -172,10 +185,14 @@ def register(sub) -> None:
                        help="the database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (a "
                             "password may also come from $PGPASSWORD or ~/.pgpass); default: "
                             "the SQLite file ROOT/content/cfms.db")
+    serve.add_argument("--storage", type=_storage, metavar="s3://BUCKET/PREFIX",
+                       help="keep file contents, partial uploads, restored files and backups "
+                            "in this S3 bucket (default: local files under ROOT/content/); "
+                            "the bucket must exist")
     serve.add_argument("--s3-endpoint", metavar="URL",
-                       help="S3-compatible service for backup targets that name no endpoint "
-                            "(default: $AWS_ENDPOINT_URL, else AWS); credentials come from "
-                            "the standard AWS_* environment variables")
+                       help="S3-compatible service for --storage and for backup targets that "
+                            "name no endpoint (default: $AWS_ENDPOINT_URL, else AWS); "
+                            "credentials come from the standard AWS_* environment variables")
     serve.add_argument("--s3-region", metavar="REGION",
                        help="S3 region (default: $AWS_DEFAULT_REGION)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -12,8 +12,6 @@ import time
 
 import trio
 
-from ..paths import PART_SUFFIX, Paths
-from ..reaper import remove_unclaimed
 from ..storage import Store, transfers
 from .registry import TransferRegistry
 
@@ -23,10 +21,10 @@ SWEEP_INTERVAL_S = 600.0
 
 
 class UploadSweeper:
-    def __init__(self, store: Store, paths: Paths, transfers_running: TransferRegistry,
+    def __init__(self, store: Store, content, transfers_running: TransferRegistry,
                  interval_s: float = SWEEP_INTERVAL_S):
         self._store = store
-        self._paths = paths
+        self._content = content  # the content storage holding the partial uploads
         self._running = transfers_running
         self._interval_s = interval_s
 
@@ -36,8 +34,7 @@ class UploadSweeper:
         await self._store.write(transfers.close_expired_tasks, now)
         keep = await self._store.read(transfers.open_upload_task_ids, now)
         keep |= self._running.active_task_ids()
-        removed = await trio.to_thread.run_sync(remove_unclaimed, self._paths.uploads, keep,
-                                                PART_SUFFIX)
+        removed = await trio.to_thread.run_sync(self._content.remove_unclaimed_uploads, keep)
         if removed:
             log.info("removed %d abandoned partial uploads", removed)
         return removed

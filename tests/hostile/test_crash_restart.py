@@ -26,6 +26,7 @@ from cfms_trio.backup.supervisor import RESTART_MESSAGE
 from cfms_trio.client import open_client
 
 import databases
+import storage_mode
 from helpers import ADMIN_PASSWORD
 
 from . import corpus
@@ -71,8 +72,9 @@ async def serve_process(root: Path, pause_at: str | None = None, extra_args: tup
     env = dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD)
     launcher = ([sys.executable, "-m", "cfms_trio"] if pause_at is None
                 else [sys.executable, str(PAUSED_SERVE), pause_at])
+    storage = () if "--storage" in extra_args else storage_mode.server_args(root)
     command = [*launcher, "serve", "--root", str(root), "--port", "0", "--no-tls",
-               *databases.serve_arguments(root), *extra_args]
+               *databases.serve_arguments(root), *extra_args, *storage]
     with open(root.parent / "stderr.txt", "ab") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
                                                    stderr=stderr, env=env)

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from cfms_trio.client import ClientError
-from cfms_trio.transfer import files as transfer_files
+from cfms_trio.content import local as local_content
 
 from . import corpus
 from .support import assert_no_leftovers, entries, run_import, start_import
@@ -77,7 +77,7 @@ async def test_disk_full_upload_answers_clearly_and_cleans_up(start_server, tmp_
     async with server.connect("admin") as admin:
         created = await admin.call("create_document", {"title": "big"})
         faulty = FaultyOs(errno.ENOSPC, write_from_call=2)
-        monkeypatch.setattr(transfer_files, "os", faulty)
+        monkeypatch.setattr(local_content, "os", faulty)
         with trio.fail_after(STEP_TIMEOUT_S):
             with pytest.raises(ClientError) as caught:
                 await admin.upload_file(created["task_id"], source)
