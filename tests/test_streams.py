@@ -8,6 +8,7 @@ import io
 import os
 
 import pytest
+import trio
 
 from cfms_trio.backup.format.segments import SegmentReader, SegmentWriter
 from cfms_trio.backup.format.streams import DropBehindWriter, TarSource
@@ -72,3 +73,31 @@ def test_the_tar_source_reads_forward_only_and_counts_what_it_produced():
         (1000 + i) % 256 for i in range(5))
     with pytest.raises(io.UnsupportedOperation):
         source.seek(10)
+
+
+async def test_send_ahead_stopping_early_with_a_full_channel_ends_quietly():
+    """A consumer that stops while the producer waits on a full channel ends the pipeline
+    without an error (the producer is cancelled, not left to fail on a closed channel)."""
+    from cfms_trio.transfer.pipeline import send_ahead
+
+    consumed = []
+
+    async def consume(index: int, item: int) -> bool:
+        consumed.append(item)
+        await trio.sleep(0.2)  # the producer fills the channel and waits in send meanwhile
+        return True
+
+    with trio.fail_after(10):
+        await send_ahead(range(10), lambda index: index * 2, consume, depth=1)
+    assert consumed == [0]
+
+
+async def test_send_ahead_consumer_error_comes_out_as_itself():
+    from cfms_trio.transfer.pipeline import send_ahead
+
+    async def consume(index: int, item: int) -> bool:
+        await trio.sleep(0.2)
+        raise ValueError(f"refused {index}")
+
+    with trio.fail_after(10), pytest.raises(ValueError, match="refused 0"):
+        await send_ahead(range(10), lambda index: index, consume, depth=1)
