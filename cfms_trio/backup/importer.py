@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -18,12 +20,25 @@ from pathlib import Path
 import trio
 
 from ..config import ArchiveLimits
-from ..conventions import ACCOUNTS_DEFAULT_POLICY, STATUS_COMPLETED, STATUS_FAILED
-from ..errors import CfmsError, ImportAborted, describe_os_error, internal_error
+from ..conventions import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_PLANNED
+from ..errors import (
+    CfmsError,
+    ImportAborted,
+    InsufficientStorage,
+    describe_os_error,
+    internal_error,
+)
 from ..paths import Paths
 from ..reaper import remove_tree, unlink_all
 from ..storage import Store, backup_tasks
-from .restore import FileMover, RestoreOptions, StepReporter, commit_restore, unpack
+from .restore import (
+    FileMover,
+    RestoreOptions,
+    StepReporter,
+    commit_restore,
+    plan_restore,
+    unpack,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,51 +46,86 @@ log = logging.getLogger(__name__)
 STEP_PERCENT = {
     "Decrypting archive": (10, 10),
     "Extracting archive": (30, 39),
-    "Loading metadata": (40, 49),
+    "Loading metadata": (40, 49),  # the archive's checks, then the plan against the store
     "Importing files": (50, 59),
     "Importing folders": (60, 79),
     "Importing documents": (80, 94),
     "Finalizing import": (95, 99),
     "Restore completed": (100, 100),
+    "Plan completed": (100, 100),
 }
 FIRST_STEP = "Decrypting archive"  # where start_backup_import leaves a task (SPEC §8)
 COMPLETED_STEP = "Restore completed"  # recorded with the restored rows, reported after them
+PLANNED_STEP = "Plan completed"  # where a dry run ends
 SHUTDOWN_MESSAGE = "the server shut down during the import"
 
 
 class ImportProgress:
-    """Monotonic progress, written from worker threads and read by status requests."""
+    """Monotonic progress, written from worker threads and read by status requests and the
+    supervisor's progress events: the step, its percent, and the archive bytes read (while
+    extracting) or the objects written in the current step."""
 
     def __init__(self) -> None:
         self.step = FIRST_STEP
         self.percent = STEP_PERCENT[self.step][0]
+        self.bytes_done = 0
+        self.bytes_total = 0
+        self.objects_done = 0
         self._lock = threading.Lock()
 
-    def report(self, step: str, fraction: float) -> None:
+    def report(self, step: str, fraction: float, *, bytes_done: int | None = None,
+               bytes_total: int | None = None, objects_done: int | None = None) -> None:
         low, high = STEP_PERCENT[step]
         percent = low + int((high - low) * max(0.0, min(1.0, fraction)))
         with self._lock:
             if percent >= self.percent:
+                if step != self.step:
+                    self.objects_done = 0
                 self.step, self.percent = step, percent
+                if bytes_done is not None:
+                    self.bytes_done = bytes_done
+                if bytes_total is not None:
+                    self.bytes_total = bytes_total
+                if objects_done is not None:
+                    self.objects_done = objects_done
+
+    def snapshot(self) -> dict:
+        """The progress as a progress event carries it (docs/PROTOCOL.md)."""
+        with self._lock:
+            return {"step": self.step, "percent": self.percent, "bytes_done": self.bytes_done,
+                    "bytes_total": self.bytes_total, "objects_done": self.objects_done}
 
 
 class ImportJob:
-    """One running import: its task row as started, its progress and its abort flag (set when
-    the server shuts down; the stages check it between pieces of work), and the option of
-    start_backup_import (`allow_missing_content`, see `read_backup_archive`; `accounts`, see
+    """One running import: its task row as started, its progress, its abort flag (set when
+    the server shuts down or the import is cancelled; the stages check it between pieces of
+    work), who cancelled it, and the options of start_backup_import (`allow_missing_content`,
+    see `read_backup_archive`; `dry_run`: stop with the plan; the rest, see
     `RestoreOptions`)."""
 
     def __init__(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
-                 allow_missing_content: bool = False, accounts: str = ACCOUNTS_DEFAULT_POLICY):
+                 allow_missing_content: bool = False, dry_run: bool = False,
+                 options: RestoreOptions | None = None):
         self.task = task
         self.passphrase = passphrase  # never stored: a restart fails the import anyway
         self.with_key = with_key
         self.task_id = task["backup_task_id"]
         self.allow_missing_content = allow_missing_content
+        self.dry_run = dry_run
         # The importer is the task's owner: their account is never replaced by the archive's.
-        self.options = RestoreOptions(accounts=accounts, importer=task["username"])
+        self.options = dataclasses.replace(options or RestoreOptions(),
+                                           importer=task["username"])
         self.progress = ImportProgress()
         self.abort = threading.Event()
+        self.cancelled_by: str | None = None  # set with `abort` by cancel_backup_import
+        self.scope = trio.CancelScope()  # the job's own; cancel() cancels it
+        self.ended = trio.Event()
+
+    def cancel(self, username: str) -> None:
+        """Stop this import: its threads stop at their next check, its trio side at once."""
+        self.cancelled_by = username
+        self.abort.set()
+        self.scope.cancel()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,12 +184,18 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         await env.store.write(backup_tasks.update_backup_task, task_id,
                               current_step=job.progress.step,
                               progress_percent=job.progress.percent, **counts)
+        space = await trio.to_thread.run_sync(staging_space, staging)
+        if job.dry_run:
+            report("Loading metadata", 0.5)  # planning
+            plan = await env.store.read(plan_restore, contents, index, job.options, job.abort)
+            return await _finish_planned(env, job, staging, index, plan, space)
         # Everything is read: the uploads go now, so a client that sees `completed` never
         # finds them (a crash before the commit fails the task, as any crash does).
         await _clean_up_uploads(env, job)
         outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
-                   "error_message": None, "warnings": contents.warnings, **counts}
+                   "error_message": None, "warnings": contents.warnings, "space": space,
+                   **counts}
         await env.store.write(commit_restore, contents, index, mover, report, job.abort,
                               task_id, outcome, job.options)
         del contents
@@ -149,11 +205,14 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             if index is not None:
                 await trio.to_thread.run_sync(index.close)
         message = failure_message(exc)
+        status = STATUS_FAILED
         if isinstance(exc, (ImportAborted, trio.Cancelled)):
             message = SHUTDOWN_MESSAGE
-        log.warning("import %s failed: %s", task_id, message)
+            if job.cancelled_by is not None:
+                status, message = STATUS_CANCELLED, f"cancelled by {job.cancelled_by!r}"
+        log.warning("import %s %s: %s", task_id, status, message)
         # Nothing was imported, so the counts say so; the step shows where it stopped.
-        outcome = {"status": STATUS_FAILED, "current_step": job.progress.step,
+        outcome = {"status": status, "current_step": job.progress.step,
                    "progress_percent": job.progress.percent, "error_message": message,
                    "documents_count": 0, "folders_count": 0, "files_count": 0, "warnings": []}
         if not isinstance(exc, Exception):
@@ -168,6 +227,53 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
         await trio.to_thread.run_sync(index.close)
         await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
         return await env.store.read(backup_tasks.get_backup_task, task_id)
+
+
+async def _finish_planned(env: ImportEnvironment, job: ImportJob, staging: Path, index,
+                          plan, space: dict) -> dict:
+    """A dry run's end: staging removed, uploads kept (until the deadline), the plan recorded,
+    status `planned`."""
+    with trio.CancelScope(shield=True):
+        await trio.to_thread.run_sync(index.close)
+        await trio.to_thread.run_sync(remove_tree, staging)
+        job.progress.report(PLANNED_STEP, 1.0)
+        await env.store.write(
+            backup_tasks.update_backup_task, job.task_id, status=STATUS_PLANNED,
+            current_step=PLANNED_STEP, progress_percent=STEP_PERCENT[PLANNED_STEP][0],
+            completed_time=time.time(), error_message=None,
+            plan=plan.summary(**space))
+        log.info("import %s planned", job.task_id)
+        return await env.store.read(backup_tasks.get_backup_task, job.task_id)
+
+
+def staging_space(staging: Path) -> dict:
+    """What an import needs on disk (its staging folder holds every extracted file and the
+    index; restored files are renamed from there, on the same file system) and what was
+    available to it: the free space now plus what its staging takes."""
+    used = 0
+    for folder, _, names in os.walk(staging):
+        for name in names:
+            try:
+                used += os.stat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    free = shutil.disk_usage(staging).free
+    return {"free_bytes_needed": used, "free_bytes_available": free + used}
+
+
+def preflight_space(paths: Paths, task: dict) -> None:
+    """Refuse, before anything is written, an import that cannot fit: extracting the archive
+    needs at least its own size free in the staging area (content is only ever larger once
+    decompressed). Raises InsufficientStorage giving the bytes needed and available."""
+    archive = paths.import_archive(task["archive_file_id"])
+    needed = archive.stat().st_size if archive.exists() else 0
+    paths.staging.mkdir(parents=True, exist_ok=True)
+    available = shutil.disk_usage(paths.staging).free
+    if needed > available:
+        raise InsufficientStorage(
+            f"not enough free space for this import: it needs at least {needed} bytes (the "
+            f"archive's size, extracted into {paths.staging}), and {available} bytes are "
+            "available", data={"free_bytes_needed": needed, "free_bytes_available": available})
 
 
 def _report_completed_and_remove_staging(report: StepReporter, staging: Path) -> None:

@@ -412,6 +412,76 @@ class StagingIndex:
         else:
             raise ValueError(f"unknown listing kind {kind!r}")
 
+    # -- choosing part of the archive (the restore planner)
+
+    def folder(self, folder_id: str) -> tuple[str, str] | None:
+        """(name, parent key) of a listed folder, or None."""
+        return self.db.execute("SELECT name, parent_key FROM folders WHERE id = ?",
+                               (folder_id,)).fetchone()
+
+    def document(self, document_id: str) -> tuple[str, str] | None:
+        """(title, folder key) of a listed document, or None."""
+        return self.db.execute("SELECT title, folder_key FROM documents WHERE id = ?",
+                               (document_id,)).fetchone()
+
+    def named_child(self, kind: str, parent_key: str, name: str) -> str | None:
+        """The id of the folder (kind "folder") or document named `name` in `parent_key`."""
+        table, name_col, parent_col = (("folders", "name", "parent_key") if kind == "folder"
+                                       else ("documents", "title", "folder_key"))
+        row = self.db.execute(f"SELECT id FROM {table} WHERE {parent_col} = ? AND "
+                              f"{name_col} = ?", (parent_key, name)).fetchone()
+        return None if row is None else row[0]
+
+    def root_ids(self) -> tuple[list[str], list[str]]:
+        """Ids of the top-level folders and documents, in archive order."""
+        return ([r[0] for r in self.db.execute(
+                    "SELECT id FROM folders WHERE parent_key = '' ORDER BY seq")],
+                [r[0] for r in self.db.execute(
+                    "SELECT id FROM documents WHERE folder_key = '' ORDER BY seq")])
+
+    def select_subtrees(self, folder_ids: list[str], document_ids: list[str]) -> None:
+        """Mark the subtrees of `folder_ids` and the documents `document_ids` as chosen
+        (`chosen_rows` reads them back)."""
+        db = self.db
+        db.executescript("DROP TABLE IF EXISTS chosen_tops; DROP TABLE IF EXISTS chosen; "
+                         "CREATE TABLE chosen_tops (id TEXT PRIMARY KEY) WITHOUT ROWID; "
+                         "CREATE TABLE chosen (kind TEXT, id TEXT, PRIMARY KEY (kind, id)) "
+                         "WITHOUT ROWID;")
+        db.executemany("INSERT OR IGNORE INTO chosen_tops (id) VALUES (?)",
+                       [(i,) for i in folder_ids])
+        db.execute("INSERT INTO chosen (kind, id) WITH RECURSIVE sub(id) AS (SELECT id FROM "
+                   "chosen_tops UNION SELECT f.id FROM folders f JOIN sub ON f.parent_key = "
+                   "sub.id) SELECT 'folder', id FROM sub")
+        db.execute("INSERT OR IGNORE INTO chosen (kind, id) SELECT 'document', d.id FROM "
+                   "documents d JOIN chosen c ON c.kind = 'folder' AND c.id = d.folder_key")
+        db.executemany("INSERT OR IGNORE INTO chosen (kind, id) VALUES ('document', ?)",
+                       [(i,) for i in document_ids])
+
+    def chosen_rows(self, kind: str) -> Iterator[list[tuple]]:
+        """Chosen folders (id, name, parent key, created_time), parents first, or documents
+        (id, title, folder key, created_time), in archive order; in batches."""
+        if kind == "folder":
+            sql = ("SELECT f.id, f.name, f.parent_key, f.created_time FROM folders f JOIN "
+                   "chosen c ON c.kind = 'folder' AND c.id = f.id JOIN folder_depth d ON "
+                   "d.id = f.id ORDER BY d.depth, f.seq")
+        else:
+            sql = ("SELECT d.id, d.title, d.folder_key, d.created_time FROM documents d JOIN "
+                   "chosen c ON c.kind = 'document' AND c.id = d.id ORDER BY d.seq")
+        cursor = self.db.execute(sql)
+        while batch := cursor.fetchmany(READ_BATCH_ROWS):
+            yield batch
+
+    def is_chosen(self, kind: str, object_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM chosen WHERE kind = ? AND id = ?",
+                               (kind, object_id)).fetchone() is not None
+
+    def unreferenced_files(self) -> Iterator[list[str]]:
+        """Ids of listed files no revision refers to, in batches."""
+        cursor = self.db.execute("SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM "
+                                 "revisions r WHERE r.file_id = f.id) ORDER BY f.seq")
+        while batch := cursor.fetchmany(READ_BATCH_ROWS):
+            yield [row[0] for row in batch]
+
     def revision_files(self, document_id: str) -> list[tuple]:
         """(file id, size) of a document's revisions, oldest first (`backup inspect`)."""
         return self.db.execute("SELECT r.file_id, f.size FROM revisions r JOIN files f ON "

@@ -16,7 +16,9 @@ from ..conventions import (
     OPERATION_IMPORT,
     STATUS_COMPLETED,
     STATUS_FAILED,
+    STARTABLE_STATUSES,
     STATUS_PENDING,
+    STATUS_PLANNED,
     STATUS_PROCESSING,
     new_id,
 )
@@ -36,7 +38,8 @@ def backup_task_dict(task) -> dict:
             "files_count": task.files_count, "created_time": task.created_time,
             "started_time": task.started_time, "completed_time": task.completed_time,
             "timeout_time": task.timeout_time, "error_message": task.error_message,
-            "backup_name": task.backup_name, "warnings": json.loads(task.warnings)}
+            "backup_name": task.backup_name, "warnings": json.loads(task.warnings),
+            "plan": json.loads(task.plan) if task.plan else None}
 
 
 def get_backup_task(m, task_id: str) -> dict:
@@ -47,9 +50,11 @@ def get_backup_task(m, task_id: str) -> dict:
 
 
 def update_backup_task(m, task_id: str, **fields) -> None:
-    """Set `fields` of a task (`warnings` as a list of strings)."""
+    """Set `fields` of a task (`warnings` as a list of strings, `plan` as an object)."""
     if "warnings" in fields:
         fields["warnings"] = json.dumps(fields["warnings"])
+    if fields.get("plan") is not None:
+        fields["plan"] = json.dumps(fields["plan"])
     m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
 
 
@@ -82,7 +87,7 @@ def create_import_task(m, owner: str, now: float, deadline: float, *, pending_li
     runs, so starting them must not make room for more."""
     unfinished = (m.BackupTask.select().where(
         (m.BackupTask.username == owner) & (m.BackupTask.operation == OPERATION_IMPORT)
-        & (m.BackupTask.status.in_((STATUS_PENDING, STATUS_PROCESSING)))).count())
+        & (m.BackupTask.status.in_((STATUS_PENDING, STATUS_PLANNED, STATUS_PROCESSING)))).count())
     if unfinished >= pending_limit:
         raise Conflict(f"you already have {unfinished} imports pending or running (the limit "
                        f"is {pending_limit}); let them finish or time out before initiating "
@@ -122,7 +127,7 @@ def abandon_tasks_of(m, username: str, message: str, now: float) -> list[dict]:
     owned = (m.BackupTask.username == username)
     pending = [backup_task_dict(t) for t in m.BackupTask.select().where(
         owned & (m.BackupTask.operation == OPERATION_IMPORT)
-        & (m.BackupTask.status == STATUS_PENDING))]
+        & (m.BackupTask.status.in_(STARTABLE_STATUSES)))]
     for task in pending:
         task["upload_task_ids"] = [u["task_id"] for u in import_upload_tasks(
             m, task["archive_file_id"], task["key_file_id"])]
@@ -142,7 +147,7 @@ def finished_imports_holding_uploads(m) -> list[dict]:
     stored = m.File.select(m.File.id)
     return [backup_task_dict(t) for t in m.BackupTask.select().where(
         (m.BackupTask.operation == OPERATION_IMPORT)
-        & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PROCESSING])
+        & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PLANNED, STATUS_PROCESSING])
         & (m.BackupTask.archive_file_id.in_(stored) | m.BackupTask.key_file_id.in_(stored)))]
 
 

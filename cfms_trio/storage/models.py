@@ -19,7 +19,7 @@ ALL_MODEL_NAMES = (
 
 # Columns added to a table after databases were first created with it: (model, field). peewee's
 # create_tables never alters an existing table, so the store adds these where they are missing.
-ADDED_COLUMNS = (("BackupTask", "warnings"),)
+ADDED_COLUMNS = (("BackupTask", "warnings"), ("BackupTask", "plan"))
 
 
 def build_models(database: pw.Database) -> types.SimpleNamespace:
@@ -143,6 +143,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # JSON list of strings: what an import had to change (added after the first release;
         # see ADDED_COLUMNS).
         warnings = pw.TextField(default="[]")
+        # JSON object: an import's plan (restore planner), once made; added later like
+        # `warnings`.
+        plan = pw.TextField(null=True)
 
     class BackupSchedule(Base):
         """A backup the server makes by itself every `interval_seconds` (issue 18)."""

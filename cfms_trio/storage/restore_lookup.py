@@ -1,0 +1,107 @@
+"""What the restore planner asks the live store (blocking; inside the restore's transaction or
+a read).
+
+Every lookup takes ids in batches of at most LOOKUP_BATCH_IDS, so a plan for 100,000 objects
+makes a few hundred queries, not 100,000.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from peewee import fn
+
+from ..errors import Forbidden, NotFound
+from ..permissions import Principal
+from .documents import check_access, folder_chain
+from .restore_rows import LOOKUP_BATCH_IDS
+
+
+def _batches(ids: Iterable[str]) -> Iterable[list[str]]:
+    batch: list[str] = []
+    for object_id in ids:
+        batch.append(object_id)
+        if len(batch) >= LOOKUP_BATCH_IDS:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def local_folders(m, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+    """{id: (name, parent id)} of the given folder ids that exist here."""
+    found = {}
+    for batch in _batches(ids):
+        for row in m.Folder.select(m.Folder.id, m.Folder.name, m.Folder.parent).where(
+                m.Folder.id.in_(batch)).tuples():
+            found[row[0]] = (row[1], row[2])
+    return found
+
+
+def local_documents(m, ids: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+    """{id: (title, folder id)} of the given document ids that exist here."""
+    found = {}
+    for batch in _batches(ids):
+        for row in m.Document.select(m.Document.id, m.Document.title, m.Document.folder).where(
+                m.Document.id.in_(batch)).tuples():
+            found[row[0]] = (row[1], row[2])
+    return found
+
+
+def existing_ids(m, kind: str, ids: Iterable[str]) -> set[str]:
+    """Which of `ids` exist here as `kind` (revision, file or rule)."""
+    model = {"revision": m.Revision, "file": m.File, "rule": m.AccessRule}[kind]
+    found: set[str] = set()
+    for batch in _batches(ids):
+        found.update(row[0] for row in model.select(model.id).where(model.id.in_(batch)).tuples())
+    return found
+
+
+def child_names(m, kind: str, parent_id: str | None) -> dict[str, str]:
+    """{name: id} of the folders (kind "folder") or documents directly in `parent_id`."""
+    if kind == "folder":
+        model, name, parent = m.Folder, m.Folder.name, m.Folder.parent
+    else:
+        model, name, parent = m.Document, m.Document.title, m.Document.folder
+    where = parent.is_null() if parent_id is None else (parent == parent_id)
+    return {row[1]: row[0] for row in model.select(model.id, name).where(where).tuples()}
+
+
+def folder_depth(m, folder_id: str | None) -> int:
+    """Levels from the root to `folder_id` (0 for the root itself)."""
+    return len(folder_chain(m, folder_id))
+
+
+def last_revision_seq(m, document_ids: Iterable[str]) -> dict[str, int]:
+    """{document id: highest revision seq} of the given documents."""
+    found = {}
+    for batch in _batches(document_ids):
+        for row in (m.Revision.select(m.Revision.document, fn.MAX(m.Revision.seq))
+                    .where(m.Revision.document.in_(batch)).group_by(m.Revision.document)
+                    .tuples()):
+            found[row[0]] = row[1]
+    return found
+
+
+def may(m, principal: Principal, object_type: str, object_id: str | None,
+        access_type: str) -> str | None:
+    """None if `principal` has `access_type` to the object (the root allows writing to
+    everyone), else the reason it has not."""
+    if object_id is None:
+        return None
+    try:
+        check_access(m, principal, object_type, object_id, access_type)
+    except (Forbidden, NotFound) as exc:
+        return exc.message
+    return None
+
+
+def rule_owners(m, ids: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """{rule id: (object type, object id)} of the given access rule ids that exist here."""
+    found = {}
+    for batch in _batches(ids):
+        for row in (m.AccessRule.select(m.AccessRule.id, m.AccessRule.object_type,
+                                        m.AccessRule.object_id)
+                    .where(m.AccessRule.id.in_(batch)).tuples()):
+            found[row[0]] = (row[1], row[2])
+    return found
