@@ -258,6 +258,7 @@ class _Planner:
             self._require((kind, archive_id, "manage"), "overwrite its access rules")
             local_id, final = archive_id, self._free_name(kind, dest, name, archive_id)
         else:
+            exists = False  # new_ids: a copy, however many objects of its id exist
             local_id = new_id() if self.new_ids else archive_id
             final = self._free_name(kind, dest, name, None)
             if final != name:

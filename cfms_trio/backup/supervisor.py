@@ -225,10 +225,12 @@ class ImportSupervisor:
             job.cancel(username)
             await job.ended.wait()
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
-            if task["status"] != STATUS_CANCELLED:
+            if task["status"] == STATUS_CANCELLED:
+                return task
+            if task["status"] not in STARTABLE_STATUSES:
                 raise Conflict(f"backup task '{task_id}' is {task['status']}: it ended before "
                                "it could be cancelled")
-            return task
+            # A dry run that ended as it was told to stop is cancelled as a planned task.
         async with self.deciding(task_id):
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
             if task["status"] not in STARTABLE_STATUSES:
