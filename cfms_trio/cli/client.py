@@ -16,6 +16,8 @@ from ..client import export_backup, import_backup
 from ..conventions import (
     ACCOUNTS_DEFAULT_POLICY,
     ACCOUNTS_POLICIES,
+    CONFLICT_DEFAULT_POLICY,
+    CONFLICT_POLICIES,
     ARCHIVE_SUFFIX,
     BACKUP_PARTS,
     FINAL_STATUSES,
@@ -65,10 +67,15 @@ def cmd_backup_import(args) -> int:
                                     upload_progress=upload_bar.bytes_progress,
                                     on_status=on_status, passphrase=passphrase,
                                     allow_missing_content=args.allow_missing_content,
-                                    accounts=args.accounts)
+                                    accounts=args.accounts, options=_restore_options(args))
         status_bar.done()
+        wanted = "planned" if args.dry_run else STATUS_COMPLETED
         if args.json:
-            return Output(final, exit_code=0 if final["status"] == STATUS_COMPLETED else 1)
+            return Output(final, exit_code=0 if final["status"] == wanted else 1)
+        if final["status"] == "planned":
+            print(plan_table(final["plan"]))
+            print(f"dry run of task {final['backup_task_id']}: nothing was changed")
+            return 0
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
             if "allow_missing_content" in (final["error_message"] or ""):
@@ -81,6 +88,55 @@ def cmd_backup_import(args) -> int:
         for warning in final.get("warnings", []):
             print(f"warning: {warning}")
         return 0
+
+    return _run(args, flow)
+
+
+def _include_entry(text: str) -> dict:
+    """--include: a /path in the archive, folder:ID, document:ID, or a bare folder ID."""
+    if text.startswith("/"):
+        return {"path": text}
+    for kind in ("folder", "document"):
+        if text.startswith(kind + ":"):
+            return {f"{kind}_id": text[len(kind) + 1:]}
+    return {"folder_id": text}
+
+
+def _restore_options(args) -> dict:
+    options: dict = {"conflict_policy": args.conflict}
+    if args.dry_run:
+        options["dry_run"] = True
+    if args.include:
+        options["include"] = [_include_entry(entry) for entry in args.include]
+    if args.into:
+        options["target_folder_id"] = args.into
+    return options
+
+
+def plan_table(plan: dict) -> str:
+    """An import's plan as a readable table: actions by kind, then the first conflicts."""
+    kinds = ("folder", "document", "revision", "file", "rule")
+    lines = [f"plan (conflict policy {plan['conflict_policy']}):",
+             f"  {'action':<10}" + "".join(f"{kind + 's':>11}" for kind in kinds)]
+    for action, counts in plan["actions"].items():
+        lines.append(f"  {action:<10}" + "".join(f"{counts[kind]:>11}" for kind in kinds))
+    lines.append(f"  bytes to write: {plan['bytes_to_write']}; free space needed "
+                 f"{plan['free_bytes_needed']}, available {plan['free_bytes_available']}")
+    if plan["conflicts_count"]:
+        lines.append(f"conflicts ({plan['conflicts_count']}, first {len(plan['conflicts'])}):")
+        for c in plan["conflicts"]:
+            lines.append(f"  {c['kind']:<9} {c['id']}  {c.get('path', ''):<30} "
+                         f"{c['reason']} taken -> {c['action']}"
+                         + (f" as {c['new_name']!r}" if c.get("new_name") else ""))
+    if plan["refusal"]:
+        lines.append(f"a real run would fail: {plan['refusal']}")
+    return "\n".join(lines)
+
+
+def cmd_backup_cancel(args) -> int:
+    async def flow(client) -> Output:
+        reply = await client.call("cancel_backup_import", {"backup_task_id": args.task})
+        return Output(reply, f"{reply['status']}: {reply['message']}")
 
     return _run(args, flow)
 
@@ -162,7 +218,21 @@ def register(sub) -> None:
     imp.add_argument("--accounts", choices=ACCOUNTS_POLICIES, default=ACCOUNTS_DEFAULT_POLICY,
                      help="how the archive's users and groups apply: skip_existing (default: "
                      "present ones keep their data), replace, or none")
+    imp.add_argument("--dry-run", action="store_true",
+                     help="decrypt, verify and plan, change nothing; print the plan")
+    imp.add_argument("--conflict", choices=CONFLICT_POLICIES, default=CONFLICT_DEFAULT_POLICY,
+                     help="objects that exist already: fail (default), skip, overwrite, "
+                     "new_ids (docs/BACKUP_RESTORE.md)")
+    imp.add_argument("--include", action="append", metavar="PATH_OR_ID",
+                     help="restore only this: /path/in/backup, folder:ID, document:ID or a "
+                     "folder ID (repeatable)")
+    imp.add_argument("--into", metavar="FOLDER", help="place what is restored under this "
+                     "folder (its id)")
     imp.set_defaults(func=cmd_backup_import)
+    cancel = commands.add_parser("backup-cancel", help="cancel a backup import")
+    _connection_args(cancel)
+    cancel.add_argument("task", metavar="TASK", help="the import's backup_task_id")
+    cancel.set_defaults(func=cmd_backup_cancel)
     exp = commands.add_parser("backup-export", help="make a backup and download it")
     _connection_args(exp)
     exp.add_argument("--out", required=True, help="folder to write the archive and key into (existing files are "
