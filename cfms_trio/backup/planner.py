@@ -12,7 +12,9 @@ by another object among its destination siblings; also a revision, file or acces
 exists. Revisions and files are never rewritten: under `skip` and `overwrite` an existing
 revision is kept, and a new revision's file or rule whose id is taken gets a fresh id.
 
-The plan is held in memory: a few hundred bytes per object chosen.
+The per-object decisions go to the plan tables of the staging index (`plan_index.py`), and
+every lookup is made by batch, so planning a million documents holds a few batches in memory;
+`RestorePlan` itself keeps only counts, the first conflicts and byte totals.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Callable
 from ..conventions import MAX_TREE_DEPTH, NAME_MAX_CHARS, new_id
 from ..errors import BadRequest, Conflict, Forbidden, NotFound
 from ..storage import accounts, restore_lookup as lookup
+from .plan_index import KEPT, NEW_ACTIONS, PlanIndex
 from .staging_index import ROOT_KEY, StagingIndex
 
 CONFLICTS_SHOWN = 50  # conflicts listed one by one in a plan; the rest are counted
@@ -29,27 +32,13 @@ ACTIONS = ("create", "skip", "overwrite", "rename")
 KINDS = ("folder", "document", "revision", "file", "rule")
 
 
-class Placement:
-    """Where one archive folder or document goes, and under which id and name."""
-
-    __slots__ = ("archive_id", "local_id", "action", "parent", "name", "created_time")
-
-    def __init__(self, archive_id, local_id, action, parent, name, created_time):
-        self.archive_id, self.local_id, self.action = archive_id, local_id, action
-        self.parent, self.name, self.created_time = parent, name, created_time
-
-
 class RestorePlan:
     """What an import will do; `summary()` is its wire form (docs/PROTOCOL.md)."""
 
-    def __init__(self, policy: str, include: list, target_folder_id: str | None):
+    def __init__(self, policy: str, include: list, target_folder_id: str | None,
+                 rows: PlanIndex):
         self.policy, self.include, self.target_folder_id = policy, include, target_folder_id
-        self.folders: list[Placement] = []  # parents first
-        self.documents: list[Placement] = []
-        self.revisions: list[tuple] = []  # (id, document, file, created_time, seq) rows
-        self.files: dict[str, str] = {}  # archive file id -> id here, for every file written
-        self.rules: list[tuple] = []  # (id, object_type, object_id, access_type, data, seq)
-        self.rules_replaced: list[tuple[str, str]] = []  # (object type, id) losing their rules
+        self.rows = rows  # the per-object decisions, on disk
         self.counts = {action: dict.fromkeys(KINDS, 0) for action in ACTIONS}
         self.conflicts: list[dict] = []
         self.conflicts_count = 0
@@ -86,32 +75,46 @@ class RestorePlan:
                 "free_bytes_available": free_bytes_available}
 
 
-def build_plan(m, index: StagingIndex, absent_file_ids: set[str], *, policy: str, include: list, target_folder_id: str | None, importer: str,
+def build_plan(m, index: StagingIndex, absent_file_ids: set[str], *, policy: str,
+               include: list, target_folder_id: str | None, importer: str,
                check_abort: Callable[[], None]) -> RestorePlan:
     """The plan of importing the chosen part of `index` into the store `m` (module docstring).
     Raises BadRequest for an include that matches nothing, NotFound/Forbidden for a target
     folder that is missing or not writable, Forbidden when a non-sysop would write where they
     may not, Conflict for a tree that would be too deep or cyclic."""
-    planner = _Planner(m, index, RestorePlan(policy, include, target_folder_id),
+    rows = PlanIndex(index)
+    rows.reset()
+    planner = _Planner(m, index, RestorePlan(policy, include, target_folder_id, rows),
                        accounts.principal_of(m, importer), check_abort)
     planner.run(absent_file_ids)
     return planner.plan
 
 
+CACHE_ENTRIES = 10_000  # lookups kept across batches (paths, depths, access); cleared when full
+OWN_DEPTH = -1  # depth recorded for a folder left where it is here (skipped, kept)
+
+
 class _Planner:
+    """One plan in the making. Everything it keeps across batches is bounded: the include's
+    chosen tops (a few), and caches cleared at CACHE_ENTRIES."""
+
     def __init__(self, m, index: StagingIndex, plan: RestorePlan, principal, check_abort):
         self.m, self.index, self.plan, self.principal = m, index, plan, principal
+        self.rows = plan.rows
         self.check_abort = check_abort
         self.new_ids = plan.policy == "new_ids"
         self.target = plan.target_folder_id
-        self.mapping: dict[str, str] = {}  # archive folder id -> folder id here
-        self.created: set[str] = set()  # folder ids this import creates
-        self.depth: dict[str | None, int] = {None: 0}
-        self.names: dict[tuple, dict[str, str]] = {}  # (kind, parent) -> {name: id}
-        self.paths: dict[str, str] = {ROOT_KEY: ""}  # archive folder id -> archive path
-        self.allowed: dict[tuple, str | None] = {}
-        self.decided: dict[tuple[str, str], Placement] = {}  # (kind, archive id)
-        self.parent_of: dict[str, str | None] = {}  # planned parent of folders moved/created
+        self.top_folders: set[str] = set()  # with an include: its chosen tops
+        self.top_documents: set[str] = set()
+        self.paths: dict[str, str] = {}  # archive folder id -> archive path (cache)
+        self.depths: dict[str, int] = {}  # folder id here -> its depth here (cache)
+        self.allowed: dict[tuple, str | None] = {}  # (kind, id, access) -> refusal (cache)
+        # The batch being placed: its folders' decisions, its parents' (decided before), the
+        # names it gave, and the names already held here at its destinations.
+        self.batch: dict[str, tuple] = {}
+        self.parents: dict[str, tuple] = {}
+        self.batch_names: dict[tuple, str] = {}
+        self.local_holders: dict[tuple, str] = {}
 
     # -- which objects
 
@@ -120,33 +123,29 @@ class _Planner:
             if not lookup.local_folders(self.m, [self.target]):
                 raise NotFound(f"target folder '{self.target}' does not exist")
             self._require(("folder", self.target, "write"), "import into it")
-        folders, documents = self._resolve_include()
-        self.index.select_subtrees(folders, documents)
-        self.top_folders = {f for f in folders if not self.index.is_chosen(
-            "folder", self.index.folder(f)[1])}
-        self.top_documents = {d for d in documents if not self.index.is_chosen(
-            "folder", self.index.document(d)[1])}
-        if self.target is None:
-            for ancestor in self._ancestors():
-                self._place_folder(ancestor, ancestor=True)
+        if self.plan.include:
+            folders, documents = self._resolve_include()
+            self.index.select_subtrees(folders, documents)
+            self.top_folders = {f for f in folders if not self.index.is_chosen(
+                "folder", self.index.folder(f)[1])}
+            self.top_documents = {d for d in documents if not self.index.is_chosen(
+                "folder", self.index.document(d)[1])}
+            if self.target is None:
+                self._place_batch("folder", self._ancestors(), ancestor=True)
+        else:
+            self.index.select_all()
         for batch in self.index.chosen_rows("folder"):
             self.check_abort()
-            self.local = lookup.local_folders(self.m, [row[0] for row in batch])
-            for row in batch:
-                self._place_folder(row)
+            self._place_batch("folder", batch)
         self._check_cycles()
         for batch in self.index.chosen_rows("document"):
             self.check_abort()
-            self.local = lookup.local_documents(self.m, [row[0] for row in batch])
-            for row in batch:
-                self._place_document(row)
+            self._place_batch("document", batch)
         self._plan_revisions()
         self._plan_rules()
         self._plan_file_bytes(absent_file_ids)
 
     def _resolve_include(self) -> tuple[list[str], list[str]]:
-        if not self.plan.include:
-            return self.index.root_ids()
         folders, documents = [], []
         for number, entry in enumerate(self.plan.include, 1):
             found = self._resolve_entry(entry, number)
@@ -188,7 +187,8 @@ class _Planner:
         return None
 
     def _ancestors(self) -> list[tuple]:
-        """Folders above the chosen tops that are not chosen themselves, parents first."""
+        """Folders above the chosen tops that are not chosen themselves, parents first (a few
+        per include entry)."""
         ordered: dict[str, tuple] = {}
         for kind, top in ([("folder", f) for f in self.top_folders]
                           + [("document", d) for d in self.top_documents]):
@@ -196,115 +196,139 @@ class _Planner:
             chain = []
             while parent != ROOT_KEY:
                 name, grandparent = self.index.folder(parent)
-                chain.append((parent, name, grandparent, 0.0))
+                chain.append((parent, name, grandparent,
+                              self.index.created_time("folder", parent)))
                 parent = grandparent
             for row in reversed(chain):
                 ordered.setdefault(row[0], row)
-        ids = list(ordered)
-        self.local = lookup.local_folders(self.m, ids)
-        created = {row[0]: row for batch in self.index.rows("folders") for row in batch
-                   if row[0] in ordered} if ordered else {}
-        return [(i, ordered[i][1], ordered[i][2], created[i][3]) for i in ids]
+        return list(ordered.values())
 
     # -- folders and documents
 
-    def _archive_path(self, parent_key: str) -> str:
-        if parent_key not in self.paths:
-            name, grandparent = self.index.folder(parent_key)
-            self.paths[parent_key] = f"{self._archive_path(grandparent)}/{name}"
-        return self.paths[parent_key]
+    def _is_top(self, kind: str, archive_id: str, parent_key: str) -> bool:
+        if not self.plan.include:
+            return parent_key == ROOT_KEY
+        return archive_id in (self.top_folders if kind == "folder" else self.top_documents)
 
-    def _destination(self, kind: str, archive_id: str, parent_key: str) -> str | None:
-        tops = self.top_folders if kind == "folder" else self.top_documents
-        if self.target is not None and archive_id in tops:
-            return self.target
-        return None if parent_key == ROOT_KEY else self.mapping[parent_key]
+    def _place_batch(self, kind: str, batch: list[tuple], *, ancestor: bool = False) -> None:
+        """Decide a batch of folders (parents first) or documents, with one lookup per kind of
+        question for the whole batch, and write the decisions."""
+        local = (lookup.local_folders if kind == "folder" else lookup.local_documents)(
+            self.m, [row[0] for row in batch])
+        ids = {row[0] for row in batch}
+        self.parents = self.rows.placements(
+            "folder", {row[2] for row in batch if row[2] != ROOT_KEY and row[2] not in ids})
+        self.batch, self.batch_names = {}, {}
+        # Where each row may go among existing folders (a new parent has no siblings to meet).
+        pairs = []
+        for archive_id, name, parent_key, _ in batch:
+            if self.target is not None and not ancestor and self._is_top(kind, archive_id,
+                                                                         parent_key):
+                pairs.append((self.target, name))
+            elif parent_key == ROOT_KEY:
+                pairs.append((None, name))
+            elif parent_key in ids:
+                if parent_key in local and not self.new_ids:
+                    pairs.append((parent_key, name))
+            elif self.parents[parent_key][1] not in NEW_ACTIONS:
+                pairs.append((self.parents[parent_key][0], name))
+        self.local_holders = lookup.sibling_holders(self.m, kind, pairs)
+        for row in batch:
+            self._place(kind, row, row[0] in local, ancestor)
+        self.rows.flush()
 
-    def _place_folder(self, row: tuple, *, ancestor: bool = False) -> None:
+    def _destination(self, kind: str, archive_id: str, parent_key: str, ancestor: bool
+                     ) -> tuple[str | None, bool, int | None]:
+        """(folder here, whether this plan creates it, its depth if this plan places it)."""
+        if self.target is not None and not ancestor and self._is_top(kind, archive_id,
+                                                                     parent_key):
+            return self.target, False, None
+        if parent_key == ROOT_KEY:
+            return None, False, 0
+        local_id, action, depth = self.batch.get(parent_key) or self.parents[parent_key]
+        return local_id, action in NEW_ACTIONS, None if depth == OWN_DEPTH else depth
+
+    def _place(self, kind: str, row: tuple, exists: bool, ancestor: bool) -> None:
         archive_id, name, parent_key, created_time = row
-        path = f"{self._archive_path(parent_key)}/{name}"
-        self.paths[archive_id] = path
-        dest = None if ancestor and parent_key == ROOT_KEY else (
-            self.mapping[parent_key] if ancestor else
-            self._destination("folder", archive_id, parent_key))
-        exists = archive_id in self.local
-        if ancestor and exists:
-            self.mapping[archive_id] = archive_id  # the way to the chosen objects, kept
-            return
-        self._place("folder", archive_id, exists, dest, name, path, created_time)
-
-    def _place_document(self, row: tuple) -> None:
-        archive_id, title, folder_key, created_time = row
-        path = f"{self._archive_path(folder_key)}/{title}"
-        dest = self._destination("document", archive_id, folder_key)
-        self._place("document", archive_id, archive_id in self.local, dest, title, path,
-                    created_time)
-
-    def _place(self, kind, archive_id, exists, dest, name, path, created_time) -> None:
+        dest, dest_created, dest_depth = self._destination(kind, archive_id, parent_key,
+                                                           ancestor)
         plan = self.plan
+        if ancestor and exists:  # the way to the chosen objects, kept as it is
+            self._record(kind, archive_id, archive_id, KEPT, dest, name, created_time,
+                         OWN_DEPTH)
+            return
         if exists and not self.new_ids:
             action = {"fail": "skip", "skip": "skip", "overwrite": "overwrite"}[plan.policy]
-            plan.conflict({"kind": kind, "id": archive_id, "path": path, "reason": "id",
-                           "existing_id": archive_id, "action": action},
+            plan.conflict({"kind": kind, "id": archive_id, "path": self._path(parent_key, name),
+                           "reason": "id", "existing_id": archive_id, "action": action},
                           f"{kind} id '{archive_id}' already exists on this server")
             if action == "skip":
-                if kind == "folder":
-                    self.mapping[archive_id] = archive_id
                 plan.counts["skip"][kind] += 0 if plan.policy == "fail" else 1
-                self.decided[(kind, archive_id)] = Placement(archive_id, archive_id, "skip",
-                                                             None, name, created_time)
+                self._record(kind, archive_id, archive_id, "skip", None, name, created_time,
+                             OWN_DEPTH)
                 return
             self._require((kind, archive_id, "write"), "overwrite it")
             self._require((kind, archive_id, "manage"), "overwrite its access rules")
-            local_id, final = archive_id, self._free_name(kind, dest, name, archive_id)
+            local_id = archive_id
+            final = self._free_name(kind, dest, dest_created, name, archive_id)
         else:
             exists = False  # new_ids: a copy, however many objects of its id exist
             local_id = new_id() if self.new_ids else archive_id
-            final = self._free_name(kind, dest, name, None)
+            final = self._free_name(kind, dest, dest_created, name, None)
             if final != name:
-                where = f"folder '{dest}'" if dest else "the root"
                 noun = "name" if kind == "folder" else "title"
-                plan.conflict({"kind": kind, "id": archive_id, "path": path, "reason": "name",
-                               "existing_id": self._names(kind, dest)[name],
+                plan.conflict({"kind": kind, "id": archive_id,
+                               "path": self._path(parent_key, name), "reason": "name",
+                               "existing_id": self._holder(kind, dest, name),
                                "action": "rename", "new_name": final},
                               f"a {kind} with the {noun} {name!r} already exists "
                               + ("at the root of this server" if dest is None
-                                 else f"in {where} on this server"))
+                                 else f"in folder '{dest}' on this server"))
                 if plan.policy == "fail":
                     final = name
             action = "rename" if final != name else ("overwrite" if exists else "create")
-        if dest not in self.created:
+        if not dest_created:
             self._require(("folder", dest, "write"), "import into it")
-        self._names(kind, dest)[final] = local_id
+        self.batch_names[(kind, dest, final)] = local_id
         plan.counts[action][kind] += 1
-        placement = Placement(archive_id, local_id, action, dest, final, created_time)
-        self.decided[(kind, archive_id)] = placement
-        (plan.folders if kind == "folder" else plan.documents).append(placement)
+        depth = 0
         if kind == "folder":
-            self.mapping[archive_id] = local_id
-            if action != "overwrite":
-                self.created.add(local_id)
-            self.parent_of[local_id] = dest
-            depth = self._depth_of(dest) + 1
+            depth = (self._depth_here(dest) if dest_depth is None else dest_depth) + 1
             if depth > MAX_TREE_DEPTH:
-                raise Conflict(f"folder {path!r} would be nested {depth} levels deep; this "
-                               f"server allows at most {MAX_TREE_DEPTH}")
-            self.depth[local_id] = depth
+                raise Conflict(f"folder {self._path(parent_key, name, always=True)!r} would be "
+                               f"nested {depth} levels deep; this server allows at most "
+                               f"{MAX_TREE_DEPTH}")
+        self._record(kind, archive_id, local_id, action, dest, final, created_time, depth)
 
-    def _names(self, kind: str, parent: str | None) -> dict[str, str]:
-        key = (kind, parent)
-        if key not in self.names:
-            self.names[key] = ({} if parent in self.created
-                               else lookup.child_names(self.m, kind, parent))
-        return self.names[key]
+    def _record(self, kind, archive_id, local_id, action, dest, name, created_time,
+                depth) -> None:
+        self.rows.add_object(kind, archive_id, local_id, action, dest, name, created_time, depth)
+        if kind == "folder":
+            self.batch[archive_id] = (local_id, action, depth)
 
-    def _free_name(self, kind: str, parent: str | None, name: str, own_id: str | None) -> str:
-        """`name`, or the first free `name (N)` among the siblings in `parent`."""
-        taken = self._names(kind, parent)
-        if taken.get(name, own_id) == own_id:
+    def _holder(self, kind: str, parent: str | None, name: str) -> str | None:
+        """The id of what holds `name` in `parent` here: placed by this plan, or existing."""
+        key = (kind, parent, name)
+        if key in self.batch_names:
+            return self.batch_names[key]
+        placed = self.rows.name_holder(kind, parent, name)
+        if placed is not None:
+            return placed
+        if (parent, name) in self.local_holders:
+            return self.local_holders[(parent, name)]
+        return lookup.sibling_holders(self.m, kind, [(parent, name)]).get((parent, name))
+
+    def _free_name(self, kind: str, parent: str | None, parent_created: bool, name: str,
+                   own_id: str | None) -> str:
+        """`name`, or the first free `name (N)` among the siblings in `parent`. A folder this
+        plan creates holds only the children of one archive folder, whose names are unique."""
+        if parent_created:
+            return name
+        holder = self._holder(kind, parent, name)
+        if holder is None or holder == own_id:
             return name
         number = 2
-        while f"{name} ({number})" in taken:
+        while self._holder(kind, parent, f"{name} ({number})") is not None:
             number += 1
         renamed = f"{name} ({number})"
         if len(renamed) > NAME_MAX_CHARS:
@@ -312,10 +336,31 @@ class _Planner:
                            "unique")
         return renamed
 
-    def _depth_of(self, folder_id: str | None) -> int:
-        if folder_id not in self.depth:
-            self.depth[folder_id] = lookup.folder_depth(self.m, folder_id)
-        return self.depth[folder_id]
+    def _path(self, parent_key: str, name: str, *, always: bool = False) -> str | None:
+        """The archive path of an object, for the conflicts listed one by one."""
+        if not always and len(self.plan.conflicts) >= CONFLICTS_SHOWN:
+            return None
+        return f"{self._archive_path(parent_key)}/{name}"
+
+    def _archive_path(self, parent_key: str) -> str:
+        if parent_key == ROOT_KEY:
+            return ""
+        if parent_key not in self.paths:
+            if len(self.paths) >= CACHE_ENTRIES:
+                self.paths.clear()
+            name, grandparent = self.index.folder(parent_key)
+            self.paths[parent_key] = f"{self._archive_path(grandparent)}/{name}"
+        return self.paths[parent_key]
+
+    def _depth_here(self, folder_id: str | None) -> int:
+        """Levels from the root to an existing folder, as it is here."""
+        if folder_id is None:
+            return 0
+        if folder_id not in self.depths:
+            if len(self.depths) >= CACHE_ENTRIES:
+                self.depths.clear()
+            self.depths[folder_id] = lookup.folder_depth(self.m, folder_id)
+        return self.depths[folder_id]
 
     def _require(self, what: tuple, doing: str) -> None:
         """A non-sysop importer needs the access an API request would need."""
@@ -323,6 +368,8 @@ class _Planner:
         if object_id is None or self.principal.is_sysop:
             return
         if what not in self.allowed:
+            if len(self.allowed) >= CACHE_ENTRIES:
+                self.allowed.clear()
             self.allowed[what] = lookup.may(self.m, self.principal, kind, object_id, access)
         reason = self.allowed[what]
         if reason is not None:
@@ -331,60 +378,64 @@ class _Planner:
     def _check_cycles(self) -> None:
         """An overwritten folder moved below one of its own descendants here would cut a
         loop out of the tree; refuse it."""
-        for placement in self.plan.folders:
-            if placement.action != "overwrite":
-                continue
-            seen, node = {placement.local_id}, placement.parent
-            while node is not None:
-                if node in seen:
-                    raise Conflict(f"overwriting folder '{placement.local_id}' would move it "
-                                   f"below itself (through folder '{node}')")
-                seen.add(node)
-                if node in self.parent_of:
-                    node = self.parent_of[node]
-                else:
-                    node = lookup.local_folders(self.m, [node]).get(node, (None, None))[1]
-                if len(seen) > MAX_TREE_DEPTH + 1:
-                    raise Conflict("the folder tree would be too deep")
+        for batch in self.rows.overwritten_folders():
+            for local_id, parent in batch:
+                seen, node = {local_id}, parent
+                while node is not None:
+                    if node in seen:
+                        raise Conflict(f"overwriting folder '{local_id}' would move it below "
+                                       f"itself (through folder '{node}')")
+                    seen.add(node)
+                    placed, planned_parent = self.rows.planned_parent(node)
+                    node = planned_parent if placed else lookup.local_folders(
+                        self.m, [node]).get(node, (None, None))[1]
+                    if len(seen) > MAX_TREE_DEPTH + 1:
+                        raise Conflict("the folder tree would be too deep")
 
     # -- revisions, files and rules
 
-    def _file_for(self, archive_file_id: str, taken: set[str]) -> str:
-        files = self.plan.files
-        if archive_file_id not in files:
+    def _file_for(self, archive_file_id: str, taken: set[str], planned: dict[str, str]) -> str:
+        """The id here of an archive file (`planned`: those decided so far, this batch's)."""
+        if archive_file_id not in planned:
             if self.new_ids:
-                files[archive_file_id] = new_id()
+                local_id = new_id()
             elif archive_file_id in taken:
                 self.plan.conflict({"kind": "file", "id": archive_file_id, "reason": "id",
                                     "existing_id": archive_file_id, "action": "new id"},
                                    f"file id '{archive_file_id}' already exists on this server")
-                files[archive_file_id] = new_id()
+                local_id = new_id()
             else:
-                files[archive_file_id] = archive_file_id
+                local_id = archive_file_id
+            planned[archive_file_id] = local_id
+            self.rows.add_file(archive_file_id, local_id)
             self.plan.counts["create"]["file"] += 1
-        return files[archive_file_id]
+        return planned[archive_file_id]
 
     def _plan_revisions(self) -> None:
-        plan, decided = self.plan, self.decided
-        overwritten = [p.local_id for p in plan.documents if p.action == "overwrite"]
-        next_seq = {doc: seq + 1 for doc, seq in
-                    lookup.last_revision_seq(self.m, overwritten).items()}
+        plan, rows = self.plan, self.rows
+        carried: dict[str, int] = {}  # next seq of the document the last batch ended inside
         for batch in self.index.rows("revisions"):
             self.check_abort()
-            wanted = [row for row in batch if ("document", row[1]) in decided]
+            decided = rows.placements("document", [row[1] for row in batch])
+            wanted = [row for row in batch if decided.get(row[1], (0, KEPT))[1] != KEPT]
             taken_revisions = lookup.existing_ids(self.m, "revision", [r[0] for r in wanted])
             taken_files = lookup.existing_ids(self.m, "file", [r[2] for r in wanted])
+            planned_files = rows.files(row[2] for row in wanted)
+            overwritten = {decided[r[1]][0] for r in wanted if decided[r[1]][1] == "overwrite"}
+            next_seq = {doc: seq + 1 for doc, seq in
+                        lookup.last_revision_seq(self.m, overwritten - set(carried)).items()}
+            next_seq.update(carried)
             for revision_id, document_id, file_id, created_time, position in wanted:
-                placement = decided[("document", document_id)]
-                if placement.action == "skip":
+                local_document, action = decided[document_id][:2]
+                if action == "skip":
                     plan.counts["skip"]["revision"] += plan.policy != "fail"
                     continue
-                if placement.action == "overwrite":
+                if action == "overwrite":
                     if revision_id in taken_revisions:
                         plan.counts["skip"]["revision"] += 1
                         continue
-                    seq = next_seq.get(placement.local_id, 0)
-                    next_seq[placement.local_id] = seq + 1
+                    seq = next_seq.get(local_document, 0)
+                    next_seq[local_document] = seq + 1
                     action = "overwrite"
                 else:
                     seq, action = position, "create"
@@ -397,8 +448,12 @@ class _Planner:
                                   f"revision id '{revision_id}' already exists on this server")
                     local_id = new_id()
                 plan.counts[action]["revision"] += 1
-                plan.revisions.append((local_id, placement.local_id,
-                                       self._file_for(file_id, taken_files), created_time, seq))
+                rows.add_revision((local_id, local_document,
+                                   self._file_for(file_id, taken_files, planned_files),
+                                   created_time, seq))
+            last = decided.get(batch[-1][1], (None,))[0]
+            carried = {last: next_seq[last]} if last in next_seq else {}
+            rows.flush()
         if plan.whole_archive:
             for batch in self.index.unreferenced_files():
                 taken = lookup.existing_ids(self.m, "file", batch)
@@ -406,40 +461,38 @@ class _Planner:
                     if file_id in taken and not self.new_ids and plan.policy != "fail":
                         plan.counts["skip"]["file"] += 1
                     else:
-                        self._file_for(file_id, taken)
+                        self._file_for(file_id, taken, {})
+                rows.flush()
 
     def _plan_rules(self) -> None:
-        plan, decided = self.plan, self.decided
-        plan.rules_replaced = [(kind, p.local_id) for kind, placements in
-                               (("folder", plan.folders), ("document", plan.documents))
-                               for p in placements if p.action == "overwrite"]
+        plan, rows = self.plan, self.rows
         for batch in self.index.rows("rules"):
             self.check_abort()
-            wanted = [row for row in batch if (row[1], row[2]) in decided]
+            decided = {kind: rows.placements(kind, [r[2] for r in batch if r[1] == kind])
+                       for kind in ("folder", "document")}
+            wanted = [row for row in batch
+                      if decided[row[1]].get(row[2], (0, KEPT))[1] != KEPT]
             owners = lookup.rule_owners(self.m, [row[0] for row in wanted])
             for rule_id, object_type, object_id, access_type, rule_data, position in wanted:
-                placement = decided[(object_type, object_id)]
-                if placement.action == "skip":
+                local_object, action = decided[object_type][object_id][:2]
+                if action == "skip":
                     plan.counts["skip"]["rule"] += plan.policy != "fail"
                     continue
                 local_id = new_id() if self.new_ids else rule_id
                 owner = owners.get(rule_id)
                 if owner is not None and not self.new_ids and not (
-                        placement.action == "overwrite" and owner == (object_type,
-                                                                      placement.local_id)):
+                        action == "overwrite" and owner == (object_type, local_object)):
                     plan.conflict({"kind": "rule", "id": rule_id, "reason": "id",
                                    "existing_id": rule_id, "action": "new id"},
                                   f"access rule id '{rule_id}' already exists on this server")
                     local_id = new_id()
-                action = "overwrite" if placement.action == "overwrite" else "create"
-                plan.counts[action]["rule"] += 1
-                plan.rules.append((local_id, object_type, placement.local_id, access_type,
-                                   rule_data, position))
+                plan.counts["overwrite" if action == "overwrite" else "create"]["rule"] += 1
+                rows.add_rule((local_id, object_type, local_object, access_type, rule_data,
+                               position))
+            rows.flush()
 
     def _plan_file_bytes(self, absent_file_ids: set[str]) -> None:
-        files = self.plan.files
-        for batch in self.index.rows("files"):
-            for file_id, _, size, _ in batch:
-                if file_id in files and file_id not in absent_file_ids:
+        for batch in self.rows.file_rows():
+            for archive_id, _, _, size, _ in batch:
+                if archive_id not in absent_file_ids:
                     self.plan.bytes_to_write += size or 0
-

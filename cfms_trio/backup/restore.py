@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..config import ArchiveLimits
 from ..conventions import ACCOUNTS_DEFAULT_POLICY, CONFLICT_DEFAULT_POLICY, SYSOP_GROUP
@@ -34,6 +34,7 @@ from .format import (
     parse_key_upload,
     read_backup_archive,
 )
+from .plan_index import NEW_ACTIONS
 from .planner import RestorePlan, build_plan
 from .staging_index import StagingIndex
 
@@ -133,24 +134,26 @@ class FileMover:
         self.restore_dir = restore_dir
         self.moved: list[str] = []  # file ids, each now restore_dir/<id>
 
-    def move_all(self, files: dict[str, str], absent: set[str], report: StepReporter,
-                 abort: threading.Event) -> None:
-        """Move the staged files of `files` (archive id -> id here; except the `absent` ones,
-        which have no content) into the restore folder, each under its id here."""
+    def move_all(self, files: Iterable[list[tuple]], total: int, absent: set[str],
+                 report: StepReporter, abort: threading.Event) -> None:
+        """Move the staged files of the batches `files` ((archive id, id here, ...) rows, of
+        `total` in all; except the `absent` ones, which have no content) into the restore
+        folder, each under its id here."""
         self.restore_dir.mkdir(parents=True, exist_ok=True)
         # Plain string paths: a backup may hold 100,000 files, and a Path object per name
         # costs more than the rename's own bookkeeping here.
         source_dir, target_dir = os.fspath(self.staging_dir), os.fspath(self.restore_dir)
-        total, done = max(1, len(files)), 0
-        for archive_id, file_id in files.items():
-            if done % restore_rows.LOOKUP_BATCH_IDS == 0:
-                _check_abort(abort)
-                report("Importing files", done / total, objects_done=done)
-            done += 1
-            if archive_id in absent:
-                continue
-            os.rename(os.path.join(source_dir, archive_id), os.path.join(target_dir, file_id))
-            self.moved.append(file_id)
+        total, done = max(1, total), 0
+        for batch in files:
+            _check_abort(abort)
+            report("Importing files", done / total, objects_done=done)
+            for archive_id, file_id, *_ in batch:
+                done += 1
+                if archive_id in absent:
+                    continue
+                os.rename(os.path.join(source_dir, archive_id),
+                          os.path.join(target_dir, file_id))
+                self.moved.append(file_id)
         report("Importing files", 1.0, objects_done=done)
         sync_directory(self.restore_dir)  # the renames are on disk before the commit
 
@@ -254,38 +257,34 @@ def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: File
 
 def apply_plan(m, plan: RestorePlan, index: StagingIndex, contents: BackupContents,
                mover: FileMover, report: StepReporter, abort: threading.Event) -> None:
-    """Write what `plan` decided: files (rows and content), folders and documents (new ones
-    parents first, then the overwritten ones), revisions, access rules."""
+    """Write what `plan` decided, reading its decisions back from the staging index in
+    batches: files (rows and content), folders and documents (new ones parents first, then
+    the overwritten ones), revisions, access rules."""
+    rows = plan.rows
     report("Importing files", 0.0)
     restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
-        index.rows("files"), plan.files, restore_file_relative, contents.inactive_file_ids))
-    mover.move_all(plan.files, contents.absent_file_ids, report, abort)
-    for step, model, fields, placements in (
-            ("Importing folders", m.Folder, restore_rows.FOLDER_FIELDS, plan.folders),
-            ("Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS,
-             plan.documents)):
+        rows.file_rows(), restore_file_relative, contents.inactive_file_ids))
+    mover.move_all(rows.file_rows(), rows.files_count(), contents.absent_file_ids, report,
+                   abort)
+    for kind, step, model, fields in (
+            ("folder", "Importing folders", m.Folder, restore_rows.FOLDER_FIELDS),
+            ("document", "Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS)):
         report(step, 0.0)
-        total, done = max(1, len(placements)), [0]
+        total = max(1, rows.count(kind, NEW_ACTIONS + ("overwrite",)))
+        done = [0]
 
-        def progress(rows: int, step=step, total=total, done=done) -> None:
-            done[0] += rows
+        def progress(count: int, step=step, total=total, done=done) -> None:
+            done[0] += count
             _check_abort(abort)
             report(step, done[0] / total, objects_done=done[0])
 
-        new = [p for p in placements if p.action != "overwrite"]
-        restore_rows.insert_rows(model, fields, _batched(
-            [(p.local_id, p.name, p.parent, p.created_time) for p in new]), progress)
-        restore_rows.update_placements(model, fields, _batched(
-            [(p.local_id, p.name, p.parent) for p in placements if p.action == "overwrite"]),
-            progress)
-    restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS, _batched(plan.revisions))
-    restore_rows.delete_rules_of(m, plan.rules_replaced)
-    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, _batched(plan.rules))
-
-
-def _batched(rows: list[tuple], batch_rows: int = 5000):
-    for start in range(0, len(rows), batch_rows):
-        yield rows[start:start + batch_rows]
+        restore_rows.insert_rows(model, fields, rows.objects(kind, NEW_ACTIONS), progress)
+        restore_rows.update_placements(model, fields, (
+            [(local_id, name, parent) for local_id, name, parent, _ in batch]
+            for batch in rows.objects(kind, ("overwrite",))), progress)
+    restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS, rows.revisions())
+    restore_rows.delete_rules_of(m, rows.overwritten())
+    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, rows.rules())
 
 
 def _check_abort(abort: threading.Event) -> None:

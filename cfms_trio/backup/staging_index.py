@@ -129,6 +129,7 @@ class StagingIndex:
         self.pending: dict[str, list[tuple]] = {table: [] for table in _INSERT}
         self.pending_rows = 0
         self.counts: dict[str, int] = {}
+        self.everything_chosen = True  # until `select_subtrees`
 
     @classmethod
     def create(cls, staging_dir: Path) -> "StagingIndex":
@@ -432,16 +433,14 @@ class StagingIndex:
                               f"{name_col} = ?", (parent_key, name)).fetchone()
         return None if row is None else row[0]
 
-    def root_ids(self) -> tuple[list[str], list[str]]:
-        """Ids of the top-level folders and documents, in archive order."""
-        return ([r[0] for r in self.db.execute(
-                    "SELECT id FROM folders WHERE parent_key = '' ORDER BY seq")],
-                [r[0] for r in self.db.execute(
-                    "SELECT id FROM documents WHERE folder_key = '' ORDER BY seq")])
+    def select_all(self) -> None:
+        """Choose every folder and document (`chosen_rows` reads them back)."""
+        self.everything_chosen = True
 
     def select_subtrees(self, folder_ids: list[str], document_ids: list[str]) -> None:
         """Mark the subtrees of `folder_ids` and the documents `document_ids` as chosen
         (`chosen_rows` reads them back)."""
+        self.everything_chosen = False
         db = self.db
         db.executescript("DROP TABLE IF EXISTS chosen_tops; DROP TABLE IF EXISTS chosen; "
                          "CREATE TABLE chosen_tops (id TEXT PRIMARY KEY) WITHOUT ROWID; "
@@ -460,16 +459,22 @@ class StagingIndex:
     def chosen_rows(self, kind: str) -> Iterator[list[tuple]]:
         """Chosen folders (id, name, parent key, created_time), parents first, or documents
         (id, title, folder key, created_time), in archive order; in batches."""
+        chosen = "" if self.everything_chosen else (
+            f"JOIN chosen c ON c.kind = '{kind}' AND c.id = {kind[0]}.id ")
         if kind == "folder":
-            sql = ("SELECT f.id, f.name, f.parent_key, f.created_time FROM folders f JOIN "
-                   "chosen c ON c.kind = 'folder' AND c.id = f.id JOIN folder_depth d ON "
-                   "d.id = f.id ORDER BY d.depth, f.seq")
+            sql = (f"SELECT f.id, f.name, f.parent_key, f.created_time FROM folders f {chosen}"
+                   "JOIN folder_depth d ON d.id = f.id ORDER BY d.depth, f.seq")
         else:
-            sql = ("SELECT d.id, d.title, d.folder_key, d.created_time FROM documents d JOIN "
-                   "chosen c ON c.kind = 'document' AND c.id = d.id ORDER BY d.seq")
+            sql = (f"SELECT d.id, d.title, d.folder_key, d.created_time FROM documents d "
+                   f"{chosen}ORDER BY d.seq")
         cursor = self.db.execute(sql)
         while batch := cursor.fetchmany(READ_BATCH_ROWS):
             yield batch
+
+    def created_time(self, kind: str, object_id: str) -> float:
+        table = "folders" if kind == "folder" else "documents"
+        return self.db.execute(f"SELECT created_time FROM {table} WHERE id = ?",
+                               (object_id,)).fetchone()[0]
 
     def is_chosen(self, kind: str, object_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM chosen WHERE kind = ? AND id = ?",

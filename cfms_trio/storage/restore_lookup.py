@@ -57,16 +57,6 @@ def existing_ids(m, kind: str, ids: Iterable[str]) -> set[str]:
     return found
 
 
-def child_names(m, kind: str, parent_id: str | None) -> dict[str, str]:
-    """{name: id} of the folders (kind "folder") or documents directly in `parent_id`."""
-    if kind == "folder":
-        model, name, parent = m.Folder, m.Folder.name, m.Folder.parent
-    else:
-        model, name, parent = m.Document, m.Document.title, m.Document.folder
-    where = parent.is_null() if parent_id is None else (parent == parent_id)
-    return {row[1]: row[0] for row in model.select(model.id, name).where(where).tuples()}
-
-
 def folder_depth(m, folder_id: str | None) -> int:
     """Levels from the root to `folder_id` (0 for the root itself)."""
     return len(folder_chain(m, folder_id))
@@ -104,4 +94,25 @@ def rule_owners(m, ids: Iterable[str]) -> dict[str, tuple[str, str]]:
                                         m.AccessRule.object_id)
                     .where(m.AccessRule.id.in_(batch)).tuples()):
             found[row[0]] = (row[1], row[2])
+    return found
+
+
+def sibling_holders(m, kind: str, pairs: Iterable[tuple[str | None, str]]
+                    ) -> dict[tuple[str | None, str], str]:
+    """{(parent id, name): id} of the folders (kind "folder") or documents here that hold one
+    of the (parent id, name) `pairs` (parent None: the root); one query per parent and batch
+    of names."""
+    if kind == "folder":
+        model, name, parent = m.Folder, m.Folder.name, m.Folder.parent
+    else:
+        model, name, parent = m.Document, m.Document.title, m.Document.folder
+    by_parent: dict[str | None, set[str]] = {}
+    for parent_id, wanted in pairs:
+        by_parent.setdefault(parent_id, set()).add(wanted)
+    found = {}
+    for parent_id, names in by_parent.items():
+        where = parent.is_null() if parent_id is None else (parent == parent_id)
+        for batch in _batches(sorted(names)):
+            for row in model.select(model.id, name).where(where & name.in_(batch)).tuples():
+                found[(parent_id, row[1])] = row[0]
     return found

@@ -59,16 +59,15 @@ def insert_rows(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
     return total
 
 
-def file_rows(batches: Iterable[list[tuple]], local_ids: dict[str, str],
-              file_path_of: Callable[[str], str], inactive_ids: set[str]
-              ) -> Iterable[list[tuple]]:
-    """File rows from the index's (id, sha256, size, created_time) of the files in `local_ids`
-    (archive id -> id here), active unless in `inactive_ids` (never served: upstream uploads
-    that never happened, content missing from the archive)."""
+def file_rows(batches: Iterable[list[tuple]], file_path_of: Callable[[str], str],
+              inactive_ids: set[str]) -> Iterable[list[tuple]]:
+    """File rows from batches of (archive id, id here, sha256, size, created_time), active
+    unless the archive id is in `inactive_ids` (never served: upstream uploads that never
+    happened, content missing from the archive)."""
     for batch in batches:
-        yield [(local_ids[file_id], sha256, size, created_time,
-                file_path_of(local_ids[file_id]), file_id not in inactive_ids)
-               for file_id, sha256, size, created_time in batch if file_id in local_ids]
+        yield [(file_id, sha256, size, created_time, file_path_of(file_id),
+                archive_id not in inactive_ids)
+               for archive_id, file_id, sha256, size, created_time in batch]
 
 
 def update_placements(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
@@ -88,12 +87,13 @@ def update_placements(model, fields: tuple[str, ...], batches: Iterable[list[tup
     return total
 
 
-def delete_rules_of(m, objects: list[tuple[str, str]]) -> None:
+def delete_rules_of(m, batches: Iterable[list[tuple[str, str]]]) -> None:
     """Delete every access rule of the (object type, id) pairs (an overwrite replaces them)."""
     cursor = m.AccessRule._meta.database.cursor()
     table = m.AccessRule._meta.table_name
-    cursor.executemany(f'DELETE FROM "{table}" WHERE object_type = ? AND object_id = ?',
-                       objects)
+    for batch in batches:
+        cursor.executemany(f'DELETE FROM "{table}" WHERE object_type = ? AND object_id = ?',
+                           batch)
 
 
 def restored_file_ids(m) -> set[str]:
