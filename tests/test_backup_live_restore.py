@@ -16,7 +16,14 @@ from cfms_trio.backup import importer
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
 
-from backup_support import build_store, content_files, dump_store, export_to, wait_final
+from backup_support import (
+    build_store,
+    content_files,
+    dump_store,
+    export_to,
+    import_dir_files,
+    wait_final,
+)
 from helpers import USER_PASSWORD, make_user
 
 SMALL = Limits(transfer_chunk_bytes=64 * 1024)
@@ -190,7 +197,57 @@ async def test_policy_fail_plans_the_conflicts_and_the_real_run_refuses(live, tm
         final = await run(admin, task_id, accounts="none")
         assert final["status"] == "failed"
         assert final["error_message"] == planned["plan"]["refusal"]
-    assert await state(live) == before
+        assert final["startable"] is True  # the options were refused, the uploads are kept
+        await admin.call("cancel_backup_import", {"backup_task_id": task_id})
+    assert await state(live) == before  # cancelled: the kept uploads are gone too
+
+
+def upload_files(server) -> set[str]:
+    return set(import_dir_files(server))
+
+
+async def test_refused_options_keep_the_uploads_and_the_task_starts_again(live, tmp_path):
+    built, archive, key = await exported(live, tmp_path)
+    async with live.connect("admin") as admin:
+        await admin.call("delete_directory", {"folder_id": built.folders["alpha"]})
+        task_id = await uploaded(admin, archive, key)
+        uploads = upload_files(live)
+        assert uploads
+        final = await run(admin, task_id, accounts="none", include=[{"path": "/no/such"}])
+        assert final["status"] == "failed", final
+        assert final["error_message"] == ("include entry 1 (path '/no/such') matches nothing "
+                                          "in the backup")
+        assert final["startable"] is True
+        assert upload_files(live) == uploads
+        # A dry run refused the same way keeps them too.
+        final = await run(admin, task_id, dry_run=True, target_folder_id="f" * 32)
+        assert final["error_message"] == f"target folder '{'f' * 32}' does not exist"
+        assert final["startable"] is True and upload_files(live) == uploads
+        # Started again with good options: no upload, the import completes.
+        final = await run(admin, task_id, accounts="none",
+                          include=[{"path": "/projects/alpha"}])
+        assert final["status"] == "completed", final
+        assert final["error_message"] is None and final["startable"] is False
+        assert final["plan"]["actions"]["create"]["folder"] == 2
+        assert upload_files(live) == set()
+        alpha = await admin.call("list_directory", {"folder_id": built.folders["alpha"]})
+        assert [f["name"] for f in alpha["folders"]] == ["deep"]
+        with pytest.raises(ClientError) as info:
+            await admin.call("start_backup_import", {"backup_task_id": task_id})
+        assert info.value.code == 409
+
+
+async def test_a_bad_archive_still_removes_the_uploads(live, tmp_path):
+    _, archive, key = await exported(live, tmp_path)
+    async with live.connect("admin") as admin:
+        task_id = await uploaded(admin, key, key)  # the key file is no archive
+        final = await run(admin, task_id, accounts="none", conflict_policy="skip")
+        assert final["status"] == "failed", final
+        assert final["startable"] is False
+        assert upload_files(live) == set()
+        with pytest.raises(ClientError) as info:
+            await admin.call("start_backup_import", {"backup_task_id": task_id})
+        assert info.value.code == 409
 
 
 async def test_target_folder_places_the_chosen_subtree_under_it(live, tmp_path):

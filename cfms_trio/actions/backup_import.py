@@ -58,9 +58,12 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
     # A start and the deadline's timeout of the same task never interleave.
     async with app.imports.deciding(task_id):
         task = await _own_import_task(ctx, task_id)
+        # Refused because of its options (the uploads are kept): may be started again.
+        retry = await app.store.read(backup_tasks.failed_holding_uploads, task)
+        startable = task["status"] in STARTABLE_STATUSES or retry
         if task["status"] == STATUS_TIMEOUT:
             raise DeadlinePassed(f"backup task '{task_id}' timed out; initiate a new import")
-        if task["status"] in STARTABLE_STATUSES and task["timeout_time"] <= app.now():
+        if startable and task["timeout_time"] <= app.now():
             raise DeadlinePassed(f"the deadline of backup task '{task_id}' has passed")
         passphrase = data["passphrase"]
         with_key = True
@@ -76,8 +79,9 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                 verb = "uploads are" if len(missing) > 1 else "upload is"
                 raise BadRequest(f"the {' and '.join(missing)} {verb} not complete; "
                                  "upload them with upload_file first")
-        elif task["status"] == "planned":
-            # A planned task keeps its uploads; without a key upload it needs the passphrase.
+        elif startable:
+            # A planned or refused task keeps its uploads; without a key upload it needs the
+            # passphrase again.
             uploads = await app.store.read(backup_tasks.import_upload_tasks,
                                            task["archive_file_id"], task["key_file_id"])
             with_key = any(u["what"] == "key" and u["done"] for u in uploads)
@@ -88,16 +92,17 @@ async def start_backup_import(ctx: Context, data: dict) -> dict:
                                  conflict_policy=data["conflict_policy"],
                                  include=tuple(_checked_include(data["include"])),
                                  target_folder_id=data["target_folder_id"])
-        if task["status"] in STARTABLE_STATUSES:
+        if startable:
             await trio.to_thread.run_sync(functools.partial(preflight_space, app.paths, task))
-        # Compare-and-set: a task that is no longer pending or planned (started already)
-        # gets 409 here.
-        from_status = task["status"] if task["status"] in STARTABLE_STATUSES else STATUS_PENDING
+        # Compare-and-set: a task that is no longer pending, planned or refused (started
+        # already) gets 409 here.
+        from_status = task["status"] if startable else STATUS_PENDING
         task = await app.store.write(backup_tasks.transition_backup_task, task_id,
                                      from_status, status=STATUS_PROCESSING,
                                      started_time=app.now(), current_step=FIRST_STEP,
                                      progress_percent=STEP_PERCENT[FIRST_STEP][0],
-                                     completed_time=None, plan=None)
+                                     completed_time=None, plan=None, error_message=None,
+                                     warnings=[])
         app.imports.start(task, passphrase=passphrase, with_key=with_key,
                           allow_missing_content=data["allow_missing_content"],
                           dry_run=data["dry_run"], options=options)
@@ -127,9 +132,11 @@ async def cancel_backup_import(ctx: Context, data: dict) -> dict:
     task_id = data["backup_task_id"]
     ctx.audit_target = task_id
     task = await _own_import_task(ctx, task_id, may_view=True)
-    if task["status"] not in (*STARTABLE_STATUSES, STATUS_PROCESSING):
+    if task["status"] not in (*STARTABLE_STATUSES, STATUS_PROCESSING) and not \
+            await ctx.app.store.read(backup_tasks.failed_holding_uploads, task):
         raise Conflict(f"backup task '{task_id}' is {task['status']}; only a pending, planned "
-                       "or processing import can be cancelled")
+                       "or processing import, or one refused because of its options, can be "
+                       "cancelled")
     task = await ctx.app.imports.cancel(task_id, ctx.user.username)
     return {"backup_task_id": task_id, "status": task["status"],
             "message": task["error_message"]}
@@ -147,4 +154,9 @@ async def get_backup_import_status(ctx: Context, data: dict) -> dict:
         task["current_step"], task["progress_percent"] = progress["step"], progress["percent"]
     out = {field: task[field] for field in STATUS_FIELDS}
     out["timeout_time"] = task["timeout_time"]
+    # Whether start_backup_import may (re)start it now: pending, planned, or refused because
+    # of its options with the uploads kept, and the deadline not passed.
+    out["startable"] = task["timeout_time"] > ctx.app.now() and (
+        task["status"] in STARTABLE_STATUSES
+        or await ctx.app.store.read(backup_tasks.failed_holding_uploads, task))
     return out

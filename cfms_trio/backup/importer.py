@@ -22,6 +22,7 @@ import trio
 from ..config import ArchiveLimits
 from ..conventions import STATUS_CANCELLED, STATUS_COMPLETED, STATUS_FAILED, STATUS_PLANNED
 from ..errors import (
+    ArchiveError,
     CfmsError,
     ImportAborted,
     InsufficientStorage,
@@ -118,6 +119,8 @@ class ImportJob:
         self.progress = ImportProgress()
         self.abort = threading.Event()
         self.cancelled_by: str | None = None  # set with `abort` by cancel_backup_import
+        self.uploads_kept = False  # set when it failed because of its options (run_import)
+        self.uploads_forgotten = False  # set once the commit accepted the plan
         self.scope = trio.CancelScope()  # the job's own; cancel() cancels it
         self.ended = trio.Event()
 
@@ -158,12 +161,16 @@ def failure_message(exc: BaseException) -> str:
 
 
 async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
-    """Restore `job`'s uploaded backup; always ends in `completed` or `failed`, and returns the
-    task's final row (on cancellation, records the failure and re-raises).
+    """Restore `job`'s uploaded backup; always ends in `completed`, `planned` (a dry run),
+    `failed` or `cancelled`, and returns the task's final row (on cancellation, records the
+    outcome and re-raises).
 
-    Success is recorded by the restore's own transaction (`commit_restore`); the uploads are
-    deleted just before it, once read; what follows the commit is clean-up only, which the
-    restart recovery finishes if a crash interrupts it.
+    Success is recorded by the restore's own transaction (`commit_restore`), which also
+    removes the uploads once the plan is accepted. A failure
+    because of the options (the plan refused: an include that matches nothing, a missing or
+    unwritable target, conflicts under policy fail, ...) keeps the uploads until the deadline,
+    so the same task can be started again with other options (`job.uploads_kept`); any other
+    failure removes them.
     """
     task = job.task
     task_id = job.task_id
@@ -173,6 +180,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     mover = FileMover(staging, env.paths.restore_files)
     report = job.progress.report
     index = None
+    outcome: dict = {}
     try:
         contents, index = await trio.to_thread.run_sync(
             functools.partial(unpack, archive_path, key_path, staging, env.limits, report,
@@ -189,15 +197,13 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             report("Loading metadata", 0.5)  # planning
             plan = await env.store.read(plan_restore, contents, index, job.options, job.abort)
             return await _finish_planned(env, job, staging, index, plan, space)
-        # Everything is read: the uploads go now, so a client that sees `completed` never
-        # finds them (a crash before the commit fails the task, as any crash does).
-        await _clean_up_uploads(env, job)
         outcome = {"status": STATUS_COMPLETED, "current_step": COMPLETED_STEP,
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, "space": space,
                    **counts}
         await env.store.write(commit_restore, contents, index, mover, report, job.abort,
-                              task_id, outcome, job.options)
+                              task_id, outcome, job.options,
+                              functools.partial(_forget_uploads, env, job))
         del contents
     except BaseException as exc:
         with trio.CancelScope(shield=True):
@@ -210,23 +216,38 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             message = SHUTDOWN_MESSAGE
             if job.cancelled_by is not None:
                 status, message = STATUS_CANCELLED, f"cancelled by {job.cancelled_by!r}"
+        # Read and checked, but refused by the plan: the options are at fault, not the archive.
+        job.uploads_kept = (index is not None and not job.uploads_forgotten
+                            and isinstance(exc, CfmsError)
+                            and not isinstance(exc, (ImportAborted, ArchiveError)))
         log.warning("import %s %s: %s", task_id, status, message)
         # Nothing was imported, so the counts say so; the step shows where it stopped.
-        outcome = {"status": status, "current_step": job.progress.step,
-                   "progress_percent": job.progress.percent, "error_message": message,
-                   "documents_count": 0, "folders_count": 0, "files_count": 0, "warnings": []}
+        failed = {"status": status, "current_step": job.progress.step,
+                  "progress_percent": job.progress.percent, "error_message": message,
+                  "documents_count": 0, "folders_count": 0, "files_count": 0, "warnings": []}
         if not isinstance(exc, Exception):
             with trio.CancelScope(shield=True):
-                await _finish_failed(env, job, staging, outcome)
+                await _finish_failed(env, job, staging, failed)
             raise
         with trio.CancelScope(shield=True):
-            return await _finish_failed(env, job, staging, outcome)
+            return await _finish_failed(env, job, staging, failed)
     # Committed: no checkpoint before the shield, so a shutdown cannot turn this into a failure.
     with trio.CancelScope(shield=True):
         log.info("import %s completed: %s", task_id, counts)
         await trio.to_thread.run_sync(index.close)
         await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
         return await env.store.read(backup_tasks.get_backup_task, task_id)
+
+
+def _forget_uploads(env: ImportEnvironment, job: ImportJob, m) -> None:
+    """In the restore's transaction, once its plan is accepted: the uploads' rows and files
+    go, so a client that sees `completed` never finds them (blocking, the writer thread). If
+    the transaction then fails, the failure removes the rows that come back."""
+    job.uploads_forgotten = True
+    gone = backup_tasks.discard_import_uploads(m, job.task["archive_file_id"],
+                                               job.task["key_file_id"])
+    unlink_all([env.paths.resolve(rel) for rel in gone["paths"]]
+               + [env.paths.partial_upload(task_id) for task_id in gone["task_ids"]])
 
 
 async def _finish_planned(env: ImportEnvironment, job: ImportJob, staging: Path, index,
@@ -291,17 +312,19 @@ async def _clean_up_uploads(env: ImportEnvironment, job: ImportJob) -> None:
 
 async def _finish_failed(env: ImportEnvironment, job: ImportJob, staging: Path,
                          outcome: dict) -> dict:
-    """Remove staging and uploads, record the failure; return the final row.
+    """Remove staging and (unless `job.uploads_kept`) the uploads, record the failure; return
+    the final row.
 
-    Clean-up comes first, so a client that sees `failed` never finds the uploads still there;
-    a crash in between leaves the task `processing`, which the restart recovery fails and
-    cleans up again.
+    Clean-up comes first, so a client that sees `failed` never finds removed uploads still
+    there; a crash in between leaves the task `processing`, which the restart recovery fails
+    and cleans up again.
     """
     try:
         await trio.to_thread.run_sync(remove_tree, staging)
     except Exception:
         log.exception("could not clean up after import %s", job.task_id)
-    await _clean_up_uploads(env, job)
+    if not job.uploads_kept:
+        await _clean_up_uploads(env, job)
     await env.store.write(backup_tasks.update_backup_task, job.task_id,
                           completed_time=time.time(), **outcome)
     return await env.store.read(backup_tasks.get_backup_task, job.task_id)

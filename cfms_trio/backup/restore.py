@@ -217,11 +217,14 @@ def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
 
 def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: FileMover,
                    report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
-                   options: RestoreOptions = RestoreOptions()) -> None:
+                   options: RestoreOptions = RestoreOptions(),
+                   forget_uploads: Callable[[object], None] | None = None) -> None:
     """Stage 2, run inside one write transaction: the plan made against the store as it is
     now (`planner`), then its rows in, files into place, accounts by `options`, the audit log
     appended (whole-archive imports under policy fail only), and the task's final `outcome`
     (its completed status, counts, plan and warnings) recorded with them.
+    `forget_uploads(m)` is called in the transaction once the plan is accepted (the import's
+    uploads go then: from here on, any failure is not the options' fault).
 
     The task says `completed` exactly when the restored rows exist: a crash after the commit
     leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming the
@@ -232,6 +235,8 @@ def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: File
     plan = plan_restore(m, contents, index, options, abort)
     if plan.refusal is not None:
         raise Conflict(plan.refusal)
+    if forget_uploads is not None:
+        forget_uploads(m)
     warnings = list(outcome.get("warnings", ()))
     if "accounts" in contents.parts:
         warnings += _apply_accounts(m, contents, index, options)

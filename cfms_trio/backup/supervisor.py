@@ -146,6 +146,13 @@ class ImportSupervisor:
         """
         async with self.deciding(task_id):
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if await self._store.read(backup_tasks.failed_holding_uploads, task):
+                # Refused because of its options and never started again: the uploads go,
+                # the failure stays as it was.
+                await self._discard_quietly(task)
+                log.info("import %s: the deadline passed; its kept uploads were removed",
+                         task_id)
+                return
             if task["status"] not in STARTABLE_STATUSES:
                 return
             uploads = await self._store.read(backup_tasks.import_upload_tasks,
@@ -172,6 +179,12 @@ class ImportSupervisor:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
         await self._publish_outcome(task)
+
+    async def _discard_quietly(self, task: dict) -> None:
+        try:
+            await discard_uploads(self._env, task)
+        except Exception:
+            log.exception("could not remove the uploads of import %s", task["backup_task_id"])
 
     async def close_abandoned(self, tasks: list[dict]) -> None:
         """Close imports whose owner was deleted. They are `failed` in the store already (in
@@ -213,7 +226,8 @@ class ImportSupervisor:
         self._nursery.start_soon(self._run_job, job)
 
     async def cancel(self, task_id: str, username: str) -> dict:
-        """Cancel an import that is pending, planned or processing; return its final row.
+        """Cancel an import that is pending, planned or processing, or that failed because of
+        its options and still holds its uploads; return its final row.
 
         A pending or planned one: its uploads in flight are aborted, what was uploaded is
         removed, and it becomes `cancelled`. A processing one: its job is told to stop (its
@@ -233,9 +247,11 @@ class ImportSupervisor:
             # A dry run that ended as it was told to stop is cancelled as a planned task.
         async with self.deciding(task_id):
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
-            if task["status"] not in STARTABLE_STATUSES:
+            if task["status"] not in STARTABLE_STATUSES and not await self._store.read(
+                    backup_tasks.failed_holding_uploads, task):
                 raise Conflict(f"backup task '{task_id}' is {task['status']}; only a pending, "
-                               "planned or processing import can be cancelled")
+                               "planned or processing import, or one refused because of its "
+                               "options, can be cancelled")
             self._stop_watching(task_id)
             await self._abort_uploads(task, "the backup import was cancelled; the upload "
                                             "was aborted")
@@ -277,7 +293,7 @@ class ImportSupervisor:
         finally:
             del self._jobs[job.task_id]
             job.ended.set()
-        if final["status"] == STATUS_PLANNED:
+        if final["status"] == STATUS_PLANNED or job.uploads_kept:
             self.watch(job.task_id, final["timeout_time"])  # the uploads wait for a real run
         await self._publish_outcome(final)
 
@@ -327,6 +343,10 @@ class ImportSupervisor:
             log.warning("import %s was interrupted by a restart; marked failed",
                         task["backup_task_id"])
         for task in await store.read(backup_tasks.finished_imports_holding_uploads):
+            if task["status"] == STATUS_FAILED and task["timeout_time"] > time.time():
+                # Refused because of its options: startable again until its deadline.
+                self.watch(task["backup_task_id"], task["timeout_time"])
+                continue
             await discard_uploads(self._env, task)
             log.warning("import %s ended before a restart but kept its uploads; removed them",
                         task["backup_task_id"])

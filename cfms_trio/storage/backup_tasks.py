@@ -51,16 +51,21 @@ def get_backup_task(m, task_id: str) -> dict:
 
 def update_backup_task(m, task_id: str, **fields) -> None:
     """Set `fields` of a task (`warnings` as a list of strings, `plan` as an object)."""
+    m.BackupTask.update(**_encoded(fields)).where(m.BackupTask.id == task_id).execute()
+
+
+def _encoded(fields: dict) -> dict:
     if "warnings" in fields:
         fields["warnings"] = json.dumps(fields["warnings"])
     if fields.get("plan") is not None:
         fields["plan"] = json.dumps(fields["plan"])
-    m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
+    return fields
 
 
 def transition_backup_task(m, task_id: str, from_status: str, **fields) -> dict:
-    """Change a task only if it is still in `from_status` (compare-and-set), else 409."""
-    updated = (m.BackupTask.update(**fields)
+    """Change a task only if it is still in `from_status` (compare-and-set), else 409;
+    `fields` as for `update_backup_task`."""
+    updated = (m.BackupTask.update(**_encoded(fields))
                .where((m.BackupTask.id == task_id) & (m.BackupTask.status == from_status))
                .execute())
     if not updated:
@@ -149,6 +154,14 @@ def finished_imports_holding_uploads(m) -> list[dict]:
         (m.BackupTask.operation == OPERATION_IMPORT)
         & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PLANNED, STATUS_PROCESSING])
         & (m.BackupTask.archive_file_id.in_(stored) | m.BackupTask.key_file_id.in_(stored)))]
+
+
+def failed_holding_uploads(m, task: dict) -> bool:
+    """Whether a failed import still holds its uploaded archive: it was refused because of its
+    options (the archive itself was fine), and may be started again until its deadline."""
+    return (task["operation"] == OPERATION_IMPORT and task["status"] == STATUS_FAILED
+            and task["archive_file_id"] is not None
+            and m.File.select().where(m.File.id == task["archive_file_id"]).exists())
 
 
 def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
