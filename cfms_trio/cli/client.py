@@ -8,11 +8,12 @@ groups, audit, info). `common` has what they share: flags, sessions, output and 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import trio
 
-from ..client import export_backup, import_backup
+from ..client import export_backup, import_backup, start_import
 from ..conventions import (
     ACCOUNTS_DEFAULT_POLICY,
     ACCOUNTS_POLICIES,
@@ -39,9 +40,16 @@ def _passphrase(args) -> str | None:
 
 
 def cmd_backup_import(args) -> int:
-    archive = Path(args.archive)
+    archive = Path(args.archive) if args.archive else None
     key = Path(args.key or args.identity) if (args.key or args.identity) else None
-    if key is None and not args.passphrase_file:
+    if (archive is None) == (args.task is None):
+        return fail(args, EXIT_USAGE, "give either --archive FILE (a new import) or --task "
+                                      "TASK_ID (an import whose uploads the server kept)")
+    if args.task is not None and key is not None:
+        return fail(args, EXIT_USAGE, "--task starts an import whose key was uploaded already "
+                                      "(or give --passphrase-file); --key and --identity "
+                                      "upload one")
+    if archive is not None and key is None and not args.passphrase_file:
         return fail(args, EXIT_USAGE, "give --key FILE, --identity FILE or --passphrase-file FILE")
     for path in (archive, key):
         if path is not None and not path.is_file():
@@ -62,25 +70,33 @@ def cmd_backup_import(args) -> int:
                 started.append(True)
             status_bar.show(status["progress_percent"], status["current_step"])
 
-        final = await import_backup(client, archive, key, timeout_seconds=args.timeout,
-                                    poll_interval_s=args.poll,
-                                    upload_progress=upload_bar.bytes_progress,
-                                    on_status=on_status, passphrase=passphrase,
-                                    allow_missing_content=args.allow_missing_content,
-                                    accounts=args.accounts, options=_restore_options(args))
+        start = {"poll_interval_s": args.poll, "on_status": on_status,
+                 "passphrase": passphrase, "allow_missing_content": args.allow_missing_content,
+                 "accounts": args.accounts, "options": _restore_options(args)}
+        if args.task is not None:
+            final = await start_import(client, args.task, **start)
+        else:
+            final = await import_backup(client, archive, key, timeout_seconds=args.timeout,
+                                        upload_progress=upload_bar.bytes_progress, **start)
         status_bar.done()
         wanted = "planned" if args.dry_run else STATUS_COMPLETED
         if args.json:
             return Output(final, exit_code=0 if final["status"] == wanted else 1)
         if final["status"] == "planned":
             print(plan_table(final["plan"]))
-            print(f"dry run of task {final['backup_task_id']}: nothing was changed")
+            print(f"dry run of task {final['backup_task_id']}: nothing was changed; the "
+                  f"uploads are kept until {_local_time(final['timeout_time'])} (start it "
+                  f"with --task {final['backup_task_id']})")
             return 0
         if final["status"] != STATUS_COMPLETED:
             print(f"import {final['status']}: {final['error_message']}", file=sys.stderr)
             if "allow_missing_content" in (final["error_message"] or ""):
                 print("(to do so, run this command again with --allow-missing-content)",
                       file=sys.stderr)
+            if final.get("startable"):
+                print(f"(the uploads are kept until {_local_time(final['timeout_time'])}: "
+                      f"start it again with --task {final['backup_task_id']} and other "
+                      "options)", file=sys.stderr)
             return 1
         print(f"import completed: {final['folders_count']} folders, "
               f"{final['documents_count']} documents, {final['files_count']} files "
@@ -90,6 +106,10 @@ def cmd_backup_import(args) -> int:
         return 0
 
     return _run(args, flow)
+
+
+def _local_time(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _include_entry(text: str) -> dict:
@@ -204,7 +224,10 @@ def register(sub) -> None:
     admin.register(commands)
     imp = commands.add_parser("backup-import", help="restore a backup on a server")
     _connection_args(imp)
-    imp.add_argument("--archive", required=True, help=f"the NAME{ARCHIVE_SUFFIX} file")
+    imp.add_argument("--archive", help=f"the NAME{ARCHIVE_SUFFIX} file to upload")
+    imp.add_argument("--task", metavar="TASK_ID",
+                     help="start an import the server holds the uploads of (after a dry run, "
+                     "or a start refused because of its options) instead of uploading")
     secret = imp.add_mutually_exclusive_group()
     secret.add_argument("--key", help=f"the NAME{KEY_SUFFIX} file")
     secret.add_argument("--identity", help="identity file of a recipient (format 3 backups)")

@@ -85,10 +85,25 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
     more fields of start_backup_import (dry_run, conflict_policy, include, target_folder_id);
     a dry run's flow ends when the task is `planned`."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
-    task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
     if key is not None:
         await client.upload_file(init["key_task_id"], key)
+    return await start_import(client, init["backup_task_id"], poll_interval_s=poll_interval_s,
+                              on_status=on_status, passphrase=passphrase,
+                              allow_missing_content=allow_missing_content, accounts=accounts,
+                              options=options)
+
+
+async def start_import(client: Client, task_id: str, *, poll_interval_s: float = 2.0,
+                       on_status: StatusCallback | None = None,
+                       passphrase: str | None = None,
+                       allow_missing_content: bool = False,
+                       accounts: str | None = None,
+                       options: dict | None = None) -> dict:
+    """Start an import task whose uploads are in (just uploaded, or kept by a dry run or a
+    start refused because of its options) and poll get_backup_import_status until it ends:
+    `planned` for a dry run, else completed, failed, cancelled or timed out. The options are
+    those of `import_backup`."""
     start: dict = {"backup_task_id": task_id}
     if passphrase is not None:
         start["passphrase"] = passphrase
