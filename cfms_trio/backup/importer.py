@@ -35,7 +35,6 @@ from ..storage import Store, backup_tasks
 from .restore import (
     FileMover,
     RestoreOptions,
-    StepReporter,
     commit_restore,
     plan_restore,
     unpack,
@@ -201,7 +200,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, "space": space,
                    **counts}
-        await env.store.write(commit_restore, contents, index, mover, report, job.abort,
+        await env.store.write(_commit, staging, contents, index, mover, report, job.abort,
                               task_id, outcome, job.options,
                               functools.partial(_forget_uploads, env, job))
         del contents
@@ -234,9 +233,17 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     # Committed: no checkpoint before the shield, so a shutdown cannot turn this into a failure.
     with trio.CancelScope(shield=True):
         log.info("import %s completed: %s", task_id, counts)
-        await trio.to_thread.run_sync(index.close)
-        await trio.to_thread.run_sync(_report_completed_and_remove_staging, report, staging)
+        await trio.to_thread.run_sync(functools.partial(report, COMPLETED_STEP, 1.0))
         return await env.store.read(backup_tasks.get_backup_task, task_id)
+
+
+def _commit(m, staging: Path, contents, index, *args) -> None:
+    """`commit_restore`, then, last inside its transaction, the staging folder removed: a
+    client that sees `completed` finds neither the uploads nor the staging (if the commit
+    itself then fails, the failure removes what remains anyway)."""
+    commit_restore(m, contents, index, *args)
+    index.close()
+    remove_tree(staging)
 
 
 def _forget_uploads(env: ImportEnvironment, job: ImportJob, m) -> None:
@@ -295,12 +302,6 @@ def preflight_space(paths: Paths, task: dict) -> None:
             f"not enough free space for this import: it needs at least {needed} bytes (the "
             f"archive's size, extracted into {paths.staging}), and {available} bytes are "
             "available", data={"free_bytes_needed": needed, "free_bytes_available": available})
-
-
-def _report_completed_and_remove_staging(report: StepReporter, staging: Path) -> None:
-    """The first step after the commit, in a worker thread like every step of the import."""
-    report(COMPLETED_STEP, 1.0)
-    remove_tree(staging)
 
 
 async def _clean_up_uploads(env: ImportEnvironment, job: ImportJob) -> None:

@@ -28,7 +28,6 @@ CREATE TABLE plan_objects (seq INTEGER PRIMARY KEY, kind TEXT NOT NULL,
 CREATE UNIQUE INDEX plan_objects_archive ON plan_objects (kind, archive_id);
 CREATE INDEX plan_objects_local ON plan_objects (kind, local_id);
 CREATE INDEX plan_objects_names ON plan_objects (kind, parent, name);
-CREATE INDEX plan_objects_action ON plan_objects (action, kind);
 CREATE TABLE plan_files (archive_id TEXT PRIMARY KEY, local_id TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE plan_revisions (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, document TEXT NOT NULL,
     file TEXT NOT NULL, created_time REAL NOT NULL, position INTEGER NOT NULL);

@@ -84,8 +84,10 @@ def build_plan(m, index: StagingIndex, absent_file_ids: set[str], *, policy: str
     may not, Conflict for a tree that would be too deep or cyclic."""
     rows = PlanIndex(index)
     rows.reset()
+    # No importer: an offline plan against a throw-away store (`backup verify --deep`).
+    principal = accounts.principal_of(m, importer) if importer else None
     planner = _Planner(m, index, RestorePlan(policy, include, target_folder_id, rows),
-                       accounts.principal_of(m, importer), check_abort)
+                       principal, check_abort)
     planner.run(absent_file_ids)
     return planner.plan
 
@@ -365,7 +367,7 @@ class _Planner:
     def _require(self, what: tuple, doing: str) -> None:
         """A non-sysop importer needs the access an API request would need."""
         kind, object_id, access = what
-        if object_id is None or self.principal.is_sysop:
+        if object_id is None or self.principal is None or self.principal.is_sysop:
             return
         if what not in self.allowed:
             if len(self.allowed) >= CACHE_ENTRIES:

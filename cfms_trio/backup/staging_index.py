@@ -58,6 +58,7 @@ _CHECK_INDEXES = """
 CREATE INDEX folders_parent ON folders (parent_key, name);
 CREATE INDEX documents_folder ON documents (folder_key, title);
 CREATE INDEX revisions_document ON revisions (document_id);
+CREATE INDEX revisions_file ON revisions (file_id);
 CREATE UNIQUE INDEX memberships_user ON memberships (username, group_name);
 """
 
