@@ -143,12 +143,6 @@ class PlanIndex:
                              f"WHERE kind = ? AND action IN ({marks}) ORDER BY seq",
                              (kind, *actions))
 
-    def count(self, kind: str, actions: tuple[str, ...]) -> int:
-        self.flush()
-        marks = ", ".join("?" * len(actions))
-        return self.db.execute(f"SELECT COUNT(*) FROM plan_objects WHERE kind = ? AND action "
-                               f"IN ({marks})", (kind, *actions)).fetchone()[0]
-
     def overwritten(self) -> Iterator[list[tuple]]:
         """(kind, id here) of the overwritten folders and documents."""
         return self._batches("SELECT kind, local_id FROM plan_objects WHERE action = "

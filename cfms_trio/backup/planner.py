@@ -380,6 +380,8 @@ class _Planner:
     def _check_cycles(self) -> None:
         """An overwritten folder moved below one of its own descendants here would cut a
         loop out of the tree; refuse it."""
+        if not self.plan.counts["overwrite"]["folder"]:
+            return
         for batch in self.rows.overwritten_folders():
             for local_id, parent in batch:
                 seen, node = {local_id}, parent

@@ -275,7 +275,8 @@ def apply_plan(m, plan: RestorePlan, index: StagingIndex, contents: BackupConten
             ("folder", "Importing folders", m.Folder, restore_rows.FOLDER_FIELDS),
             ("document", "Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS)):
         report(step, 0.0)
-        total = max(1, rows.count(kind, NEW_ACTIONS + ("overwrite",)))
+        overwritten = plan.counts["overwrite"][kind]
+        total = max(1, plan.imported(kind))
         done = [0]
 
         def progress(count: int, step=step, total=total, done=done) -> None:
@@ -284,11 +285,13 @@ def apply_plan(m, plan: RestorePlan, index: StagingIndex, contents: BackupConten
             report(step, done[0] / total, objects_done=done[0])
 
         restore_rows.insert_rows(model, fields, rows.objects(kind, NEW_ACTIONS), progress)
-        restore_rows.update_placements(model, fields, (
-            [(local_id, name, parent) for local_id, name, parent, _ in batch]
-            for batch in rows.objects(kind, ("overwrite",))), progress)
+        if overwritten:
+            restore_rows.update_placements(model, fields, (
+                [(local_id, name, parent) for local_id, name, parent, _ in batch]
+                for batch in rows.objects(kind, ("overwrite",))), progress)
     restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS, rows.revisions())
-    restore_rows.delete_rules_of(m, rows.overwritten())
+    if plan.counts["overwrite"]["folder"] or plan.counts["overwrite"]["document"]:
+        restore_rows.delete_rules_of(m, rows.overwritten())
     restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, rows.rules())
 
 
