@@ -444,3 +444,21 @@ async def test_bad_options_are_refused_with_clear_errors(live, tmp_path):
                 await clerk.call("cancel_backup_import", {"backup_task_id": theirs})
             assert info.value.code == 403
             await admin.call("cancel_backup_import", {"backup_task_id": theirs})
+
+
+async def test_kept_uploads_go_at_the_deadline_and_the_failure_stays(live, tmp_path):
+    _, archive, key = await exported(live, tmp_path)
+    async with live.connect("admin") as admin:
+        task_id = await uploaded(admin, archive, key, timeout_seconds=6)
+        final = await run(admin, task_id, accounts="none", include=[{"path": "/no/such"}])
+        assert final["status"] == "failed" and final["startable"] is True, final
+        assert upload_files(live)
+        with trio.fail_after(30):
+            while upload_files(live):
+                await trio.sleep(0.1)
+        status = await admin.call("get_backup_import_status", {"backup_task_id": task_id})
+        assert status["status"] == "failed" and status["startable"] is False
+        assert "matches nothing" in status["error_message"]
+        with pytest.raises(ClientError) as info:
+            await admin.call("start_backup_import", {"backup_task_id": task_id})
+        assert info.value.code in (408, 409)
