@@ -101,25 +101,33 @@ async def test_a_root_made_by_the_release_before_schema_versions_upgrades_in_pla
         assert sorted(d["title"] for d in listed["documents"]) == ["after upgrade", "notes"]
 
 
+def _columns_of(store, table: str) -> set[str]:
+    return store.run_read(lambda m: {c.name for c in m.db.get_columns(table)})
+
+
 def test_a_database_one_version_behind_upgrades_once(tmp_path):
     """On the tests' database (PostgreSQL in its run): a database at LATEST_VERSION - 1, the
-    shape the previous release's migrations left, gets the latest migration and keeps its
-    rows."""
+    shape the previous release's migrations left (here: without BackupTask.plan, what
+    migration 3 adds), gets the latest migration and keeps its rows."""
+    assert LATEST_VERSION == 3, "undo what the newest migration adds in this test"
     store = _store_for(tmp_path)
     try:
         assert store.upgrade_schema() is None  # empty: created at the latest version
-        assert REVISION_HISTORY_INDEX in _index_names(store)
+        assert "plan" in _columns_of(store, "backup_task")
         store.run_write(accounts.bootstrap, "hash-of-a-password", 1.0)
         # Back to the previous version: without what the latest migration adds.
-        store.run_write(lambda m: m.db.execute_sql(f'DROP INDEX "{REVISION_HISTORY_INDEX}"'))
+        store.run_write(lambda m: m.db.execute_sql(
+            'ALTER TABLE "backup_task" DROP COLUMN "plan"'))
         _set_version(store, LATEST_VERSION - 1)
     finally:
         store.close()
     store = _store_for(tmp_path)
     try:
         assert store.schema_version() == LATEST_VERSION - 1
+        assert "plan" not in _columns_of(store, "backup_task")
         assert store.upgrade_schema() == LATEST_VERSION - 1
         assert store.schema_version() == LATEST_VERSION
+        assert "plan" in _columns_of(store, "backup_task")
         assert REVISION_HISTORY_INDEX in _index_names(store)
         assert store.run_read(accounts.is_initialized)
         assert store.upgrade_schema() == LATEST_VERSION  # idempotent: nothing left to do

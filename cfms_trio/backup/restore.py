@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..config import ArchiveLimits
-from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
+from ..conventions import ACCOUNTS_DEFAULT_POLICY, CONFLICT_DEFAULT_POLICY, SYSOP_GROUP
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..storage import backup_tasks, restore_accounts, restore_rows
 from .durability import sync_filesystem
@@ -33,9 +33,12 @@ from .format import (
     parse_key_upload,
     read_backup_archive,
 )
+from .plan_index import NEW_ACTIONS
+from .planner import RestorePlan, build_plan
 from .staging_index import StagingIndex
 
-StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
+# (step name, fraction of the step done, and optionally bytes_done= / objects_done=)
+StepReporter = Callable[..., None]
 
 
 def read_key_file(path: Path, limits: ArchiveLimits) -> KeyInfo | Unlock:
@@ -77,7 +80,8 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
     def on_bytes(consumed: int, total: int) -> None:
         _check_abort(abort)
         if consumed:
-            report("Extracting archive", consumed / total if total else 0.0)
+            report("Extracting archive", consumed / total if total else 0.0,
+                   bytes_done=consumed, bytes_total=total)
 
     index = StagingIndex.create(staging_dir)
     try:
@@ -124,19 +128,25 @@ def check_contents(contents: BackupContents, index: StagingIndex) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
-    """How `start_backup_import` asked to apply an archive: the accounts policy and who is
-    importing (their own account and sysop membership are never touched)."""
+    """How `start_backup_import` asked to apply an archive: the accounts policy, who is
+    importing (their own account and sysop membership are never touched, and a non-sysop
+    writes only where they may), the conflict policy, the chosen part (`include`) and where
+    it goes (`target_folder_id`); see `planner`."""
 
     accounts: str = ACCOUNTS_DEFAULT_POLICY
     importer: str = ""
+    conflict_policy: str = CONFLICT_DEFAULT_POLICY
+    include: tuple = ()
+    target_folder_id: str | None = None
 
 
-def _check_collisions(m, index: StagingIndex) -> None:
-    for kind, model, field, root_parent, message in restore_rows.collision_checks(m):
-        for keys in index.keys(kind, restore_rows.LOOKUP_BATCH_IDS):
-            found = restore_rows.existing_keys(model, field, keys, root_only=root_parent)
-            if found:
-                raise Conflict(message.format(sorted(found)[0]))
+def plan_restore(m, contents: BackupContents, index: StagingIndex, options: RestoreOptions,
+                 abort: threading.Event) -> RestorePlan:
+    """The plan of applying `index` to the store `m` with `options` (a read or the commit's
+    transaction)."""
+    return build_plan(m, index, contents.absent_file_ids, policy=options.conflict_policy,
+                      include=list(options.include), target_folder_id=options.target_folder_id,
+                      importer=options.importer, check_abort=lambda: _check_abort(abort))
 
 
 def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
@@ -166,56 +176,88 @@ def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
 
 def commit_restore(m, contents: BackupContents, index: StagingIndex, mover,
                    report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
-                   options: RestoreOptions = RestoreOptions()) -> None:
-    """Stage 2, run inside one write transaction: rows in (from the staging index, in
-    batches), files into place, accounts by `options`, the audit log appended, and the task's
-    final `outcome` (its completed status, counts and warnings) recorded with them.
+                   options: RestoreOptions = RestoreOptions(),
+                   forget_uploads: Callable[[object], None] | None = None) -> None:
+    """Stage 2, run inside one write transaction: the plan made against the store as it is
+    now (`planner`), then its rows in, files into place, accounts by `options`, the audit log
+    appended (whole-archive imports under policy fail only), and the task's final `outcome`
+    (its completed status, counts, plan and warnings) recorded with them.
+    `forget_uploads(m)` is called in the transaction once the plan is accepted (the import's
+    uploads go then: from here on, any failure is not the options' fault).
 
-    `mover` (from the content storage's `restored_files`) names each restored file's key
-    and puts the staged files in place. The task says `completed` exactly when the restored rows exist: a crash after the commit
-    leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming an id
-    that already exists. The transaction commits when this returns; if anything here or in the
-    commit fails, the caller calls `mover.take_back()`.
+    The task says `completed` exactly when the restored rows exist: a crash after the commit
+    leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming the
+    first conflict under policy fail. `mover` (from the content storage's `restored_files`)
+    names each restored file's key and puts the staged files in place. The transaction commits
+    when this returns; if anything here or in the commit fails, the caller calls
+    `mover.take_back()`.
     """
-    _check_collisions(m, index)
+    report("Loading metadata", 0.5)  # planning
+    plan = plan_restore(m, contents, index, options, abort)
+    if plan.refusal is not None:
+        raise Conflict(plan.refusal)
+    if forget_uploads is not None:
+        forget_uploads(m)
     warnings = list(outcome.get("warnings", ()))
     if "accounts" in contents.parts:
         warnings += _apply_accounts(m, contents, index, options)
-    report("Importing files", 0.0)
-    restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
-        index.rows("files"), mover.key_of, contents.inactive_file_ids))
-    mover.move_all(index, contents.absent_file_ids, report, abort)
-    for step, model, fields, kinds in (
-            ("Importing folders", m.Folder, restore_rows.FOLDER_FIELDS, ("folders",)),
-            ("Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS,
-             ("documents", "revisions"))):
-        report(step, 0.0)
-        total = max(1, sum(index.count(kind) for kind in kinds[:1]))
-        done = [0]
-
-        def progress(rows: int, step=step, total=total, done=done) -> None:
-            done[0] += rows
-            _check_abort(abort)
-            report(step, done[0] / total)
-
-        restore_rows.insert_rows(model, fields, index.rows(kinds[0]), progress)
-        if len(kinds) > 1:
-            restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS,
-                                     index.rows("revisions"))
-    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, index.rows("rules"))
+    apply_plan(m, plan, index, contents, mover, report, abort)
     if "audit" in contents.parts:
-        restore_accounts.append_audit(m, index.rows("audit"))
+        if plan.whole_archive and plan.policy == "fail":
+            restore_accounts.append_audit(m, index.rows("audit"))
+        else:
+            warnings.append("the archive's audit log was not appended (only an import of the "
+                            "whole archive with conflict_policy fail appends it)")
     warnings += itemised(
         [f"access rules name the group {name!r}, which does not exist on this server"
          for name in restore_accounts.absent_groups(m, index.rows("rule_groups"))],
         "... and {count} more groups named by access rules do not exist on this server")
     _check_abort(abort)
     report("Finalizing import", 0.0)
+    counts = {f"{kind}s_count": plan.imported(kind) for kind in ("document", "folder", "file")}
+    fields = {key: value for key, value in outcome.items() if key != "space"}
     backup_tasks.update_backup_task(m, task_id, completed_time=time.time(),
-                                    **{**outcome, "warnings": warnings})
+                                    **{**fields, **counts, "warnings": warnings,
+                                       "plan": plan.summary(**outcome.get("space", {}))})
+
+
+def apply_plan(m, plan: RestorePlan, index: StagingIndex, contents: BackupContents,
+               mover, report: StepReporter, abort: threading.Event) -> None:
+    """Write what `plan` decided, reading its decisions back from the staging index in
+    batches: files (rows and content), folders and documents (new ones parents first, then
+    the overwritten ones), revisions, access rules."""
+    rows = plan.rows
+    report("Importing files", 0.0)
+    restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
+        rows.file_rows(), mover.key_of, contents.inactive_file_ids))
+    mover.move_all(rows.file_rows(), rows.files_count(), contents.absent_file_ids, report,
+                   abort)
+    for kind, step, model, fields in (
+            ("folder", "Importing folders", m.Folder, restore_rows.FOLDER_FIELDS),
+            ("document", "Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS)):
+        report(step, 0.0)
+        overwritten = plan.counts["overwrite"][kind]
+        total = max(1, plan.imported(kind))
+        done = [0]
+
+        def progress(count: int, step=step, total=total, done=done) -> None:
+            done[0] += count
+            _check_abort(abort)
+            report(step, done[0] / total, objects_done=done[0])
+
+        restore_rows.insert_rows(model, fields, rows.objects(kind, NEW_ACTIONS), progress)
+        if overwritten:
+            restore_rows.update_placements(model, fields, (
+                [(local_id, name, parent) for local_id, name, parent, _ in batch]
+                for batch in rows.objects(kind, ("overwrite",))), progress)
+    restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS, rows.revisions())
+    if plan.counts["overwrite"]["folder"] or plan.counts["overwrite"]["document"]:
+        restore_rows.delete_rules_of(m, rows.overwritten())
+    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, rows.rules())
 
 
 def _check_abort(abort: threading.Event) -> None:
+    """Stop between two pieces of work once the import is told to (cancel or shutdown)."""
     if abort.is_set():
-        raise ImportAborted("the server shut down during the import")
+        raise ImportAborted("the import was stopped")
 

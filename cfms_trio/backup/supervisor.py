@@ -10,7 +10,10 @@ and pending ones get their deadline watchers back. Then it runs, in its own nurs
   are closed and whatever was uploaded is removed;
 - a job per started import (`importer.run_import`), whose live progress it alone holds and
   reports through `progress_of`;
-- the `backup_import_completed` event when an import ends, whichever way.
+- `backup_import_progress` events while a job runs (at most four a second), and the
+  `backup_import_completed` event when an import ends, whichever way (also `cancelled`);
+- cancelling an import (`cancel`): a pending or planned one at once, a processing one by
+  telling its job to stop, which its threads notice between batches.
 
 When the server shuts down, every running job is told to stop, so its threads end and it rolls
 back.
@@ -27,12 +30,13 @@ import trio
 
 from ..config import ArchiveLimits
 from ..conventions import (
-    ACCOUNTS_DEFAULT_POLICY,
     OPERATION_EXPORT,
     OPERATION_IMPORT,
+    STARTABLE_STATUSES,
+    STATUS_CANCELLED,
     STATUS_COMPLETED,
     STATUS_FAILED,
-    STATUS_PENDING,
+    STATUS_PLANNED,
     STATUS_PROCESSING,
     STATUS_TIMEOUT,
 )
@@ -46,6 +50,7 @@ from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, restore_rows
 from ..transfer.registry import TransferRegistry
 from .importer import ImportEnvironment, ImportJob, discard_uploads, run_import
+from .restore import RestoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,8 @@ TIMEOUT_MESSAGE = "the uploads were not completed and the import not started bef
 RESTART_MESSAGE = "server restarted during the import"
 EXPORT_RESTART_MESSAGE = "server restarted during the export"
 COMPLETED_EVENT = "backup_import_completed"
+PROGRESS_EVENT = "backup_import_progress"
+PROGRESS_INTERVAL_S = 0.25  # at most four progress events a second per import
 # How long a timed-out import waits for its aborted uploads to unwind before removing them.
 UPLOAD_UNWIND_TIMEOUT_S = 5.0
 
@@ -94,10 +101,11 @@ class ImportSupervisor:
                 for job in self._jobs.values():
                     job.abort.set()
 
-    def progress_of(self, task_id: str) -> tuple[str, int] | None:
-        """(step, percent) of an import running now, or None."""
+    def progress_of(self, task_id: str) -> dict | None:
+        """The live progress of an import running now (step, percent, bytes and objects
+        done), or None."""
         job = self._jobs.get(task_id)
-        return None if job is None else (job.progress.step, job.progress.percent)
+        return None if job is None else job.progress.snapshot()
 
     @contextlib.asynccontextmanager
     async def deciding(self, task_id: str) -> AsyncIterator[None]:
@@ -140,7 +148,14 @@ class ImportSupervisor:
         """
         async with self.deciding(task_id):
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
-            if task["status"] != STATUS_PENDING:
+            if await self._store.read(backup_tasks.failed_holding_uploads, task):
+                # Refused because of its options and never started again: the uploads go,
+                # the failure stays as it was.
+                await self._discard_quietly(task)
+                log.info("import %s: the deadline passed; its kept uploads were removed",
+                         task_id)
+                return
+            if task["status"] not in STARTABLE_STATUSES:
                 return
             uploads = await self._store.read(backup_tasks.import_upload_tasks,
                                              task["archive_file_id"], task["key_file_id"])
@@ -160,12 +175,18 @@ class ImportSupervisor:
                 log.exception("could not remove the uploads of timed-out import %s", task_id)
             try:
                 task = await self._store.write(
-                    backup_tasks.transition_backup_task, task_id, STATUS_PENDING,
+                    backup_tasks.transition_backup_task, task_id, task["status"],
                     status=STATUS_TIMEOUT, error_message=message, completed_time=time.time())
             except Conflict:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
         await self._publish_outcome(task)
+
+    async def _discard_quietly(self, task: dict) -> None:
+        try:
+            await discard_uploads(self._env, task)
+        except Exception:
+            log.exception("could not remove the uploads of import %s", task["backup_task_id"])
 
     async def close_abandoned(self, tasks: list[dict]) -> None:
         """Close imports whose owner was deleted. They are `failed` in the store already (in
@@ -192,27 +213,109 @@ class ImportSupervisor:
     # -- running ----------------------------------------------------------------------------------
 
     def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
-              allow_missing_content: bool = False,
-              accounts: str = ACCOUNTS_DEFAULT_POLICY) -> None:
+              allow_missing_content: bool = False, dry_run: bool = False,
+              options: RestoreOptions | None = None) -> None:
         """Run a task that just became `processing` in the background. The passphrase, if
         any, lives only in the job's memory; `with_key` is False when no key was uploaded;
-        `allow_missing_content`: see `read_backup_archive`; `accounts`: the accounts policy
+        `allow_missing_content`: see `read_backup_archive`; `dry_run`: end `planned` with
+        the plan; `options`: accounts and conflict policies, include, target
         (`RestoreOptions`)."""
         self._stop_watching(task["backup_task_id"])
         job = ImportJob(task, passphrase=passphrase, with_key=with_key,
-                        allow_missing_content=allow_missing_content, accounts=accounts)
+                        allow_missing_content=allow_missing_content, dry_run=dry_run,
+                        options=options)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 
-    async def _run_job(self, job: ImportJob) -> None:
+    async def cancel(self, task_id: str, username: str) -> dict:
+        """Cancel an import that is pending, planned or processing, or that failed because of
+        its options and still holds its uploads; return its final row.
+
+        A pending or planned one: its uploads in flight are aborted, what was uploaded is
+        removed, and it becomes `cancelled`. A processing one: its job is told to stop (its
+        threads stop at their next check between batches, its transaction rolls back, its
+        moved files are taken back) and the answer waits for it to end. Raises Conflict for a
+        task in any other state, or one whose import committed before it could stop."""
+        job = self._jobs.get(task_id)
+        if job is not None:
+            job.cancel(username)
+            await job.ended.wait()
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] == STATUS_CANCELLED:
+                return task
+            if task["status"] not in STARTABLE_STATUSES:
+                raise Conflict(f"backup task '{task_id}' is {task['status']}: it ended before "
+                               "it could be cancelled")
+            # A dry run that ended as it was told to stop is cancelled as a planned task.
+        async with self.deciding(task_id):
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] not in STARTABLE_STATUSES and not await self._store.read(
+                    backup_tasks.failed_holding_uploads, task):
+                raise Conflict(f"backup task '{task_id}' is {task['status']}; only a pending, "
+                               "planned or processing import, or one refused because of its "
+                               "options, can be cancelled")
+            self._stop_watching(task_id)
+            await self._abort_uploads(task, "the backup import was cancelled; the upload "
+                                            "was aborted")
+            task = await self._store.write(
+                backup_tasks.transition_backup_task, task_id, task["status"],
+                status=STATUS_CANCELLED, error_message=f"cancelled by {username!r}",
+                completed_time=time.time())
+        log.info("import %s cancelled by %s", task_id, username)
+        await self._publish_outcome(task)
+        return task
+
+    async def _abort_uploads(self, task: dict, reason: str) -> None:
+        """Abort an import's uploads in flight, let them unwind, and remove what was
+        uploaded."""
+        uploads = await self._store.read(backup_tasks.import_upload_tasks,
+                                         task["archive_file_id"], task["key_file_id"])
+        for upload in uploads:
+            self._transfers.abort(upload["task_id"], reason)
+        with trio.move_on_after(UPLOAD_UNWIND_TIMEOUT_S):
+            await self._transfers.wait_ended([u["task_id"] for u in uploads])
         try:
-            final = await run_import(self._env, job)
+            await discard_uploads(self._env, task)
+        except Exception:
+            log.exception("could not remove the uploads of import %s", task["backup_task_id"])
+
+    async def _run_job(self, job: ImportJob) -> None:
+        final = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish_progress, job)
+                with job.scope:
+                    final = await run_import(self._env, job)
+                nursery.cancel_scope.cancel()
+            if final is None:  # cancelled: run_import recorded it, then re-raised
+                final = await self._store.read(backup_tasks.get_backup_task, job.task_id)
         except Exception:
             log.exception("could not record the outcome of import %s", job.task_id)
             return
         finally:
             del self._jobs[job.task_id]
+            job.ended.set()
+        if final["status"] == STATUS_PLANNED or job.uploads_kept:
+            self.watch(job.task_id, final["timeout_time"])  # the uploads wait for a real run
         await self._publish_outcome(final)
+
+    async def _publish_progress(self, job: ImportJob) -> None:
+        """`backup_import_progress` to the task's listeners whenever the progress moved, at
+        most every PROGRESS_INTERVAL_S (each publish reads the store once for its
+        audience)."""
+        last = None
+        audience = backup_event_audience(job.task["username"])
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            now = job.progress.snapshot()
+            if now == last:
+                continue
+            last = now
+            try:
+                await self._hub.publish(event(PROGRESS_EVENT, {
+                    "backup_task_id": job.task_id, **now}), audience)
+            except Exception:
+                log.exception("could not publish the progress of import %s", job.task_id)
 
     async def _publish_outcome(self, task: dict) -> None:
         completed = task["status"] == STATUS_COMPLETED
@@ -244,6 +347,10 @@ class ImportSupervisor:
             log.warning("import %s was interrupted by a restart; marked failed",
                         task["backup_task_id"])
         for task in await store.read(backup_tasks.finished_imports_holding_uploads):
+            if task["status"] == STATUS_FAILED and task["timeout_time"] > time.time():
+                # Refused because of its options: startable again until its deadline.
+                self.watch(task["backup_task_id"], task["timeout_time"])
+                continue
             await discard_uploads(self._env, task)
             log.warning("import %s ended before a restart but kept its uploads; removed them",
                         task["backup_task_id"])
@@ -263,6 +370,7 @@ class ImportSupervisor:
         if removed:
             log.warning("removed %d restored files left by an interrupted import", removed)
         await trio.to_thread.run_sync(lambda: unlink_quietly(partial_backups(paths.backups)))
-        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
-                                     STATUS_PENDING):
-            self.watch(task["backup_task_id"], task["timeout_time"])
+        for status in STARTABLE_STATUSES:
+            for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
+                                         status):
+                self.watch(task["backup_task_id"], task["timeout_time"])

@@ -192,7 +192,7 @@ def _plan_restore(contents, index: StagingIndex, staging: Path, work_dir: Path) 
         outcome = {"status": "completed", "error_message": None}
         try:
             store.run_write(commit_restore, contents, index, mover,
-                            lambda step, fraction: None, threading.Event(), task_id, outcome)
+                            lambda *step, **counts: None, threading.Event(), task_id, outcome)
         except CfmsError as exc:
             raise ArchiveError(f"the restore plan failed: {exc.message}") from None
         planned = store.run_read(backup_tasks.get_backup_task, task_id)

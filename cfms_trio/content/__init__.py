@@ -20,8 +20,9 @@ implementations offer the same methods:
   (`PartialContent` below);
 - `discard_partial_uploads(task_ids)` / `remove_unclaimed_uploads(claimed_task_ids)`;
 - `restored_files(staging_dir, task_id)`: how an import's verified staged files become stored
-  content together with its commit (`before_commit`, `move_all` inside the transaction,
-  `take_back` after a failure, `key_of(file_id)` for the File rows);
+  content together with its commit (`move_all` inside the transaction: local files are
+  renamed, S3 objects uploaded; `take_back` after a failure; `key_of(file_id)` for the File
+  rows);
 - `remove_interrupted_restores(task_ids, known_restored_ids)`: at start-up, what imports that
   never committed left behind;
 - `adopt(paths)`: take local files the server wrote under `<root>/content/` (a finished

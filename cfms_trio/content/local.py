@@ -14,7 +14,6 @@ from ..backup.durability import sync_directory
 from ..backup.format import DropBehindWriter
 from ..errors import ImportAborted
 from ..paths import PART_SUFFIX, Paths, restore_file_relative
-from ..storage.restore_rows import LOOKUP_BATCH_IDS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,8 @@ class LocalContent:
     """Content as files under the content folder; a key is a path relative to it."""
 
     description = "local files"
+    # An import reads its uploaded archive where it is stored (no local copy first).
+    reads_uploads_in_place = True
 
     def __init__(self, paths: Paths):
         self._paths = paths
@@ -196,27 +197,28 @@ class LocalRestoredFiles:
     def key_of(file_id: str) -> str:
         return restore_file_relative(file_id)
 
-    def before_commit(self, index, absent: set[str], report, abort: threading.Event) -> None:
-        """Nothing: a rename in the transaction is all it takes (`move_all`)."""
-
-    def move_all(self, index, absent: set[str], report, abort: threading.Event) -> None:
-        """Move every staged file of `index` (except the `absent` ones, which have no
-        content) into the restore folder."""
+    def move_all(self, files: Iterable[list[tuple]], total: int, absent: set[str], report,
+                 abort: threading.Event) -> None:
+        """Move the staged files of the batches `files` ((archive id, id here, ...) rows, of
+        `total` in all; except the `absent` ones, which have no content) into the restore
+        folder, each under its id here."""
         self.restore_dir.mkdir(parents=True, exist_ok=True)
         # Plain string paths: a backup may hold 100,000 files, and a Path object per name
         # costs more than the rename's own bookkeeping here.
         source_dir, target_dir = os.fspath(self.staging_dir), os.fspath(self.restore_dir)
-        total, done = max(1, index.count("files")), 0
-        for batch in index.keys("files", LOOKUP_BATCH_IDS):
+        total, done = max(1, total), 0
+        for batch in files:
             if abort.is_set():
                 raise ImportAborted("the server shut down during the import")
-            for file_id in batch:
-                if file_id in absent:
+            report("Importing files", done / total, objects_done=done)
+            for archive_id, file_id, *_ in batch:
+                done += 1
+                if archive_id in absent:
                     continue
-                os.rename(os.path.join(source_dir, file_id), os.path.join(target_dir, file_id))
+                os.rename(os.path.join(source_dir, archive_id),
+                          os.path.join(target_dir, file_id))
                 self.moved.append(file_id)
-            done += len(batch)
-            report("Importing files", done / total)
+        report("Importing files", 1.0, objects_done=done)
         sync_directory(self.restore_dir)  # the renames are on disk before the commit
 
     def take_back(self) -> None:

@@ -34,7 +34,6 @@ from typing import Iterable, Iterator
 from ..config import MiB
 from ..errors import Conflict, ImportAborted, StorageUnavailable
 from ..paths import PART_SUFFIX, Paths
-from ..storage.restore_rows import LOOKUP_BATCH_IDS
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,8 @@ class S3Content:
         self.location = location
         self.bucket = location.bucket
         self.description = location.url
+        # An import downloads its uploaded archive into staging first (`local_copy`).
+        self.reads_uploads_in_place = False
         self._paths = paths
         self._endpoint_url = endpoint_url
         self._region = region
@@ -450,30 +451,31 @@ class S3RestoredFiles:
     def key_of(self, file_id: str) -> str:
         return f"{RESTORED_FOLDER}{self._task_id}/{file_id}"
 
-    def before_commit(self, index, absent: set[str], report, abort: threading.Event) -> None:
-        """Upload every staged file (not the `absent` ones) in a few parallel streams."""
-        total, done = max(1, index.count("files")), 0
+    def move_all(self, files: Iterable[list[tuple]], total: int, absent: set[str], report,
+                 abort: threading.Event) -> None:
+        """Upload the staged files of the batches `files` ((archive id, id here, ...) rows, of
+        `total` in all; not the `absent` ones) to the keys the rows name, in a few parallel
+        streams. This runs inside the commit's transaction (the plan, made there, decides which
+        files are written and under which ids); `take_back` removes them if it fails."""
+        total, done = max(1, total), 0
 
-        def upload(file_id: str) -> None:
+        def upload(archive_id: str, file_id: str) -> None:
             if abort.is_set():
                 raise ImportAborted("the server shut down during the import")
             key = self.key_of(file_id)
             with self._lock:
                 self.stored.append(key)
-            self._content.put_file(self._staging_dir / file_id, key)
+            self._content.put_file(self._staging_dir / archive_id, key)
 
         with concurrent.futures.ThreadPoolExecutor(RESTORE_UPLOAD_THREADS) as pool:
-            for batch in index.keys("files", LOOKUP_BATCH_IDS):
-                wanted = [file_id for file_id in batch if file_id not in absent]
-                for future in [pool.submit(upload, file_id) for file_id in wanted]:
+            for batch in files:
+                report("Importing files", done / total, objects_done=done)
+                wanted = [(archive_id, file_id) for archive_id, file_id, *_ in batch
+                          if archive_id not in absent]
+                for future in [pool.submit(upload, *pair) for pair in wanted]:
                     future.result()
                 done += len(batch)
-                report("Importing files", done / total)
-
-    def move_all(self, index, absent: set[str], report, abort: threading.Event) -> None:
-        """Nothing moves: the rows name the keys `before_commit` uploaded to."""
-        if abort.is_set():
-            raise ImportAborted("the server shut down during the import")
+        report("Importing files", 1.0, objects_done=done)
 
     def take_back(self) -> None:
         """Remove what this import uploaded (everything under its task's prefix)."""

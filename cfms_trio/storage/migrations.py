@@ -64,9 +64,15 @@ def _revision_history_index(database: pw.Database, m: types.SimpleNamespace) -> 
         f'"{m.Revision.seq.column_name}")')
 
 
+def _restore_plans(database: pw.Database, m: types.SimpleNamespace) -> None:
+    """Restores into a live server (issue 14): an import's plan is kept with its task."""
+    _add_column_if_missing(database, m.BackupTask, "plan")
+
+
 MIGRATIONS = (
     Migration(1, "baseline: missing tables and BackupTask.warnings", _baseline),
     Migration(2, "index on revision (document_id, seq)", _revision_history_index),
+    Migration(3, "BackupTask.plan", _restore_plans),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -147,6 +147,9 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # JSON list of strings: what an import had to change (added by issue 11; older
         # databases get it from migration 1).
         warnings = pw.TextField(default="[]")
+        # JSON object: an import's plan (restore planner), once made (added by issue 14;
+        # older databases get it from migration 3).
+        plan = pw.TextField(null=True)
 
     class BackupSchedule(Base):
         """A backup the server makes by itself every `interval_seconds` (issue 18)."""

@@ -46,7 +46,7 @@ EXIT_TIMEOUT_S = 15
 STEP_TIMEOUT_S = 30
 LISTENING = re.compile(r"^listening on (ws://127\.0\.0\.1:\d+)$")
 # Every step an import goes through before it commits.
-STEPS = [step for step in STEP_PERCENT if step != "Restore completed"]
+STEPS = [step for step in STEP_PERCENT if step not in ("Restore completed", "Plan completed")]
 
 
 class ServeProcess:

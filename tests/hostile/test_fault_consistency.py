@@ -44,10 +44,10 @@ async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # n
                 while PAUSED_LINE not in (tmp_path / "stderr.txt").read_text():
                     await trio.sleep(0.02)
             status = await admin.call("get_backup_import_status", {"backup_task_id": task_id})
-            # Held after the commit: the task already says so; its staging folder (files
-            # and staging index) is still there. The uploads went just before the commit.
+            # Held after the commit: the task already says so, and the commit's transaction
+            # removed the uploads and the staging folder before it could be seen.
             assert (status["status"], status["current_step"]) == ("completed", PAUSE_STEP), status
-            assert entries(root / "content" / "tmp" / "staging"), "cleaned up already"
+            assert entries(root / "content" / "tmp" / "staging") == []
             assert entries(root / "content" / "backups" / "import") == []
             await server.kill()
     async with serve_process(root) as server:

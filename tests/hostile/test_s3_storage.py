@@ -120,12 +120,17 @@ async def test_import_puts_exactly_the_restored_files_in_the_bucket(on_s3, s3, b
     assert all(key.startswith(f"data/restore/files/{task_id}/") for key in
                bucket_keys(s3, bucket))
     assert len(listed) == 3
-    # The same archive again collides with what it restored: refused after its files were
-    # uploaded, and every one of them is taken back.
+    # The same archive again collides with what it restored: refused by its plan before any
+    # file is stored; its uploads are kept for a retry with other options until it is
+    # cancelled, which removes them.
     async with on_s3.connect("admin") as admin:
         await admin.listen()
         again = await run_import(admin, corpus.big_archive(), corpus.v2_key(), tmp_path)
         assert again["status"] == "failed" and "already exists" in again["error_message"]
+        assert again["startable"] is True
+        kept = [key for key in bucket_keys(s3, bucket) if key.startswith("data/backups/import/")]
+        assert len(kept) == 2
+        await admin.call("cancel_backup_import", {"backup_task_id": again["backup_task_id"]})
     assert bucket_keys(s3, bucket) == sorted(f"data/{path}" for path in listed)
     assert open_uploads(s3, bucket) == []
 
@@ -146,12 +151,14 @@ async def test_an_import_killed_while_storing_files_leaves_no_object_after_resta
     root = tmp_path / "root"
     root.mkdir()
     args = ("--storage", f"s3://{bucket}/killed", "--s3-endpoint", s3.endpoint)
-    async with serve_process(root, pause_at="Importing files", extra_args=args) as server:
+    # Paused at the step after the files: they are stored (inside the commit's transaction),
+    # and the transaction never commits.
+    async with serve_process(root, pause_at="Importing folders", extra_args=args) as server:
         async with admin_client(server.url) as admin:
             task_id = await start_import(admin, corpus.big_archive(), corpus.v2_key(), tmp_path)
             with trio.fail_after(TEST_DEADLINE_S):
                 while (await admin.call("get_backup_import_status", {
-                        "backup_task_id": task_id}))["current_step"] != "Importing files":
+                        "backup_task_id": task_id}))["current_step"] != "Importing folders":
                     await trio.sleep(0.02)
             await server.kill()
     staged = bucket_keys(s3, bucket, f"killed/restore/files/{task_id}/")
