@@ -38,6 +38,8 @@ class App:
     # The long jobs: unpacking imports, writing exports. More of them wait (FIFO) for a slot.
     bulk_io_limiter: trio.CapacityLimiter
     reaper: FileReaper
+    # Where contents live (`content`): local files under `paths.content`, or an S3 bucket.
+    content: object
     imports: ImportSupervisor
     sweeper: UploadSweeper
     backups: BackupScheduler  # schedules, the catalogue's verification and pruning, failures

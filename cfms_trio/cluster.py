@@ -1,7 +1,14 @@
 """What several server instances on one PostgreSQL database tell each other (issue 16).
 
-Each instance has an id of its own (`new_instance_id`, fresh at every start), which its leases
-carry (storage/leases.py). `ClusterRelay` sends small messages to every other instance through
+Each instance has a name of its own, the same across its restarts, which its leases carry
+(storage/leases.py): an instance that starts again under its name fails at once the imports it
+was running. While it runs it holds a PostgreSQL advisory lock on its name (on a connection of
+its own, released by the database server when the process dies: `claim_instance_name`), so
+two running instances never share one. The name is `serve --instance-name` (refused at the
+start while another instance holds it), or by default the host name, the root folder and the
+port (`default_instance_name`), followed by "#2", "#3", ... when an instance running now holds
+that already (two instances on one root and port 0): a restarted instance takes the first free
+one, its own. `ClusterRelay` sends small messages to every other instance through
 PostgreSQL NOTIFY and receives theirs on a connection of its own, kept LISTENing: the event
 loop waits for that connection's socket to become readable, and reads what arrived without
 blocking. A message has a `kind`; the services register what to do with each kind (the event
@@ -17,26 +24,53 @@ does not arrive (an event is a notification: the task's status in the store stay
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 import socket
+from pathlib import Path
 from typing import Awaitable, Callable
 
 import trio
 
+from .errors import StartupError
 from .storage import Store, notifications
 from .storage.backends import POSTGRESQL
 
 log = logging.getLogger(__name__)
 
 RECONNECT_DELAY_S = 1.0
+# Default names tried at a start: the base name, then "#2", "#3", ... up to this many.
+DEFAULT_NAME_SLOTS = 64
 
 Handler = Callable[[dict], Awaitable[None]]
 
 
-def new_instance_id() -> str:
-    """Unique per start; readable in the database: host, process id and a random part."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+def default_instance_name(root: Path, port: int) -> str:
+    """The name of an instance given none: host name, root folder and port (two instances on
+    one host differ in root or port; with port 0 give each its own root or name)."""
+    return f"{socket.gethostname()}:{root.absolute()}:{port}"
+
+
+def claim_instance_name(store: Store, explicit: str | None, default: str
+                        ) -> tuple[str, notifications.NameLock | None]:
+    """This instance's name and the lock that keeps it its own (to close at shutdown; None on
+    SQLite, which serves one instance). Blocking. StartupError when `explicit` is taken."""
+    if store.backend != POSTGRESQL:
+        return explicit or default, None
+    lock = notifications.NameLock(store.open_side_connection())
+    try:
+        candidates = ([explicit] if explicit else
+                      [default] + [f"{default}#{n}" for n in range(2, DEFAULT_NAME_SLOTS + 1)])
+        for name in candidates:
+            if lock.try_lock(name):
+                return name, lock
+    except BaseException:
+        lock.close()
+        raise
+    lock.close()
+    if explicit:
+        raise StartupError(f"another server instance named {explicit!r} is running on this "
+                           "database; give each instance its own name (--instance-name)")
+    raise StartupError(f"{DEFAULT_NAME_SLOTS} server instances named {default!r} are running "
+                       "on this database; give this one a name of its own (--instance-name)")
 
 
 class ClusterRelay:

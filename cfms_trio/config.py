@@ -92,11 +92,18 @@ class Settings:
     # Credentials always come from there (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...).
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # Where document contents, partial uploads, restored files and backups live: None is the
+    # local `content/` folder; "s3://BUCKET/PREFIX" a bucket (with the endpoint and region above).
+    storage_url: str | None = None
     # Bytes per part of a multipart upload (S3 wants at least 5 MiB for all but the last).
     s3_part_bytes: int = 8 * MiB
     # Several instances on one database (issue 16): an instance renews the leases of its
     # imports and uploads every third of this; one silent for this long is taken for dead.
     lease_s: float = 30.0
+    # The name this instance's leases carry, the same across restarts, so a restarted
+    # instance fails at once the imports it was running; None: host name, root and port
+    # (`cluster.default_instance_name`).
+    instance_name: str | None = None
 
     @property
     def content(self) -> Path:

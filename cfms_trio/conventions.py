@@ -66,7 +66,16 @@ STATUS_PROCESSING = "processing"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_TIMEOUT = "timeout"
-FINAL_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMEOUT)
+STATUS_CANCELLED = "cancelled"
+# A dry run ended: the plan is ready and the uploads are kept until the task's deadline, so the
+# task can be started again. Not final.
+STATUS_PLANNED = "planned"
+FINAL_STATUSES = (STATUS_COMPLETED, STATUS_FAILED, STATUS_TIMEOUT, STATUS_CANCELLED)
+# Imports whose uploads are kept and which may still be started or cancelled.
+STARTABLE_STATUSES = (STATUS_PENDING, STATUS_PLANNED)
+# How an import treats archive objects that meet existing ones (docs/BACKUP_RESTORE.md).
+CONFLICT_POLICIES = ("fail", "skip", "overwrite", "new_ids")
+CONFLICT_DEFAULT_POLICY = "fail"
 
 # -- backup files (SPEC §7) ---------------------------------------------------------------------
 ARCHIVE_SUFFIX = ".cfms.enc"

@@ -80,6 +80,14 @@ class BackupTargetError(CfmsError):
     code = 502
 
 
+class StorageUnavailable(CfmsError):
+    """The content storage (an S3 bucket given by `serve --storage`) refused or could not be
+    reached (503): nothing was lost, and retrying once it is back can succeed; the message
+    names the bucket and the cause, never a credential."""
+
+    code = 503
+
+
 class InternalError(CfmsError):
     """Unexpected failure; the message carries only a log reference (500)."""
 

@@ -19,6 +19,8 @@ import time
 
 import trio
 
+from .transfer import wire
+
 log = logging.getLogger(__name__)
 
 # Refusals are logged at most this often, with the count since the last log line.
@@ -132,8 +134,8 @@ class GatedListener(trio.abc.Listener[trio.abc.Stream]):
             await stream.aclose()
         if self.ssl_context is None:
             return stream
-        return trio.SSLStream(stream, self.ssl_context, server_side=True,
-                              https_compatible=True)
+        return wire.speed_up_tls(trio.SSLStream(stream, self.ssl_context, server_side=True,
+                                                https_compatible=True))
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -26,9 +26,10 @@ from .app import App
 from .backup.scheduler import BackupScheduler
 from .backup.supervisor import ImportSupervisor
 from .backup.targets import S3Options
-from .cluster import ClusterRelay, new_instance_id
+from .cluster import ClusterRelay, claim_instance_name, default_instance_name
 from .config import Settings
 from .connection import serve_connection
+from .content import open_content_storage
 from .dispatch import Dispatcher
 from .errors import StartupError
 from .events import Audience, EventHub
@@ -40,15 +41,13 @@ from .storage.backends import SQLITE, parse_database_url
 from .tls import ensure_self_signed, server_context
 from .transfer.registry import TransferRegistry
 from .transfer.sweeper import UploadSweeper
+from .transfer import wire
 
 log = logging.getLogger(__name__)
 
 # WebSocket frames may exceed a transfer chunk's ciphertext by this much before the library
 # itself refuses them (close code 1009); text messages are held to the smaller message limit.
 FRAME_SLACK_BYTES = 64 * 1024
-# Bytes asked of the TLS stream per read. trio-websocket's default (4 KiB) turns every 1 MiB
-# chunk into hundreds of reads and parser passes; larger reads keep transfers at disk speed.
-WS_RECEIVE_BYTES = 256 * 1024
 # Worker threads for the disk and crypto work of short requests (transfer chunks, removals).
 IO_THREADS = 4
 # Worker threads for long jobs (an import's unpacking, an export): running jobs beyond this
@@ -112,9 +111,10 @@ def hold_single_instance_lock(paths: Paths) -> int:
     return fd
 
 
-def build_app(settings: Settings, store: Store, paths: Paths) -> App:
+def build_app(settings: Settings, store: Store, paths: Paths, content,
+              instance_name: str) -> App:
     """Every service of one server, wired together (inside `trio.run`: limiters need it)."""
-    relay = ClusterRelay(store, new_instance_id())
+    relay = ClusterRelay(store, instance_name)
 
     async def relay_event(message: dict, audience: Audience) -> None:
         await relay.send("event", {"message": message, "audience": audience.to_wire()})
@@ -127,18 +127,21 @@ def build_app(settings: Settings, store: Store, paths: Paths) -> App:
     relay.on("abort_transfer", transfers.abort_from_elsewhere)
     io_limiter = trio.CapacityLimiter(IO_THREADS)
     bulk_io_limiter = trio.CapacityLimiter(BULK_IO_THREADS)
-    reaper = FileReaper(io_limiter)
+    reaper = FileReaper(io_limiter, content)
+    # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
+    imports = ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
+                               settings.limits.archive, content, relay, settings.lease_s)
+    relay.on("cancel_import", imports.cancel_from_elsewhere)
     return App(
         settings=settings, paths=paths, store=store, hub=hub, relay=relay, transfers=transfers,
         io_limiter=io_limiter, bulk_io_limiter=bulk_io_limiter, reaper=reaper,
-        # Imports unpack on the bulk limiter (the supervisor's `io_limiter` argument).
-        imports=ImportSupervisor(store, paths, hub, transfers, bulk_io_limiter,
-                                 settings.limits.archive, relay, settings.lease_s),
-        sweeper=UploadSweeper(store, paths, transfers),
+        content=content,
+        imports=imports,
+        sweeper=UploadSweeper(store, content, transfers),
         backups=BackupScheduler(store, paths, hub, reaper, bulk_io_limiter,
                                 settings.limits.archive,
                                 S3Options(settings.s3_endpoint_url, settings.s3_region,
-                                          settings.s3_part_bytes)))
+                                          settings.s3_part_bytes), content))
 
 
 def _tls_context(settings: Settings, paths: Paths):
@@ -152,6 +155,7 @@ def _tls_context(settings: Settings, paths: Paths):
 
 async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the server until cancelled; reports a `Running` once it accepts connections."""
+    wire.install()
     lock_fd = None
     if (not settings.database_url
             or parse_database_url(settings.database_url).kind == SQLITE):
@@ -165,8 +169,17 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         if lock_fd is not None:
             os.close(lock_fd)
         raise
+    name_lock = None
     try:
-        app = build_app(settings, store, paths)
+        content = open_content_storage(settings, paths)
+        # A bucket that is missing or refuses these credentials stops the start, clearly.
+        await trio.to_thread.run_sync(content.check)
+        log.info("content storage: %s", content.description)
+        instance_name, name_lock = await trio.to_thread.run_sync(
+            claim_instance_name, store, settings.instance_name,
+            default_instance_name(settings.root, settings.port))
+        log.info("instance name: %s", instance_name)
+        app = build_app(settings, store, paths, content, instance_name)
         ssl_context = await trio.to_thread.run_sync(_tls_context, settings, paths)
         dispatcher = Dispatcher(app, ROUTES)
         limits = settings.limits
@@ -189,7 +202,7 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
             ws_server = WebSocketServer(
                 handler, listeners, handler_nursery=nursery,
                 max_message_size=min(limits.unauthenticated_message_bytes, frame_limit),
-                receive_buffer_size=WS_RECEIVE_BYTES,
+                receive_buffer_size=wire.WS_RECEIVE_BYTES,
                 connect_timeout=limits.handshake_timeout_s,
                 disconnect_timeout=limits.handshake_timeout_s)
             await nursery.start(ws_server.run)
@@ -201,5 +214,7 @@ async def serve(settings: Settings, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         # Runs on cancellation (shutdown) too, so it must be shielded to run at all.
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(store.close)
+            if name_lock is not None:
+                await trio.to_thread.run_sync(name_lock.close)
             if lock_fd is not None:
                 os.close(lock_fd)

@@ -36,6 +36,7 @@ from cfms_trio.client import export_backup, import_backup
 from cfms_trio.conventions import FINAL_STATUSES
 
 import databases
+import storage_mode
 from helpers import ADMIN_PASSWORD, snapshot_tree
 
 # SPEC §8: the steps of a running import and the progress each one starts at.
@@ -459,7 +460,7 @@ async def serve_subprocess(root: Path):
     with open(stderr_path, "wb") as stderr:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root), "--port", "0",
-             *databases.serve_arguments(root)],
+             *databases.serve_arguments(root), *storage_mode.server_args(root)],
             stdout=subprocess.PIPE, stderr=stderr, env=env)
     try:
         buffer = b""

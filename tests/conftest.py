@@ -17,6 +17,7 @@ from cfms_trio.config import Settings
 from cfms_trio.server import Running, serve
 
 import databases
+import storage_mode
 from helpers import ADMIN_PASSWORD
 
 
@@ -57,7 +58,8 @@ def _reaches_a_database(item, sources: dict) -> bool:
 def pytest_collection_modifyitems(config, items):
     """On PostgreSQL (CFMS_TEST_DATABASE), a test that starts no server and opens no store
     runs exactly as in the SQLite run: it is deselected there, so the two runs together fit
-    CI's time."""
+    CI's time. In S3 mode (CFMS_TEST_STORAGE=s3) tests about local disk are skipped."""
+    storage_mode.skip_local_disk_tests(items)
     if not databases.on_postgresql():
         return
     sources: dict = {}
@@ -155,13 +157,32 @@ def make_settings(root: Path, tls_files, **overrides) -> Settings:
     return Settings(**base)
 
 
+@pytest.fixture(autouse=True)
+def _storage_mode(request):
+    """In S3 mode (CFMS_TEST_STORAGE=s3), every test gets the moto server's credentials in
+    its environment and the test bucket exists."""
+    if not storage_mode.S3_MODE:
+        yield None
+        return
+    service = request.getfixturevalue("s3")
+    client = service.client()
+    if storage_mode.active_endpoint != service.endpoint:
+        client.create_bucket(Bucket=storage_mode.BUCKET)
+        storage_mode.active_endpoint = service.endpoint
+    yield service
+
+
 @pytest.fixture
-def start_server(nursery, tmp_path, tls_files, client_ssl):
-    """Factory: `await start_server(name="a", **settings_overrides)` starts another server."""
+def start_server(nursery, tmp_path, tls_files, client_ssl, _storage_mode):
+    """Factory: `await start_server(name="a", **settings_overrides)` starts another server
+    (in S3 mode on a fresh prefix of the test bucket, unless `storage_url` is given)."""
 
     async def start(name: str = "server", **overrides) -> ServerUnderTest:
         root = tmp_path / name
         root.mkdir(exist_ok=True)
+        if storage_mode.S3_MODE and "storage_url" not in overrides:
+            overrides.setdefault("s3_endpoint_url", _storage_mode.endpoint)
+            overrides["storage_url"] = storage_mode.storage_url_of(root)
         settings = make_settings(root, tls_files, **overrides)
         scope_holder = {}
         stopped = trio.Event()

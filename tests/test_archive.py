@@ -1039,3 +1039,27 @@ def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
         with pytest.raises(ArchiveError, match="two folders named 'twin' in the root"):
             index.check(rename_twins=False)  # format 2 archives are held to the API's rules
         index.close()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_only_a_durable_read_starts_the_writeback_of_staged_files(tmp_path, monkeypatch,
+                                                                   durable):
+    """An import (durable) asks the kernel to start writing a large staged file to disk as it
+    is written, all of it in order; the export's self-check, which deletes its copy at once,
+    leaves the pages unwritten in memory. Either way the staged bytes are the file's."""
+    from cfms_trio.backup.format import staged
+
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(staged, "WRITEBACK_START_BYTES", SEGMENT)
+    monkeypatch.setattr(staged, "release_pages",
+                        lambda fd, offset, length: started.append((offset, length)))
+    dataset = make_dataset()
+    big = dataset["blobs"]["big"]
+    _, staging = read_archive(write_archive(dataset), tmp_path, durable=durable)
+    assert (staging / "big").read_bytes() == big
+    if durable:
+        ends = [offset + length for offset, length in started]
+        assert [offset for offset, _ in started] == [0] + ends[:-1]
+        assert ends[-1] == len(big)
+    else:
+        assert started == []

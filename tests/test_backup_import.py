@@ -17,6 +17,7 @@ import trio
 
 from cfms_trio.client import ClientError
 from cfms_trio.config import Limits
+from cfms_trio.content import local as local_content
 from cfms_trio.storage import backup_tasks, restore_rows
 from cfms_trio.transfer.crypto import seal_chunk
 
@@ -420,13 +421,17 @@ def flip_byte(path: Path, offset: int) -> None:
 
 
 async def run_failing_import(server, client, archive: Path, key: Path) -> dict:
-    """Run an import that must fail; check it changed nothing; return its final status."""
+    """Run an import that must fail; check it changed nothing; return its final status. A
+    failure because of the options (here: ids that exist, under policy fail) keeps the uploads
+    for another start; they are cancelled before the store is compared."""
     before = await state_of(server)
     final, seen = await import_from(client, archive, key)
     assert final["status"] == "failed", final
     assert (final["documents_count"], final["folders_count"], final["files_count"]) == (0, 0, 0)
     assert final["completed_time"] is not None
     assert_progress_monotonic(seen)
+    if final["startable"]:
+        await client.call("cancel_backup_import", {"backup_task_id": final["backup_task_id"]})
     await assert_unchanged(server, before)
     return final
 
@@ -458,6 +463,7 @@ async def test_a_bad_archive_or_key_fails_and_changes_nothing(
     final = await run_failing_import(target, target_admin, archive, key)
     assert message in final["error_message"], final
     assert str(target.root) not in final["error_message"]
+    assert final["startable"] is False  # the archive or key is at fault: the uploads are gone
 
 
 async def test_an_id_that_exists_fails_the_import_naming_it(target, target_admin, tmp_path):
@@ -468,6 +474,7 @@ async def test_an_id_that_exists_fails_the_import_naming_it(target, target_admin
     _, _, archive2, key2 = legacy_backup(tmp_path / "second", reuse_revision_id=taken)
     final = await run_failing_import(target, target_admin, archive2, key2)
     assert f"revision id '{taken}' already exists" in final["error_message"], final
+    assert final["startable"] is True  # refused by policy fail: may start again with another
     # The same archive twice: every id collides, the first one in the check order is named.
     final = await run_failing_import(target, target_admin, archive, key)
     assert "already exists" in final["error_message"], final
@@ -519,8 +526,8 @@ async def test_restored_files_are_made_durable_before_the_commit(
 
     monkeypatch.setattr(restore, "sync_filesystem",
                         recording("staging", restore.sync_filesystem, lambda f: f))
-    monkeypatch.setattr(restore, "sync_directory",
-                        recording("restored", restore.sync_directory, lambda f: f))
+    monkeypatch.setattr(local_content, "sync_directory",
+                        recording("restored", local_content.sync_directory, lambda f: f))
     listings, files, archive, key = legacy_backup(tmp_path)
     init = await target_admin.call("initiate_backup_import", {"timeout_seconds": 120})
     task_id = init["backup_task_id"]

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_S = 170  # the quick mode takes well under a minute; pytest's own bound is 180 s
 FIGURES = ("1. export", "2. import", "3. peak server RSS", "4. server_info",
            "5. metadata set export", "5. metadata set import", "6. upload", "6. download",
-           "7. scale 2000 docs", "7. scale 4000 docs")
+           "7. scale 2000 docs", "7. scale 4000 docs", "6. upload, websockets client",
+           "8. export, large files", "8. import, large files")
 
 
 @databases.skip_on_postgresql_run(

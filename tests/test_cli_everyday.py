@@ -399,6 +399,33 @@ async def test_backup_export_import_status_from_profiles(admin_cli, start_server
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} \
         == files
 
+    # The same archive again: a dry run plans it (everything exists: a real run under policy
+    # fail would refuse), a start refused because of its options keeps the uploads, and
+    # `--task` starts the same task again without uploading.
+    planned = await second("backup-import", "--profile", "b", "--archive", result["archive"],
+                           "--key", result["key"], "--poll", "0.05", "--dry-run")
+    assert planned.code == 0, planned
+    assert "plan (conflict policy fail):" in planned.out
+    assert "a real run would fail: folder id '" in planned.out
+    task = planned.out.split("dry run of task ", 1)[1].split(":", 1)[0]
+    assert f"--task {task}" in planned.out
+    refused = await second("backup-import", "--profile", "b", "--task", task, "--poll", "0.05",
+                           "--include", "/nothing/here", "--accounts", "none")
+    assert refused.code == 1
+    assert "import failed: include entry 1 (path '/nothing/here') matches nothing" in refused.err
+    assert f"start it again with --task {task}" in refused.err
+    copied = await second("backup-import", "--profile", "b", "--task", task, "--poll", "0.05",
+                          "--include", "/project", "--conflict", "new_ids", "--accounts", "none")
+    assert copied.code == 0, copied
+    assert f"import completed: 4 folders, 4 documents, 4 files (task {task})" in copied.out
+    listing = await second("ls", "/", "--profile", "b")
+    assert "project (2)" in listing.out, listing
+    again = await second("backup-import", "--profile", "b", "--task", task, "--poll", "0.05")
+    assert again.code == 1 and "(code 409)" in again.err
+    both = await second("backup-import", "--profile", "b", "--task", task, "--archive",
+                        result["archive"])
+    assert both.code == 2 and "either --archive FILE" in both.err
+
 
 async def test_output_into_a_closed_pipe_ends_quietly(admin_cli):
     """`cfms-trio client profiles | head -0`: a reader that went away ends the command with

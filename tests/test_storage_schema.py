@@ -43,12 +43,9 @@ def _set_version(store: Store, version: int) -> None:
                                                f'{m.db.param}', (version,)))
 
 
-def _columns(store: Store, table: str) -> set[str]:
-    return set(store.run_read(lambda m: [c.name for c in m.db.get_columns(table)]))
-
 
 def _without_leases(m) -> None:
-    """Undo migration 3 (what a database of the release before it lacks)."""
+    """Undo migration 4 (what a database of the release before it lacks)."""
     for model in (m.BackupTask, m.FileTask):
         for column in ("lease_owner", "lease_expires_time"):
             m.db.execute_sql(f'ALTER TABLE "{model._meta.table_name}" DROP COLUMN "{column}"')
@@ -113,30 +110,38 @@ async def test_a_root_made_by_the_release_before_schema_versions_upgrades_in_pla
         assert sorted(d["title"] for d in listed["documents"]) == ["after upgrade", "notes"]
 
 
+def _columns_of(store, table: str) -> set[str]:
+    return store.run_read(lambda m: {c.name for c in m.db.get_columns(table)})
+
+
 def test_a_database_one_version_behind_upgrades_once(tmp_path):
     """On the tests' database (PostgreSQL in its run): a database at LATEST_VERSION - 1, the
-    shape the previous release's migrations left, gets the latest migration and keeps its
-    rows."""
+    shape the previous release's migrations left (here: without the task leases and the
+    cluster event table, what migration 4 adds), gets the latest migration and keeps its rows."""
+    assert LATEST_VERSION == 4, "undo what the newest migration adds in this test"
     store = _store_for(tmp_path)
     try:
         assert store.upgrade_schema() is None  # empty: created at the latest version
-        assert REVISION_HISTORY_INDEX in _index_names(store)
+        assert "lease_owner" in _columns_of(store, "backup_task")
         store.run_write(accounts.bootstrap, "hash-of-a-password", 1.0)
         # Back to the previous version: without what the latest migration adds (the leases
         # of several instances, issue 16).
         store.run_write(_without_leases)
-        assert "lease_owner" not in _columns(store, "backup_task")
+        assert "lease_owner" not in _columns_of(store, "backup_task")
         _set_version(store, LATEST_VERSION - 1)
     finally:
         store.close()
     store = _store_for(tmp_path)
     try:
         assert store.schema_version() == LATEST_VERSION - 1
+        assert "lease_owner" not in _columns_of(store, "backup_task")
         assert store.upgrade_schema() == LATEST_VERSION - 1
         assert store.schema_version() == LATEST_VERSION
         for table in ("backup_task", "file_task"):
-            assert {"lease_owner", "lease_expires_time"} <= _columns(store, table)
+            assert {"lease_owner", "lease_expires_time"} <= _columns_of(store, table)
         assert "cluster_event" in store.run_read(lambda m: m.db.get_tables())
+        assert "plan" in _columns_of(store, "backup_task")
+        assert REVISION_HISTORY_INDEX in _index_names(store)
         assert store.run_read(accounts.is_initialized)
         assert store.upgrade_schema() == LATEST_VERSION  # idempotent: nothing left to do
     finally:

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from ..dispatch import Route
 from ..schema import Field, name_field, object_id, optional
-from ..conventions import ACCOUNTS_DEFAULT_POLICY, ACCOUNTS_POLICIES, BACKUP_PARTS, NAME_MAX_CHARS
+from ..conventions import (
+    ACCOUNTS_DEFAULT_POLICY,
+    ACCOUNTS_POLICIES,
+    BACKUP_PARTS,
+    CONFLICT_DEFAULT_POLICY,
+    CONFLICT_POLICIES,
+    NAME_MAX_CHARS,
+)
 from . import (
     accounts, backup_export, backup_import, backup_schedules, documents, session, transfer,
 )
@@ -118,8 +125,15 @@ ROUTES: list[Route] = [
            "passphrase": optional(str, min_len=1,
                                   max_len=backup_export.PASSPHRASE_MAX_CHARS),
            "allow_missing_content": optional(bool, default=False),
-           "accounts": optional(str, default=ACCOUNTS_DEFAULT_POLICY, choices=ACCOUNTS_POLICIES)},
+           "accounts": optional(str, default=ACCOUNTS_DEFAULT_POLICY, choices=ACCOUNTS_POLICIES),
+           "dry_run": optional(bool, default=False),
+           "conflict_policy": optional(str, default=CONFLICT_DEFAULT_POLICY,
+                                       choices=CONFLICT_POLICIES),
+           "include": optional(list, default=[], max_len=1000),
+           "target_folder_id": object_id(required=False, nullable=True)},
           permission="import_backup", audited=True),
+    Route("cancel_backup_import", backup_import.cancel_backup_import,
+          {"backup_task_id": object_id()}, permission="import_backup", audited=True),
     Route("get_backup_import_status", backup_import.get_backup_import_status,
           {"backup_task_id": object_id()}, permission="import_backup"),
     # backup schedules and the catalogue of backups

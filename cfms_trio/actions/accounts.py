@@ -8,7 +8,6 @@ from .. import auth
 from ..dispatch import Context
 from ..errors import BadRequest, Forbidden, Unauthorized
 from ..conventions import ALL_PERMISSIONS
-from ..reaper import unlink_all
 from ..storage import accounts
 
 USERNAME_MAX = 64
@@ -42,10 +41,10 @@ async def close_file_tasks(ctx: Context, task_ids: list[str], reason: str) -> No
     app = ctx.app
     for task_id in task_ids:
         app.transfers.abort(task_id, reason)
-    parts = [app.paths.partial_upload(task_id) for task_id in task_ids
-             if not app.transfers.is_active(task_id)]
+    parts = [task_id for task_id in task_ids if not app.transfers.is_active(task_id)]
     if parts:
-        await trio.to_thread.run_sync(unlink_all, parts, limiter=app.io_limiter)
+        await trio.to_thread.run_sync(app.content.discard_partial_uploads, parts,
+                                      limiter=app.io_limiter)
 
 
 async def list_users(ctx: Context, data: dict) -> dict:

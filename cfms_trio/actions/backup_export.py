@@ -50,6 +50,18 @@ def checked_parts(values: list | None) -> tuple[str, ...] | None:
     return tuple(part for part in BACKUP_PARTS if part in values)
 
 
+def _export_and_store(app, name: str, compression: str, now: float, wrap_for: tuple,
+                      parts: tuple[str, ...]):
+    """The export, written and self-checked in the backups folder, then taken into the content
+    storage (an S3 bucket: uploaded, and removed locally)."""
+    result = export_store(app.store, app.paths.content, app.paths.backups, name, compression,
+                          now=now, wrap_for=wrap_for, limits=app.settings.limits.archive,
+                          parts=parts, open_stored=app.content.export_reader)
+    app.content.adopt([path for path in (result.archive_path, result.key_path)
+                       if path is not None])
+    return result
+
+
 async def generate_backup(ctx: Context, data: dict) -> dict:
     app = ctx.app
     now = app.now()
@@ -62,9 +74,8 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
     try:
         with app.reaper.hold():
             result = await trio.to_thread.run_sync(
-                lambda: export_store(app.store, app.paths.content, app.paths.backups, name,
-                                     data["compression"], now=now, wrap_for=wrap_for,
-                                     limits=app.settings.limits.archive, parts=parts),
+                lambda: _export_and_store(app, name, data["compression"], now, wrap_for,
+                                          parts),
                 limiter=app.bulk_io_limiter)
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None

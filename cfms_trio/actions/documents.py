@@ -6,7 +6,6 @@ import trio
 
 from ..dispatch import Context
 from ..permissions import validate_rules
-from ..reaper import unlink_all
 from ..storage import documents, transfers
 
 
@@ -29,11 +28,11 @@ async def _remove_deleted(ctx: Context, removed: dict) -> None:
     finds its task gone and cleans up after itself.
     """
     app = ctx.app
-    await app.reaper.remove(app.paths.resolve(rel) for rel in removed["paths"])
-    parts = [app.paths.partial_upload(task_id) for task_id in removed["task_ids"]
-             if not app.transfers.is_active(task_id)]
+    await app.reaper.remove(removed["paths"])
+    parts = [task_id for task_id in removed["task_ids"] if not app.transfers.is_active(task_id)]
     if parts:
-        await trio.to_thread.run_sync(unlink_all, parts, limiter=app.io_limiter)
+        await trio.to_thread.run_sync(app.content.discard_partial_uploads, parts,
+                                      limiter=app.io_limiter)
 
 
 # -- folders -----------------------------------------------------------------------------------

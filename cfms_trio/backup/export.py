@@ -19,7 +19,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 from .. import __version__
 from ..config import ArchiveLimits
@@ -33,6 +33,7 @@ from .format import (
     KEY_BYTES,
     PART_OF_KIND,
     VERSION_V3,
+    DropBehindWriter,
     HashingWriter,
     Passphrase,
     Recipient,
@@ -132,7 +133,8 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
                  wrap_for: tuple[Recipient | Passphrase, ...] = (),
                  publish: Callable[[Path], None] | None = None,
                  limits: ArchiveLimits = ArchiveLimits(),
-                 parts: tuple[str, ...] = BACKUP_PARTS) -> ExportResult:
+                 parts: tuple[str, ...] = BACKUP_PARTS,
+                 open_stored: Callable[[str], BinaryIO] | None = None) -> ExportResult:
     """Write `<out_dir>/<name>.cfms.enc` and `<name>.key` from one consistent snapshot of
     `parts` (and the parts they need, `with_prerequisites`; both recorded in the metadata),
     each published only after the archive read back in full (`SelfCheckFailed` otherwise).
@@ -142,6 +144,8 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
     until the self-check has read the archive back with it; then it is forgotten.
     `publish(temporary_archive)`, for a format 3 archive only, replaces the link into `out_dir`
     (an upload elsewhere); the temporary file is removed after it returns or fails.
+    `open_stored(path of a File row)` reads stored content from a content storage that is not
+    `content_dir` (an S3 bucket); by default files are read under `content_dir`.
     """
     if publish is not None and not wrap_for:
         raise ValueError("only an archive made for recipients is published elsewhere")
@@ -171,6 +175,8 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
                         **snapshot.counts(m, parts)}
 
             def open_file(file_id: str):
+                if open_stored is not None:
+                    return open_stored(snapshot.file_path(m, file_id))
                 # Stored files share a few hundred folders: each folder is resolved once, not
                 # every component of every path (eight system calls a file), and a file is
                 # resolved in full only when it is itself a link.
@@ -187,17 +193,19 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
 
             listings = {kind: read(m) for kind, read in snapshot.LISTINGS.items()
                         if PART_OF_KIND[kind] in parts}
-            with WriteBehind(raw) as behind:
-                write_backup_archive(behind, key, compression=compression, metadata=metadata,
-                                     listings=listings, open_file=open_file,
-                                     chunk_log2=chunk_log2, wrap_for=wrap_for)
+            write_backup_archive(raw, key, compression=compression, metadata=metadata,
+                                 listings=listings, open_file=open_file,
+                                 chunk_log2=chunk_log2, wrap_for=wrap_for)
         return metadata
 
     try:
         fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw_file:
-            out = HashingWriter(raw_file)
-            metadata = store.run_read(write_archive, out, key)
+            # Hashed where it is sealed (SegmentWriter's helper thread), written on the
+            # write-behind thread: three threads share reading, sealing and writing.
+            with WriteBehind(DropBehindWriter(raw_file)) as behind:
+                out = HashingWriter(behind)
+                metadata = store.run_read(write_archive, out, key)
             raw_file.flush()
             os.fsync(raw_file.fileno())
         digest = out.hexdigest()

@@ -5,25 +5,24 @@ folder, verifying every file's size and sha256 and every reference between the l
 Stage 2, `commit_restore`: inside one write transaction, check ids against the store, insert
 every row, and move the staged files into the restore folder. Nothing outside the staging folder
 is touched before stage 2, and stage 2 records every file it moved so a failure can take them
-back.
+back. (Content storage without a rename, S3, uploads the staged files just before stage 2 to
+the keys the rows name; `content.s3.S3RestoredFiles`.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 from ..config import ArchiveLimits
-from ..conventions import ACCOUNTS_DEFAULT_POLICY, SYSOP_GROUP
+from ..conventions import ACCOUNTS_DEFAULT_POLICY, CONFLICT_DEFAULT_POLICY, SYSOP_GROUP
 from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
-from ..paths import restore_file_relative
 from ..storage import backup_tasks, restore_accounts, restore_rows
-from .durability import sync_directory, sync_filesystem
+from .durability import sync_filesystem
 from .format import (
     VERSION_LEGACY,
     BackupContents,
@@ -34,9 +33,12 @@ from .format import (
     parse_key_upload,
     read_backup_archive,
 )
+from .plan_index import NEW_ACTIONS
+from .planner import RestorePlan, build_plan
 from .staging_index import StagingIndex
 
-StepReporter = Callable[[str, float], None]  # (step name, fraction of the step done)
+# (step name, fraction of the step done, and optionally bytes_done= / objects_done=)
+StepReporter = Callable[..., None]
 
 
 def read_key_file(path: Path, limits: ArchiveLimits) -> KeyInfo | Unlock:
@@ -78,14 +80,16 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
     def on_bytes(consumed: int, total: int) -> None:
         _check_abort(abort)
         if consumed:
-            report("Extracting archive", consumed / total if total else 0.0)
+            report("Extracting archive", consumed / total if total else 0.0,
+                   bytes_done=consumed, bytes_total=total)
 
     index = StagingIndex.create(staging_dir)
     try:
         with open(archive_path, "rb") as archive:
             contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
                                            progress=on_bytes, archive_size=archive_size,
-                                           allow_missing_content=allow_missing_content)
+                                           allow_missing_content=allow_missing_content,
+                                           durable=True)
         # Every staged file on disk before anything is committed (see durability.py).
         sync_filesystem(staging_dir)
         report("Loading metadata", 0.0)
@@ -122,59 +126,27 @@ def check_contents(contents: BackupContents, index: StagingIndex) -> None:
     contents.warnings += index.check(rename_twins=contents.format_version == VERSION_LEGACY)
 
 
-class FileMover:
-    """Moves staged files into the restore folder, remembering each one it placed."""
-
-    def __init__(self, staging_dir: Path, restore_dir: Path):
-        self.staging_dir = staging_dir
-        self.restore_dir = restore_dir
-        self.moved: list[str] = []  # file ids, each now restore_dir/<id>
-
-    def move_all(self, index: StagingIndex, absent: set[str], report: StepReporter,
-                 abort: threading.Event) -> None:
-        """Move every staged file of `index` (except the `absent` ones, which have no
-        content) into the restore folder."""
-        self.restore_dir.mkdir(parents=True, exist_ok=True)
-        # Plain string paths: a backup may hold 100,000 files, and a Path object per name
-        # costs more than the rename's own bookkeeping here.
-        source_dir, target_dir = os.fspath(self.staging_dir), os.fspath(self.restore_dir)
-        total, done = max(1, index.count("files")), 0
-        for batch in index.keys("files", restore_rows.LOOKUP_BATCH_IDS):
-            _check_abort(abort)
-            for file_id in batch:
-                if file_id in absent:
-                    continue
-                os.rename(os.path.join(source_dir, file_id), os.path.join(target_dir, file_id))
-                self.moved.append(file_id)
-            done += len(batch)
-            report("Importing files", done / total)
-        sync_directory(self.restore_dir)  # the renames are on disk before the commit
-
-    def take_back(self) -> None:
-        """Remove every file this mover placed (after a failed commit)."""
-        for file_id in self.moved:
-            try:
-                (self.restore_dir / file_id).unlink()
-            except FileNotFoundError:
-                pass
-        self.moved.clear()
-
-
 @dataclasses.dataclass(frozen=True)
 class RestoreOptions:
-    """How `start_backup_import` asked to apply an archive: the accounts policy and who is
-    importing (their own account and sysop membership are never touched)."""
+    """How `start_backup_import` asked to apply an archive: the accounts policy, who is
+    importing (their own account and sysop membership are never touched, and a non-sysop
+    writes only where they may), the conflict policy, the chosen part (`include`) and where
+    it goes (`target_folder_id`); see `planner`."""
 
     accounts: str = ACCOUNTS_DEFAULT_POLICY
     importer: str = ""
+    conflict_policy: str = CONFLICT_DEFAULT_POLICY
+    include: tuple = ()
+    target_folder_id: str | None = None
 
 
-def _check_collisions(m, index: StagingIndex) -> None:
-    for kind, model, field, root_parent, message in restore_rows.collision_checks(m):
-        for keys in index.keys(kind, restore_rows.LOOKUP_BATCH_IDS):
-            found = restore_rows.existing_keys(model, field, keys, root_only=root_parent)
-            if found:
-                raise Conflict(message.format(sorted(found)[0]))
+def plan_restore(m, contents: BackupContents, index: StagingIndex, options: RestoreOptions,
+                 abort: threading.Event) -> RestorePlan:
+    """The plan of applying `index` to the store `m` with `options` (a read or the commit's
+    transaction)."""
+    return build_plan(m, index, contents.absent_file_ids, policy=options.conflict_policy,
+                      include=list(options.include), target_folder_id=options.target_folder_id,
+                      importer=options.importer, check_abort=lambda: _check_abort(abort))
 
 
 def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
@@ -202,57 +174,90 @@ def _apply_accounts(m, contents: BackupContents, index: StagingIndex,
     return warnings
 
 
-def commit_restore(m, contents: BackupContents, index: StagingIndex, mover: FileMover,
+def commit_restore(m, contents: BackupContents, index: StagingIndex, mover,
                    report: StepReporter, abort: threading.Event, task_id: str, outcome: dict,
-                   options: RestoreOptions = RestoreOptions()) -> None:
-    """Stage 2, run inside one write transaction: rows in (from the staging index, in
-    batches), files into place, accounts by `options`, the audit log appended, and the task's
-    final `outcome` (its completed status, counts and warnings) recorded with them.
+                   options: RestoreOptions = RestoreOptions(),
+                   forget_uploads: Callable[[object], None] | None = None) -> None:
+    """Stage 2, run inside one write transaction: the plan made against the store as it is
+    now (`planner`), then its rows in, files into place, accounts by `options`, the audit log
+    appended (whole-archive imports under policy fail only), and the task's final `outcome`
+    (its completed status, counts, plan and warnings) recorded with them.
+    `forget_uploads(m)` is called in the transaction once the plan is accepted (the import's
+    uploads go then: from here on, any failure is not the options' fault).
 
     The task says `completed` exactly when the restored rows exist: a crash after the commit
-    leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming an id
-    that already exists. The transaction commits when this returns; if anything here or in the
-    commit fails, the caller calls `mover.take_back()`.
+    leaves only clean-up to do, a crash before it leaves nothing. Raises Conflict naming the
+    first conflict under policy fail. `mover` (from the content storage's `restored_files`)
+    names each restored file's key and puts the staged files in place. The transaction commits
+    when this returns; if anything here or in the commit fails, the caller calls
+    `mover.take_back()`.
     """
-    _check_collisions(m, index)
+    report("Loading metadata", 0.5)  # planning
+    plan = plan_restore(m, contents, index, options, abort)
+    if plan.refusal is not None:
+        raise Conflict(plan.refusal)
+    if forget_uploads is not None:
+        forget_uploads(m)
     warnings = list(outcome.get("warnings", ()))
     if "accounts" in contents.parts:
         warnings += _apply_accounts(m, contents, index, options)
-    report("Importing files", 0.0)
-    restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
-        index.rows("files"), restore_file_relative, contents.inactive_file_ids))
-    mover.move_all(index, contents.absent_file_ids, report, abort)
-    for step, model, fields, kinds in (
-            ("Importing folders", m.Folder, restore_rows.FOLDER_FIELDS, ("folders",)),
-            ("Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS,
-             ("documents", "revisions"))):
-        report(step, 0.0)
-        total = max(1, sum(index.count(kind) for kind in kinds[:1]))
-        done = [0]
-
-        def progress(rows: int, step=step, total=total, done=done) -> None:
-            done[0] += rows
-            _check_abort(abort)
-            report(step, done[0] / total)
-
-        restore_rows.insert_rows(model, fields, index.rows(kinds[0]), progress)
-        if len(kinds) > 1:
-            restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS,
-                                     index.rows("revisions"))
-    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, index.rows("rules"))
+    apply_plan(m, plan, index, contents, mover, report, abort)
     if "audit" in contents.parts:
-        restore_accounts.append_audit(m, index.rows("audit"))
+        if plan.whole_archive and plan.policy == "fail":
+            restore_accounts.append_audit(m, index.rows("audit"))
+        else:
+            warnings.append("the archive's audit log was not appended (only an import of the "
+                            "whole archive with conflict_policy fail appends it)")
     warnings += itemised(
         [f"access rules name the group {name!r}, which does not exist on this server"
          for name in restore_accounts.absent_groups(m, index.rows("rule_groups"))],
         "... and {count} more groups named by access rules do not exist on this server")
     _check_abort(abort)
     report("Finalizing import", 0.0)
+    counts = {f"{kind}s_count": plan.imported(kind) for kind in ("document", "folder", "file")}
+    fields = {key: value for key, value in outcome.items() if key != "space"}
     backup_tasks.update_backup_task(m, task_id, completed_time=time.time(),
-                                    **{**outcome, "warnings": warnings})
+                                    **{**fields, **counts, "warnings": warnings,
+                                       "plan": plan.summary(**outcome.get("space", {}))})
+
+
+def apply_plan(m, plan: RestorePlan, index: StagingIndex, contents: BackupContents,
+               mover, report: StepReporter, abort: threading.Event) -> None:
+    """Write what `plan` decided, reading its decisions back from the staging index in
+    batches: files (rows and content), folders and documents (new ones parents first, then
+    the overwritten ones), revisions, access rules."""
+    rows = plan.rows
+    report("Importing files", 0.0)
+    restore_rows.insert_rows(m.File, restore_rows.FILE_FIELDS, restore_rows.file_rows(
+        rows.file_rows(), mover.key_of, contents.inactive_file_ids))
+    mover.move_all(rows.file_rows(), rows.files_count(), contents.absent_file_ids, report,
+                   abort)
+    for kind, step, model, fields in (
+            ("folder", "Importing folders", m.Folder, restore_rows.FOLDER_FIELDS),
+            ("document", "Importing documents", m.Document, restore_rows.DOCUMENT_FIELDS)):
+        report(step, 0.0)
+        overwritten = plan.counts["overwrite"][kind]
+        total = max(1, plan.imported(kind))
+        done = [0]
+
+        def progress(count: int, step=step, total=total, done=done) -> None:
+            done[0] += count
+            _check_abort(abort)
+            report(step, done[0] / total, objects_done=done[0])
+
+        restore_rows.insert_rows(model, fields, rows.objects(kind, NEW_ACTIONS), progress)
+        if overwritten:
+            restore_rows.update_placements(model, fields, (
+                [(local_id, name, parent) for local_id, name, parent, _ in batch]
+                for batch in rows.objects(kind, ("overwrite",))), progress)
+    restore_rows.insert_rows(m.Revision, restore_rows.REVISION_FIELDS, rows.revisions())
+    if plan.counts["overwrite"]["folder"] or plan.counts["overwrite"]["document"]:
+        restore_rows.delete_rules_of(m, rows.overwritten())
+    restore_rows.insert_rows(m.AccessRule, restore_rows.RULE_FIELDS, rows.rules())
 
 
 def _check_abort(abort: threading.Event) -> None:
+    """Stop between two pieces of work once the import is told to (cancel or shutdown)."""
     if abort.is_set():
-        raise ImportAborted("the server shut down during the import")
+        raise ImportAborted("the import was stopped")
 

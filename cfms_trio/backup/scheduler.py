@@ -71,9 +71,10 @@ class _RunFailed(Exception):
 class BackupScheduler:
     def __init__(self, store: Store, paths: Paths, hub: EventHub, reaper: FileReaper,
                  bulk_io_limiter: trio.CapacityLimiter, limits: ArchiveLimits,
-                 s3: S3Options):
+                 s3: S3Options, content):
         self._store = store
         self._paths = paths
+        self._content = content  # the content storage: "local" targets live there
         self._hub = hub
         self._reaper = reaper
         self._bulk = bulk_io_limiter
@@ -152,7 +153,7 @@ class BackupScheduler:
     async def _make_backup(self, schedule: dict, name: str) -> str:
         """Export, self-check, publish and list one backup; its name, or _RunFailed."""
         target_spec = schedule["target"]
-        target = open_target(target_spec, self._paths, self._s3)
+        target = self._target(target_spec)
         wrap_for = tuple(parse_recipient(text) for text in schedule["recipients"])
         publish = None
         if target_spec["type"] == TARGET_S3:
@@ -163,11 +164,7 @@ class BackupScheduler:
             with self._reaper.hold():
                 try:
                     result = await trio.to_thread.run_sync(
-                        lambda: export_store(self._store, self._paths.content,
-                                             self._paths.backups, name,
-                                             schedule["compression"], wrap_for=wrap_for,
-                                             publish=publish, limits=self._limits,
-                                             parts=parts),
+                        lambda: self._export(name, schedule, wrap_for, publish, parts),
                         limiter=self._bulk)
                 finally:
                     with trio.CancelScope(shield=True):
@@ -190,6 +187,20 @@ class BackupScheduler:
                 verify_level=LEVEL_SELF_CHECK)
         log.info("scheduled backup %s published (%s bytes)", name, result.archive_size)
         return name
+
+    def _target(self, spec: dict):
+        return open_target(spec, self._paths, self._s3, self._content)
+
+    def _export(self, name: str, schedule: dict, wrap_for: tuple, publish, parts: tuple):
+        """Blocking: export; a backup for the server's own folder is then taken into the
+        content storage (an S3 bucket given by `serve --storage`: uploaded)."""
+        result = export_store(self._store, self._paths.content, self._paths.backups, name,
+                              schedule["compression"], wrap_for=wrap_for, publish=publish,
+                              limits=self._limits, parts=parts,
+                              open_stored=self._content.export_reader)
+        if publish is None:
+            self._content.adopt([result.archive_path])
+        return result
 
     # -- failures ---------------------------------------------------------------------------------
 
@@ -219,11 +230,11 @@ class BackupScheduler:
 
     async def _verify_locked(self, name: str, deep: bool, key_info) -> VerifyReport:
         backup = await self._store.read(backups.get_backup, name)
-        target = open_target(backup["target"], self._paths, self._s3)
+        target = self._target(backup["target"])
         if key_info is None and backup["key_location"]:
-            key_path = self._paths.resolve(backup["key_location"])
             try:
-                key_info = await trio.to_thread.run_sync(read_key_file, key_path, self._limits)
+                key_info = await trio.to_thread.run_sync(self._read_key_file,
+                                                         backup["key_location"])
             except (CfmsError, OSError):
                 key_info = None  # the key file is gone: check what can be checked without it
         report = await trio.to_thread.run_sync(
@@ -246,6 +257,10 @@ class BackupScheduler:
             await self.report_failure("verify", f"backup '{name}': {report.error}",
                                       schedule=backup["schedule"], backup=name, owner=owner)
         return report
+
+    def _read_key_file(self, key_location: str):
+        with self._content.local_copy(key_location, self._paths.backup_verify_dir()) as path:
+            return read_key_file(path, self._limits)
 
     async def reverify_next(self, exclude: str | None = None) -> str | None:
         """Rolling re-verification: verify the backup verified longest ago (not `exclude`,
@@ -280,7 +295,7 @@ class BackupScheduler:
                     if dry_run:
                         pruned.append(backup["name"])
                         continue
-                    target = open_target(backup["target"], self._paths, self._s3)
+                    target = self._target(backup["target"])
                     try:
                         await trio.to_thread.run_sync(target.delete, backup["location"],
                                                       limiter=self._bulk)

@@ -58,6 +58,7 @@ _CHECK_INDEXES = """
 CREATE INDEX folders_parent ON folders (parent_key, name);
 CREATE INDEX documents_folder ON documents (folder_key, title);
 CREATE INDEX revisions_document ON revisions (document_id);
+CREATE INDEX revisions_file ON revisions (file_id);
 CREATE UNIQUE INDEX memberships_user ON memberships (username, group_name);
 """
 
@@ -129,6 +130,7 @@ class StagingIndex:
         self.pending: dict[str, list[tuple]] = {table: [] for table in _INSERT}
         self.pending_rows = 0
         self.counts: dict[str, int] = {}
+        self.everything_chosen = True  # until `select_subtrees`
 
     @classmethod
     def create(cls, staging_dir: Path) -> "StagingIndex":
@@ -411,6 +413,80 @@ class StagingIndex:
                        "result": result, "address": address}
         else:
             raise ValueError(f"unknown listing kind {kind!r}")
+
+    # -- choosing part of the archive (the restore planner)
+
+    def folder(self, folder_id: str) -> tuple[str, str] | None:
+        """(name, parent key) of a listed folder, or None."""
+        return self.db.execute("SELECT name, parent_key FROM folders WHERE id = ?",
+                               (folder_id,)).fetchone()
+
+    def document(self, document_id: str) -> tuple[str, str] | None:
+        """(title, folder key) of a listed document, or None."""
+        return self.db.execute("SELECT title, folder_key FROM documents WHERE id = ?",
+                               (document_id,)).fetchone()
+
+    def named_child(self, kind: str, parent_key: str, name: str) -> str | None:
+        """The id of the folder (kind "folder") or document named `name` in `parent_key`."""
+        table, name_col, parent_col = (("folders", "name", "parent_key") if kind == "folder"
+                                       else ("documents", "title", "folder_key"))
+        row = self.db.execute(f"SELECT id FROM {table} WHERE {parent_col} = ? AND "
+                              f"{name_col} = ?", (parent_key, name)).fetchone()
+        return None if row is None else row[0]
+
+    def select_all(self) -> None:
+        """Choose every folder and document (`chosen_rows` reads them back)."""
+        self.everything_chosen = True
+
+    def select_subtrees(self, folder_ids: list[str], document_ids: list[str]) -> None:
+        """Mark the subtrees of `folder_ids` and the documents `document_ids` as chosen
+        (`chosen_rows` reads them back)."""
+        self.everything_chosen = False
+        db = self.db
+        db.executescript("DROP TABLE IF EXISTS chosen_tops; DROP TABLE IF EXISTS chosen; "
+                         "CREATE TABLE chosen_tops (id TEXT PRIMARY KEY) WITHOUT ROWID; "
+                         "CREATE TABLE chosen (kind TEXT, id TEXT, PRIMARY KEY (kind, id)) "
+                         "WITHOUT ROWID;")
+        db.executemany("INSERT OR IGNORE INTO chosen_tops (id) VALUES (?)",
+                       [(i,) for i in folder_ids])
+        db.execute("INSERT INTO chosen (kind, id) WITH RECURSIVE sub(id) AS (SELECT id FROM "
+                   "chosen_tops UNION SELECT f.id FROM folders f JOIN sub ON f.parent_key = "
+                   "sub.id) SELECT 'folder', id FROM sub")
+        db.execute("INSERT OR IGNORE INTO chosen (kind, id) SELECT 'document', d.id FROM "
+                   "documents d JOIN chosen c ON c.kind = 'folder' AND c.id = d.folder_key")
+        db.executemany("INSERT OR IGNORE INTO chosen (kind, id) VALUES ('document', ?)",
+                       [(i,) for i in document_ids])
+
+    def chosen_rows(self, kind: str) -> Iterator[list[tuple]]:
+        """Chosen folders (id, name, parent key, created_time), parents first, or documents
+        (id, title, folder key, created_time), in archive order; in batches."""
+        chosen = "" if self.everything_chosen else (
+            f"JOIN chosen c ON c.kind = '{kind}' AND c.id = {kind[0]}.id ")
+        if kind == "folder":
+            sql = (f"SELECT f.id, f.name, f.parent_key, f.created_time FROM folders f {chosen}"
+                   "JOIN folder_depth d ON d.id = f.id ORDER BY d.depth, f.seq")
+        else:
+            sql = (f"SELECT d.id, d.title, d.folder_key, d.created_time FROM documents d "
+                   f"{chosen}ORDER BY d.seq")
+        cursor = self.db.execute(sql)
+        while batch := cursor.fetchmany(READ_BATCH_ROWS):
+            yield batch
+
+    def created_time(self, kind: str, object_id: str) -> float:
+        table = "folders" if kind == "folder" else "documents"
+        return self.db.execute(f"SELECT created_time FROM {table} WHERE id = ?",
+                               (object_id,)).fetchone()[0]
+
+    def is_chosen(self, kind: str, object_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM chosen WHERE kind = ? AND id = ?",
+                               (kind, object_id)).fetchone() is not None
+
+    def unreferenced_files(self) -> Iterator[list[str]]:
+        """Ids of listed files no revision refers to, in batches."""
+        cursor = self.db.execute("SELECT f.id FROM files f WHERE NOT EXISTS (SELECT 1 FROM "
+                                 "revisions r WHERE r.file_id = f.id) ORDER BY f.seq")
+        while batch := cursor.fetchmany(READ_BATCH_ROWS):
+            yield [row[0] for row in batch]
 
     def revision_files(self, document_id: str) -> list[tuple]:
         """(file id, size) of a document's revisions, oldest first (`backup inspect`)."""

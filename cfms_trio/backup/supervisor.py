@@ -10,7 +10,12 @@ and pending ones get their deadline watchers back. Then it runs, in its own nurs
   are closed and whatever was uploaded is removed;
 - a job per started import (`importer.run_import`), whose live progress it alone holds and
   reports through `progress_of`;
-- the `backup_import_completed` event when an import ends, whichever way.
+- `backup_import_progress` events while a job runs (at most four a second), and the
+  `backup_import_completed` event when an import ends, whichever way (also `cancelled`);
+- cancelling an import (`cancel`): a pending or planned one at once, a processing one by
+  telling its job to stop, which its threads notice between batches (a job on another
+  instance is told through the cluster relay, and the answer waits for the store to show
+  the outcome).
 
 When the server shuts down, every running job is told to stop, so its threads end and it rolls
 back.
@@ -28,6 +33,7 @@ instance through the event hub's relay.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from typing import AsyncIterator
@@ -36,12 +42,13 @@ import trio
 
 from ..config import ArchiveLimits
 from ..conventions import (
-    ACCOUNTS_DEFAULT_POLICY,
     OPERATION_EXPORT,
     OPERATION_IMPORT,
+    STARTABLE_STATUSES,
+    STATUS_CANCELLED,
     STATUS_COMPLETED,
     STATUS_FAILED,
-    STATUS_PENDING,
+    STATUS_PLANNED,
     STATUS_PROCESSING,
     STATUS_TIMEOUT,
 )
@@ -50,12 +57,14 @@ from ..errors import Conflict
 from ..events import Audience, EventHub
 from ..paths import VERIFY_DIR_PREFIX, Paths, partial_backups
 from ..protocol import event
-from ..reaper import remove_tree, remove_unclaimed, unlink_all
 from ..cluster import ClusterRelay
+from ..content.local import unlink_quietly
+from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, leases, restore_rows
 from ..storage.backends import SQLITE
 from ..transfer.registry import TransferRegistry
 from .importer import ImportEnvironment, ImportJob, discard_uploads, run_import
+from .restore import RestoreOptions
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +74,14 @@ LEASE_EXPIRED_MESSAGE = ("the server instance running the import stopped (its le
                          "nothing was imported")
 EXPORT_RESTART_MESSAGE = "server restarted during the export"
 COMPLETED_EVENT = "backup_import_completed"
+PROGRESS_EVENT = "backup_import_progress"
+PROGRESS_INTERVAL_S = 0.25  # at most four progress events a second per import
 # How long a timed-out import waits for its aborted uploads to unwind before removing them.
 UPLOAD_UNWIND_TIMEOUT_S = 5.0
+# A cancel of an import another instance runs: how often the store is read for its outcome,
+# and how long beyond one lease it is waited for.
+CANCEL_POLL_S = 0.2
+CANCEL_ELSEWHERE_SLACK_S = 5.0
 
 
 def backup_event_audience(owner: str) -> Audience:
@@ -77,15 +92,17 @@ def backup_event_audience(owner: str) -> Audience:
 class ImportSupervisor:
     def __init__(self, store: Store, paths: Paths, hub: EventHub,
                  transfers: TransferRegistry, io_limiter: trio.CapacityLimiter,
-                 limits: ArchiveLimits, relay: ClusterRelay, lease_s: float):
+                 limits: ArchiveLimits, content, relay: ClusterRelay, lease_s: float):
         self._store = store
         self._paths = paths
+        self._content = content
         self._hub = hub
         self._transfers = transfers
         self._relay = relay
         self._lease_s = lease_s
         self._instance_id = relay.instance_id
-        self._env = ImportEnvironment(store, paths, limits, io_limiter, relay.instance_id)
+        self._env = ImportEnvironment(store, paths, content, limits, io_limiter,
+                                      relay.instance_id)
         self._nursery: trio.Nursery | None = None
         self._watchers: dict[str, trio.CancelScope] = {}
         self._deciding: dict[str, trio.Lock] = {}
@@ -105,10 +122,11 @@ class ImportSupervisor:
                 for job in self._jobs.values():
                     job.abort.set()
 
-    def progress_of(self, task_id: str) -> tuple[str, int] | None:
-        """(step, percent) of an import running now, or None."""
+    def progress_of(self, task_id: str) -> dict | None:
+        """The live progress of an import running now (step, percent, bytes and objects
+        done), or None."""
         job = self._jobs.get(task_id)
-        return None if job is None else (job.progress.step, job.progress.percent)
+        return None if job is None else job.progress.snapshot()
 
     @contextlib.asynccontextmanager
     async def deciding(self, task_id: str) -> AsyncIterator[None]:
@@ -123,12 +141,12 @@ class ImportSupervisor:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._deciding.pop(task_id, None)
 
-    async def begin(self, task_id: str, **fields) -> dict:
-        """Compare-and-set a pending import to `processing` under this instance's lease (409
-        when it has moved on, or its deadline has passed); then `start` it."""
+    async def begin(self, task_id: str, from_status: str, **fields) -> dict:
+        """Compare-and-set an import in `from_status` to `processing` under this instance's
+        lease (409 when it has moved on, or its deadline has passed); then `start` it."""
         now = time.time()
-        return await self._store.write(leases.start_import, task_id, self._instance_id, now,
-                                       now + self._lease_s, **fields)
+        return await self._store.write(leases.start_import, task_id, from_status,
+                                       self._instance_id, now, now + self._lease_s, **fields)
 
     # -- leases -----------------------------------------------------------------------------------
 
@@ -166,17 +184,20 @@ class ImportSupervisor:
 
     async def _clean_after_other_instance(self, task: dict) -> None:
         """What a failed import of a dead instance left where this one can reach it: its
-        uploads, its staging (when the instances share a content folder), restored files no
-        row claims (when no import runs anywhere)."""
+        uploads, its staging (when the instances share a content folder), its restored files
+        (in S3 storage: everything under its restore prefix; in a shared content folder: the
+        restored files no row claims, when no import runs anywhere)."""
+        task_id = task["backup_task_id"]
         try:
             await discard_uploads(self._env, task)
-            await trio.to_thread.run_sync(remove_tree,
-                                          self._paths.import_staging(task["backup_task_id"]))
-            if not await self._store.read(leases.live_import_ids, time.time()):
-                known = await self._store.read(restore_rows.restored_file_ids)
-                await trio.to_thread.run_sync(remove_unclaimed, self._paths.restore_files, known)
+            await trio.to_thread.run_sync(remove_tree, self._paths.import_staging(task_id))
+            others = bool(await self._store.read(leases.live_import_ids, time.time()))
+            known = await self._store.read(restore_rows.restored_file_ids)
+            await trio.to_thread.run_sync(functools.partial(
+                self._content.remove_interrupted_restores, [task_id], known,
+                others_running=others))
         except Exception:
-            log.exception("could not clean up after import %s", task["backup_task_id"])
+            log.exception("could not clean up after import %s", task_id)
 
     # -- deadlines --------------------------------------------------------------------------------
 
@@ -213,7 +234,15 @@ class ImportSupervisor:
                                                now, now + self._lease_s, task_id):
                     return
             task = await self._store.read(backup_tasks.get_backup_task, task_id)
-            if task["status"] != STATUS_PENDING:
+            if await self._store.read(backup_tasks.failed_holding_uploads, task):
+                # Refused because of its options and never started again: the uploads go,
+                # the failure stays as it was.
+                await self._discard_quietly(task)
+                await self._store.write(leases.release_import, task_id, self._instance_id)
+                log.info("import %s: the deadline passed; its kept uploads were removed",
+                         task_id)
+                return
+            if task["status"] not in STARTABLE_STATUSES:
                 return
             uploads = await self._store.read(backup_tasks.import_upload_tasks,
                                              task["archive_file_id"], task["key_file_id"])
@@ -235,13 +264,19 @@ class ImportSupervisor:
                 log.exception("could not remove the uploads of timed-out import %s", task_id)
             try:
                 task = await self._store.write(
-                    backup_tasks.transition_backup_task, task_id, STATUS_PENDING,
+                    backup_tasks.transition_backup_task, task_id, task["status"],
                     status=STATUS_TIMEOUT, error_message=message, completed_time=time.time(),
                     lease_owner=None, lease_expires_time=None)
             except Conflict:
                 return  # cannot happen while we decide; never report a timeout twice
         log.info("import %s timed out: %s", task_id, message)
         await self._publish_outcome(task)
+
+    async def _discard_quietly(self, task: dict) -> None:
+        try:
+            await discard_uploads(self._env, task)
+        except Exception:
+            log.exception("could not remove the uploads of import %s", task["backup_task_id"])
 
     async def close_abandoned(self, tasks: list[dict]) -> None:
         """Close imports whose owner was deleted. They are `failed` in the store already (in
@@ -268,29 +303,145 @@ class ImportSupervisor:
     # -- running ----------------------------------------------------------------------------------
 
     def start(self, task: dict, *, passphrase: str | None = None, with_key: bool = True,
-              allow_missing_content: bool = False,
-              accounts: str = ACCOUNTS_DEFAULT_POLICY) -> None:
+              allow_missing_content: bool = False, dry_run: bool = False,
+              options: RestoreOptions | None = None) -> None:
         """Run a task that just became `processing` in the background. The passphrase, if
         any, lives only in the job's memory; `with_key` is False when no key was uploaded;
-        `allow_missing_content`: see `read_backup_archive`; `accounts`: the accounts policy
+        `allow_missing_content`: see `read_backup_archive`; `dry_run`: end `planned` with
+        the plan; `options`: accounts and conflict policies, include, target
         (`RestoreOptions`)."""
         self._stop_watching(task["backup_task_id"])
         job = ImportJob(task, passphrase=passphrase, with_key=with_key,
-                        allow_missing_content=allow_missing_content, accounts=accounts)
+                        allow_missing_content=allow_missing_content, dry_run=dry_run,
+                        options=options)
         self._jobs[job.task_id] = job
         self._nursery.start_soon(self._run_job, job)
 
-    async def _run_job(self, job: ImportJob) -> None:
+    async def cancel(self, task_id: str, username: str) -> dict:
+        """Cancel an import that is pending, planned or processing, or that failed because of
+        its options and still holds its uploads; return its final row.
+
+        A pending or planned one: its uploads in flight are aborted, what was uploaded is
+        removed, and it becomes `cancelled`. A processing one: its job is told to stop (its
+        threads stop at their next check between batches, its transaction rolls back, its
+        moved files are taken back) and the answer waits for it to end. Raises Conflict for a
+        task in any other state, or one whose import committed before it could stop."""
+        job = self._jobs.get(task_id)
+        if job is not None:
+            job.cancel(username)
+            await job.ended.wait()
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] == STATUS_CANCELLED:
+                return task
+            if task["status"] not in STARTABLE_STATUSES:
+                raise Conflict(f"backup task '{task_id}' is {task['status']}: it ended before "
+                               "it could be cancelled")
+            # A dry run that ended as it was told to stop is cancelled as a planned task.
+        else:
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] == STATUS_PROCESSING:
+                return await self._cancel_elsewhere(task, username)
+        async with self.deciding(task_id):
+            task = await self._store.read(backup_tasks.get_backup_task, task_id)
+            if task["status"] not in STARTABLE_STATUSES and not await self._store.read(
+                    backup_tasks.failed_holding_uploads, task):
+                raise Conflict(f"backup task '{task_id}' is {task['status']}; only a pending, "
+                               "planned or processing import, or one refused because of its "
+                               "options, can be cancelled")
+            self._stop_watching(task_id)
+            await self._abort_uploads(task, "the backup import was cancelled; the upload "
+                                            "was aborted")
+            task = await self._store.write(
+                backup_tasks.transition_backup_task, task_id, task["status"],
+                status=STATUS_CANCELLED, error_message=f"cancelled by {username!r}",
+                completed_time=time.time())
+        log.info("import %s cancelled by %s", task_id, username)
+        await self._publish_outcome(task)
+        return task
+
+    async def _cancel_elsewhere(self, task: dict, username: str) -> dict:
+        """Cancel an import another instance runs: ask it through the relay (its job stops
+        as a local cancel would), then wait for the store to show the outcome. 409 when it
+        ended otherwise, or the instance did not act within a lease (it may have died: its
+        lease expires and the import is failed anyway)."""
+        task_id = task["backup_task_id"]
+        await self._relay.send("cancel_import", {"task_id": task_id, "username": username})
+        with trio.move_on_after(self._lease_s + CANCEL_ELSEWHERE_SLACK_S):
+            while task["status"] == STATUS_PROCESSING:
+                await trio.sleep(CANCEL_POLL_S)
+                task = await self._store.read(backup_tasks.get_backup_task, task_id)
+        if task["status"] == STATUS_CANCELLED:
+            return task
+        if task["status"] == STATUS_PROCESSING:
+            raise Conflict(f"backup task '{task_id}' is running on another server instance, "
+                           "which did not answer the cancel in time; try again")
+        if task["status"] == STATUS_PLANNED:
+            # A dry run that ended as it was told to stop: cancelled as a planned task.
+            return await self.cancel(task_id, username)
+        raise Conflict(f"backup task '{task_id}' is {task['status']}: it ended before it "
+                       "could be cancelled")
+
+    async def cancel_from_elsewhere(self, body: dict) -> None:
+        """The cluster relay's `cancel_import` message: stop the job if it runs here (its
+        outcome is recorded and published as for a local cancel)."""
+        job = self._jobs.get(str(body["task_id"]))
+        if job is not None:
+            log.info("import %s: cancelled from another instance", job.task_id)
+            job.cancel(str(body["username"]))
+
+    async def _abort_uploads(self, task: dict, reason: str) -> None:
+        """Abort an import's uploads in flight, let them unwind, and remove what was
+        uploaded."""
+        uploads = await self._store.read(backup_tasks.import_upload_tasks,
+                                         task["archive_file_id"], task["key_file_id"])
+        for upload in uploads:
+            self._transfers.abort(upload["task_id"], reason)
+        with trio.move_on_after(UPLOAD_UNWIND_TIMEOUT_S):
+            await self._transfers.wait_ended([u["task_id"] for u in uploads])
         try:
-            final = await run_import(self._env, job)
+            await discard_uploads(self._env, task)
+        except Exception:
+            log.exception("could not remove the uploads of import %s", task["backup_task_id"])
+
+    async def _run_job(self, job: ImportJob) -> None:
+        final = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._publish_progress, job)
+                with job.scope:
+                    final = await run_import(self._env, job)
+                nursery.cancel_scope.cancel()
+            if final is None:  # cancelled: run_import recorded it, then re-raised
+                final = await self._store.read(backup_tasks.get_backup_task, job.task_id)
         except Exception:
             log.exception("could not record the outcome of import %s", job.task_id)
             return
         finally:
             del self._jobs[job.task_id]
+            job.ended.set()
+        if final["status"] == STATUS_PLANNED or job.uploads_kept:
+            self.watch(job.task_id, final["timeout_time"])  # the uploads wait for a real run
         if job.lease_lost:
             return  # the instance that ended it published the outcome
         await self._publish_outcome(final)
+
+    async def _publish_progress(self, job: ImportJob) -> None:
+        """`backup_import_progress` to the task's listeners whenever the progress moved, at
+        most every PROGRESS_INTERVAL_S (each publish reads the store once for its
+        audience)."""
+        last = None
+        audience = backup_event_audience(job.task["username"])
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            now = job.progress.snapshot()
+            if now == last:
+                continue
+            last = now
+            try:
+                await self._hub.publish(event(PROGRESS_EVENT, {
+                    "backup_task_id": job.task_id, **now}), audience)
+            except Exception:
+                log.exception("could not publish the progress of import %s", job.task_id)
 
     async def _publish_outcome(self, task: dict) -> None:
         completed = task["status"] == STATUS_COMPLETED
@@ -313,15 +464,26 @@ class ImportSupervisor:
         store, paths = self._store, self._paths
         # SQLite has one instance (a lock file in the root sees to it): whatever is processing
         # was this server's before the restart. On PostgreSQL other instances may be running
-        # imports now: only those whose lease expired are failed (the others by `_leases`).
+        # imports now: those whose lease expired, and those this instance (the same instance
+        # name) held before it restarted, are failed at once; the others stay theirs.
         alone = store.backend == SQLITE
-        for task in await store.write(leases.fail_expired_imports, time.time(),
-                                      RESTART_MESSAGE if alone else LEASE_EXPIRED_MESSAGE,
-                                      every_lease=alone):
+        failed = await store.write(leases.fail_expired_imports, time.time(), RESTART_MESSAGE,
+                                   every_lease=alone, held_by=None if alone else
+                                   self._instance_id)
+        if not alone:
+            failed += await store.write(leases.fail_expired_imports, time.time(),
+                                        LEASE_EXPIRED_MESSAGE)
+        interrupted = []
+        for task in failed:
+            interrupted.append(task["backup_task_id"])
             await discard_uploads(self._env, task)
             log.warning("import %s was interrupted by a restart; marked failed",
                         task["backup_task_id"])
         for task in await store.read(backup_tasks.finished_imports_holding_uploads):
+            if task["status"] == STATUS_FAILED and task["timeout_time"] > time.time():
+                # Refused because of its options: startable again until its deadline.
+                self.watch(task["backup_task_id"], task["timeout_time"])
+                continue
             await discard_uploads(self._env, task)
             log.warning("import %s ended before a restart but kept its uploads; removed them",
                         task["backup_task_id"])
@@ -332,21 +494,24 @@ class ImportSupervisor:
                                   status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
                                   completed_time=time.time())
         # No import of this instance runs yet: staging that no live lease claims is left
-        # over, and a restored file with no row is from an import that never committed (when
-        # no instance runs an import now).
+        # over, and a restored file with no row is from an import that never committed (in
+        # S3 storage: under the prefix of an interrupted import; in a local content folder,
+        # only removed when no instance runs an import now, since the folder is shared).
         live = await store.read(leases.live_import_ids, time.time())
         await trio.to_thread.run_sync(_clear_staging, paths, live, alone)
-        if not live:
-            known = await store.read(restore_rows.restored_file_ids)
-            removed = await trio.to_thread.run_sync(remove_unclaimed, paths.restore_files,
-                                                    known)
-            if removed:
-                log.warning("removed %d restored files left by an interrupted import", removed)
+        known = await store.read(restore_rows.restored_file_ids)
+        removed = await trio.to_thread.run_sync(functools.partial(
+            self._content.remove_interrupted_restores, interrupted, known,
+            others_running=bool(live)))
+        if removed:
+            log.warning("removed %d restored files left by an interrupted import", removed)
         if alone:
-            await trio.to_thread.run_sync(lambda: unlink_all(partial_backups(paths.backups)))
-        for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
-                                     STATUS_PENDING):
-            self.watch(task["backup_task_id"], task["timeout_time"])
+            await trio.to_thread.run_sync(
+                lambda: unlink_quietly(partial_backups(paths.backups)))
+        for status in STARTABLE_STATUSES:
+            for task in await store.read(backup_tasks.tasks_in_status, OPERATION_IMPORT,
+                                         status):
+                self.watch(task["backup_task_id"], task["timeout_time"])
 
 
 def _clear_staging(paths: Paths, live_imports: set[str], alone: bool) -> None:
@@ -358,6 +523,6 @@ def _clear_staging(paths: Paths, live_imports: set[str], alone: bool) -> None:
     elif paths.staging.is_dir():
         for entry in paths.staging.iterdir():
             if (not entry.name.startswith(VERIFY_DIR_PREFIX)
-                    and entry.name not in live_imports):
+                    and entry.name.split(".")[0] not in live_imports):
                 remove_tree(entry)
     paths.staging.mkdir(parents=True, exist_ok=True)

@@ -20,14 +20,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..config import MiB
+from ..content.s3 import S3_PART_MIN_BYTES, make_s3_client, s3_reason
 from ..conventions import ARCHIVE_SUFFIX
 from ..errors import BackupTargetError, BadRequest, Conflict
 from ..paths import Paths, backup_pair
 
 TARGET_LOCAL = "local"
 TARGET_S3 = "s3"
-# S3 wants every part but the last to be at least 5 MiB; 8 MiB is what most tools use.
-S3_PART_MIN_BYTES = 5 * MiB
+# S3 wants every part but the last to be at least S3_PART_MIN_BYTES; 8 MiB is what most
+# tools use.
 S3_PART_DEFAULT_BYTES = 8 * MiB
 S3_MAX_PARTS = 10_000
 READ_BYTES = 1 * MiB
@@ -89,10 +90,12 @@ def describe_target(target: dict) -> str:
 
 
 class LocalTarget:
-    """The server's own backups folder (`content/backups/`)."""
+    """The server's own backups folder (`content/backups/`, in the content storage: local
+    files, or the bucket of `serve --storage`)."""
 
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, content):
         self._paths = paths
+        self._content = content
 
     def location_of(self, name: str) -> str:
         return self._paths.relative(backup_pair(self._paths.backups, name)[0])
@@ -106,13 +109,10 @@ class LocalTarget:
         return self._paths.relative(archive)
 
     def open_archive(self, location: str) -> BinaryIO:
-        return open(self._paths.resolve(location), "rb")
+        return self._content.open_read(location)
 
     def delete(self, location: str) -> None:
-        try:
-            os.unlink(self._paths.resolve(location))
-        except FileNotFoundError:
-            pass
+        self._content.delete([location])
 
 
 class S3Target:
@@ -127,9 +127,7 @@ class S3Target:
 
     def _s3(self):
         if self._client is None:
-            import boto3  # imported on first use: a server without S3 targets never loads it
-            self._client = boto3.session.Session().client(
-                "s3", endpoint_url=self._endpoint, region_name=self._options.region)
+            self._client = make_s3_client(self._endpoint, self._options.region)
         return self._client
 
     def location_of(self, name: str) -> str:
@@ -137,7 +135,7 @@ class S3Target:
 
     def _failed(self, doing: str, exc: Exception) -> BackupTargetError:
         return BackupTargetError(f"S3 {doing} s3://{self.bucket}/{self.prefix} failed: "
-                                 f"{_s3_reason(exc)}")
+                                 f"{s3_reason(exc)}")
 
     def publish(self, temp_archive: Path, name: str) -> str:
         """Upload in parts (never the whole archive in memory), then read the object back and
@@ -209,7 +207,7 @@ class S3Target:
         try:
             body = self._s3().get_object(Bucket=self.bucket, Key=location)["Body"]
         except Exception as exc:
-            if _s3_reason(exc).startswith(("NoSuchKey", "404")):
+            if s3_reason(exc).startswith(("NoSuchKey", "404")):
                 raise FileNotFoundError(f"s3://{self.bucket}/{location}") from None
             raise self._failed("download from", exc) from exc
         return _S3Reader(body, self)
@@ -245,15 +243,10 @@ class _S3Reader:
         self.close()
 
 
-def _s3_reason(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict) and "Error" in response:
-        error = response["Error"]
-        return f"{error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
-    return str(exc) or type(exc).__name__
-
-
-def open_target(target: dict, paths: Paths, options: S3Options) -> LocalTarget | S3Target:
+def open_target(target: dict, paths: Paths, options: S3Options,
+                content) -> LocalTarget | S3Target:
+    """The target `target` describes; a local one lives in `content` (the server's content
+    storage)."""
     if target["type"] == TARGET_S3:
         return S3Target(target, options)
-    return LocalTarget(paths)
+    return LocalTarget(paths, content)

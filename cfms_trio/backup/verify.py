@@ -32,7 +32,8 @@ from ..errors import ArchiveError, BackupTargetError, CfmsError
 from ..reaper import remove_tree
 from ..storage import Store, backup_tasks, backups
 from .format import KeyInfo, Unlock, summarize_archive
-from .restore import FileMover, checked_archive, commit_restore
+from ..content.local import LocalRestoredFiles
+from .restore import checked_archive, commit_restore
 from .staging_index import StagingIndex
 
 LEVEL_SELF_CHECK = "self-check"
@@ -187,11 +188,11 @@ def _plan_restore(contents, index: StagingIndex, staging: Path, work_dir: Path) 
     try:
         store.upgrade_schema()
         task_id = store.run_write(backups.create_plan_task, time.time())
-        mover = FileMover(staging, work_dir / "restore")
+        mover = LocalRestoredFiles(staging, work_dir / "restore")
         outcome = {"status": "completed", "error_message": None}
         try:
             store.run_write(commit_restore, contents, index, mover,
-                            lambda step, fraction: None, threading.Event(), task_id, outcome)
+                            lambda *step, **counts: None, threading.Event(), task_id, outcome)
         except CfmsError as exc:
             raise ArchiveError(f"the restore plan failed: {exc.message}") from None
         planned = store.run_read(backup_tasks.get_backup_task, task_id)

@@ -15,7 +15,8 @@ from pathlib import Path
 import trio
 
 from ..config import Limits, Settings, parse_size
-from ..errors import StartupError
+from ..content import parse_storage_url
+from ..errors import StartupError, StorageUnavailable
 from ..storage.backends import parse_database_url
 
 log = logging.getLogger("cfms_trio")
@@ -77,8 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         initial_admin_password=os.environ.get("CFMS_ADMIN_PASSWORD") or None,
                         limits=limits, database_url=args.database,
                         s3_endpoint_url=args.s3_endpoint,
-                        s3_region=args.s3_region,
-                        lease_s=args.lease_seconds or Settings.lease_s)
+                        s3_region=args.s3_region, storage_url=args.storage,
+                        lease_s=args.lease_seconds or Settings.lease_s,
+                        instance_name=args.instance_name)
     try:
         _setup_logging(settings.content / "logs", args.verbose)
         trio.run(_serve_until_signalled, settings)
@@ -89,7 +91,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 1
         os_error = _find_error(exc, OSError)
         if os_error is None:
-            raise
+            unavailable = _find_error(exc, StorageUnavailable)
+            if unavailable is None:
+                raise
+            print(f"error: {unavailable.message}", file=sys.stderr)
+            return 1
         if os_error.errno == errno.EADDRINUSE:
             print(f"error: cannot listen on {settings.host}:{settings.port}: address already "
                   f"in use", file=sys.stderr)
@@ -111,6 +117,14 @@ def _find_error(exc: BaseException, kind: type[BaseException]) -> BaseException 
             if found is not None:
                 return found
     return None
+
+
+def _storage(text: str) -> str:
+    try:
+        parse_storage_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # -- connection bounds (issue 12 item 7) --------------------------------------------------------
@@ -173,15 +187,24 @@ def register(sub) -> None:
                        help="the database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (a "
                             "password may also come from $PGPASSWORD or ~/.pgpass); default: "
                             "the SQLite file ROOT/content/cfms.db")
+    serve.add_argument("--storage", type=_storage, metavar="s3://BUCKET/PREFIX",
+                       help="keep file contents, partial uploads, restored files and backups "
+                            "in this S3 bucket (default: local files under ROOT/content/); "
+                            "the bucket must exist")
     serve.add_argument("--s3-endpoint", metavar="URL",
-                       help="S3-compatible service for backup targets that name no endpoint "
-                            "(default: $AWS_ENDPOINT_URL, else AWS); credentials come from "
-                            "the standard AWS_* environment variables")
+                       help="S3-compatible service for --storage and for backup targets that "
+                            "name no endpoint (default: $AWS_ENDPOINT_URL, else AWS); "
+                            "credentials come from the standard AWS_* environment variables")
     serve.add_argument("--s3-region", metavar="REGION",
                        help="S3 region (default: $AWS_DEFAULT_REGION)")
     serve.add_argument("--lease-seconds", type=_positive(float), metavar="SECONDS",
                        help="several instances on PostgreSQL: an instance silent this long is "
                             "taken for dead and its imports failed, its uploads resumable "
                             "elsewhere (default 30)")
+    serve.add_argument("--instance-name", metavar="NAME",
+                       help="several instances on PostgreSQL: this instance's name, kept across "
+                            "restarts so a restarted instance fails at once the imports it was "
+                            "running; each instance needs its own (default: host name, root "
+                            "folder and port)")
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)

@@ -17,11 +17,11 @@ from .connection import (
     Client, ClientError, Progress, TlsError, check_tls, client_ssl_context, open_client,
 )
 from .files import file_sha256
-from .flows import export_backup, import_backup
+from .flows import export_backup, import_backup, start_import
 from .progress import ProgressBar
 
 __all__ = [
     "Client", "ClientError", "Progress", "ProgressBar", "TlsError", "check_tls",
     "client_ssl_context",
-    "export_backup", "file_sha256", "import_backup", "open_client",
+    "export_backup", "file_sha256", "import_backup", "open_client", "start_import",
 ]

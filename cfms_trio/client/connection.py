@@ -24,8 +24,10 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
+from ..backup.format import DropBehindWriter
 from ..nurseries import single_error_unwrapped
 from ..transfer.crypto import ChunkTagError, chunk_count, open_chunk, seal_chunk
+from ..transfer import wire
 from ..transfer.pipeline import send_ahead
 from .files import file_sha256, open_download_target, unlink_if_present
 
@@ -39,7 +41,6 @@ CLIENT_FRAME_LIMIT_BYTES = 64 * 1024 * 1024
 EVENT_QUEUE = 1024
 DEFAULT_PORT = 5104
 TLS_CHECK_TIMEOUT_S = 30
-WS_RECEIVE_BYTES = 256 * 1024  # per TLS read; the library default of 4 KiB slows transfers
 
 
 class ClientError(Exception):
@@ -260,6 +261,7 @@ class Client:
                     # at the end.
                     digest = None if offset else hashlib.sha256()
                     await trio.to_thread.run_sync(_seek_and_truncate, f, offset)
+                    writer = DropBehindWriter(f, offset)
                     for index in range(offset // chunk_size, chunk_count(size, chunk_size)):
                         sealed = await self.receive_reply()
                         if not isinstance(sealed, bytes):
@@ -268,8 +270,8 @@ class Client:
                             raise ClientError(0, "protocol error: expected a binary chunk")
                         # Meanwhile the reader task keeps receiving the next chunks.
                         try:
-                            await trio.to_thread.run_sync(_open_and_write, f, digest, key,
-                                                          prefix, index, sealed)
+                            await trio.to_thread.run_sync(_open_and_write, writer, digest,
+                                                          key, prefix, index, sealed)
                         except ChunkTagError as err:
                             await self._resync()
                             raise ClientError(0, f"download failed: {err}") from None
@@ -349,13 +351,15 @@ async def open_client(url: str, *, cafile: str | Path | None = None, insecure: b
 
     `check_certificate_first` makes one extra TLS handshake so that an untrusted certificate
     is reported at once and clearly (the command-line tools use it)."""
+    wire.install()  # C masking and reused buffers for this process (transfer/wire.py)
     if url.startswith("wss://") and ssl_context is None:
         ssl_context = client_ssl_context(cafile, insecure)
     if check_certificate_first and url.startswith("wss://"):
         await check_tls(url, ssl_context)
     async with open_websocket_url(url, ssl_context=ssl_context,
                                   max_message_size=max_message_size,
-                                  receive_buffer_size=WS_RECEIVE_BYTES) as ws:
+                                  receive_buffer_size=wire.WS_RECEIVE_BYTES) as ws:
+        wire.speed_up_client_tls(ws)
         client = Client(ws)
         # The reader task never fails on its own, so a group here holds the caller's own
         # exception: it comes back unwrapped.
@@ -378,7 +382,8 @@ def _read_and_seal(f, chunk_size: int, key: bytes, prefix: bytes, index: int) ->
 
 
 def _open_and_write(f, digest, key: bytes, prefix: bytes, index: int, sealed: bytes) -> None:
-    """Verify and decrypt one downloaded chunk, append it to `f` and to `digest` (if any)."""
+    """Verify and decrypt one downloaded chunk, append it to `f` (a DropBehindWriter) and to
+    `digest` (if any)."""
     plaintext = open_chunk(key, prefix, index, sealed)
     f.write(plaintext)
     if digest is not None:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import trio
 
-from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, is_backup_name
+from ..conventions import ARCHIVE_SUFFIX, FINAL_STATUSES, KEY_SUFFIX, STATUS_PLANNED, is_backup_name
 from .connection import Client, ClientError, Progress
 from .files import unlink_if_present
 
@@ -75,17 +75,35 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
                         on_status: StatusCallback | None = None,
                         passphrase: str | None = None,
                         allow_missing_content: bool = False,
-                        accounts: str | None = None) -> dict:
+                        accounts: str | None = None,
+                        options: dict | None = None) -> dict:
     """The flow of BACKUP_IMPORT_FEATURE.md: initiate, upload archive and key, start, then poll
     get_backup_import_status until the task is completed, failed or timed out. `key` is a key
     file or an identity file; with a `passphrase` it may be None (nothing uploaded for it).
     `allow_missing_content`: restore a legacy archive that lists files it does not hold.
-    `accounts`: how the archive's accounts apply (skip_existing, replace, none)."""
+    `accounts`: how the archive's accounts apply (skip_existing, replace, none). `options`:
+    more fields of start_backup_import (dry_run, conflict_policy, include, target_folder_id);
+    a dry run's flow ends when the task is `planned`."""
     init = await client.call("initiate_backup_import", {"timeout_seconds": timeout_seconds})
-    task_id = init["backup_task_id"]
     await client.upload_file(init["archive_task_id"], archive, progress=upload_progress)
     if key is not None:
         await client.upload_file(init["key_task_id"], key)
+    return await start_import(client, init["backup_task_id"], poll_interval_s=poll_interval_s,
+                              on_status=on_status, passphrase=passphrase,
+                              allow_missing_content=allow_missing_content, accounts=accounts,
+                              options=options)
+
+
+async def start_import(client: Client, task_id: str, *, poll_interval_s: float = 2.0,
+                       on_status: StatusCallback | None = None,
+                       passphrase: str | None = None,
+                       allow_missing_content: bool = False,
+                       accounts: str | None = None,
+                       options: dict | None = None) -> dict:
+    """Start an import task whose uploads are in (just uploaded, or kept by a dry run or a
+    start refused because of its options) and poll get_backup_import_status until it ends:
+    `planned` for a dry run, else completed, failed, cancelled or timed out. The options are
+    those of `import_backup`."""
     start: dict = {"backup_task_id": task_id}
     if passphrase is not None:
         start["passphrase"] = passphrase
@@ -93,11 +111,13 @@ async def import_backup(client: Client, archive: Path, key: Path | None, *,
         start["allow_missing_content"] = True
     if accounts is not None:
         start["accounts"] = accounts
+    start.update(options or {})
+    ends = FINAL_STATUSES + ((STATUS_PLANNED,) if start.get("dry_run") else ())
     await client.call("start_backup_import", start)
     while True:
         status = await client.call("get_backup_import_status", {"backup_task_id": task_id})
         if on_status:
             on_status(status)
-        if status["status"] in FINAL_STATUSES:
+        if status["status"] in ends:
             return status
         await trio.sleep(poll_interval_s)

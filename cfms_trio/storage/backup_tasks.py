@@ -16,7 +16,9 @@ from ..conventions import (
     OPERATION_IMPORT,
     STATUS_COMPLETED,
     STATUS_FAILED,
+    STARTABLE_STATUSES,
     STATUS_PENDING,
+    STATUS_PLANNED,
     STATUS_PROCESSING,
     new_id,
 )
@@ -36,7 +38,8 @@ def backup_task_dict(task) -> dict:
             "files_count": task.files_count, "created_time": task.created_time,
             "started_time": task.started_time, "completed_time": task.completed_time,
             "timeout_time": task.timeout_time, "error_message": task.error_message,
-            "backup_name": task.backup_name, "warnings": json.loads(task.warnings)}
+            "backup_name": task.backup_name, "warnings": json.loads(task.warnings),
+            "plan": json.loads(task.plan) if task.plan else None}
 
 
 def get_backup_task(m, task_id: str) -> dict:
@@ -47,15 +50,23 @@ def get_backup_task(m, task_id: str) -> dict:
 
 
 def update_backup_task(m, task_id: str, **fields) -> None:
-    """Set `fields` of a task (`warnings` as a list of strings)."""
+    """Set `fields` of a task (`warnings` as a list of strings, `plan` as an object)."""
+    m.BackupTask.update(**encoded_task_fields(fields)).where(m.BackupTask.id == task_id).execute()
+
+
+def encoded_task_fields(fields: dict) -> dict:
+    """`fields` of a task as its columns hold them (warnings and plan as JSON)."""
     if "warnings" in fields:
         fields["warnings"] = json.dumps(fields["warnings"])
-    m.BackupTask.update(**fields).where(m.BackupTask.id == task_id).execute()
+    if fields.get("plan") is not None:
+        fields["plan"] = json.dumps(fields["plan"])
+    return fields
 
 
 def transition_backup_task(m, task_id: str, from_status: str, **fields) -> dict:
-    """Change a task only if it is still in `from_status` (compare-and-set), else 409."""
-    updated = (m.BackupTask.update(**fields)
+    """Change a task only if it is still in `from_status` (compare-and-set), else 409;
+    `fields` as for `update_backup_task`."""
+    updated = (m.BackupTask.update(**encoded_task_fields(fields))
                .where((m.BackupTask.id == task_id) & (m.BackupTask.status == from_status))
                .execute())
     if not updated:
@@ -82,7 +93,7 @@ def create_import_task(m, owner: str, now: float, deadline: float, *, pending_li
     runs, so starting them must not make room for more."""
     unfinished = (m.BackupTask.select().where(
         (m.BackupTask.username == owner) & (m.BackupTask.operation == OPERATION_IMPORT)
-        & (m.BackupTask.status.in_((STATUS_PENDING, STATUS_PROCESSING)))).count())
+        & (m.BackupTask.status.in_((STATUS_PENDING, STATUS_PLANNED, STATUS_PROCESSING)))).count())
     if unfinished >= pending_limit:
         raise Conflict(f"you already have {unfinished} imports pending or running (the limit "
                        f"is {pending_limit}); let them finish or time out before initiating "
@@ -106,10 +117,11 @@ def create_import_task(m, owner: str, now: float, deadline: float, *, pending_li
 
 
 def import_upload_tasks(m, archive_file_id: str, key_file_id: str) -> list[dict]:
-    """The upload tasks of an import: `what` ("archive" or "key") and whether it is `done`."""
+    """The upload tasks of an import: `what` ("archive" or "key"), whether it is `done`, and
+    the `size` the client announced for it (None before its transfer began)."""
     what_of = {ARCHIVE_UPLOAD: "archive", KEY_UPLOAD: "key"}
     return [{"task_id": t.id, "file_id": t.__data__["file"], "done": t.status == "completed",
-             "what": what_of[t.purpose]}
+             "what": what_of[t.purpose], "size": t.file.size}
             for t in m.FileTask.select().where(m.FileTask.file.in_([archive_file_id,
                                                                     key_file_id]))]
 
@@ -122,7 +134,7 @@ def abandon_tasks_of(m, username: str, message: str, now: float) -> list[dict]:
     owned = (m.BackupTask.username == username)
     pending = [backup_task_dict(t) for t in m.BackupTask.select().where(
         owned & (m.BackupTask.operation == OPERATION_IMPORT)
-        & (m.BackupTask.status == STATUS_PENDING))]
+        & (m.BackupTask.status.in_(STARTABLE_STATUSES)))]
     for task in pending:
         task["upload_task_ids"] = [u["task_id"] for u in import_upload_tasks(
             m, task["archive_file_id"], task["key_file_id"])]
@@ -142,8 +154,16 @@ def finished_imports_holding_uploads(m) -> list[dict]:
     stored = m.File.select(m.File.id)
     return [backup_task_dict(t) for t in m.BackupTask.select().where(
         (m.BackupTask.operation == OPERATION_IMPORT)
-        & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PROCESSING])
+        & m.BackupTask.status.not_in([STATUS_PENDING, STATUS_PLANNED, STATUS_PROCESSING])
         & (m.BackupTask.archive_file_id.in_(stored) | m.BackupTask.key_file_id.in_(stored)))]
+
+
+def failed_holding_uploads(m, task: dict) -> bool:
+    """Whether a failed import still holds its uploaded archive: it was refused because of its
+    options (the archive itself was fine), and may be started again until its deadline."""
+    return (task["operation"] == OPERATION_IMPORT and task["status"] == STATUS_FAILED
+            and task["archive_file_id"] is not None
+            and m.File.select().where(m.File.id == task["archive_file_id"]).exists())
 
 
 def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:

@@ -92,6 +92,15 @@ def _check_document_access(m, principal, document_id: str, access_type: str):
     return document
 
 
+def check_access(m, principal, object_type: str, object_id: str, access_type: str) -> None:
+    """Raise Forbidden (or NotFound) unless `principal` has `access_type` to the folder or
+    document `object_id`, by the same rules as every request (the restore planner uses it)."""
+    if object_type == "folder":
+        _check_folder_access(m, principal, object_id, access_type)
+    else:
+        _check_document_access(m, principal, object_id, access_type)
+
+
 def _check_container_write(m, principal, folder_id: str | None) -> None:
     """Creating or moving something into `folder_id` needs write access to it (root is open)."""
     if folder_id is not None:

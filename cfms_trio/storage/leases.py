@@ -10,10 +10,16 @@ over (an import is then failed, a transfer may start afresh). Blocking; run thro
 
 from __future__ import annotations
 
-from ..conventions import OPERATION_IMPORT, STATUS_FAILED, STATUS_PENDING, STATUS_PROCESSING
+from ..conventions import (
+    OPERATION_IMPORT,
+    STARTABLE_STATUSES,
+    STATUS_FAILED,
+    STATUS_PENDING,
+    STATUS_PROCESSING,
+)
 from ..errors import Conflict
 from . import backends
-from .backup_tasks import backup_task_dict, update_backup_task
+from .backup_tasks import backup_task_dict, encoded_task_fields, update_backup_task
 
 
 def _free(model, owner: str, now: float):
@@ -59,20 +65,22 @@ def leased_transfer_ids(m, now: float, task_ids: list[str] | None = None) -> set
 
 # -- imports ------------------------------------------------------------------------------------
 
-def start_import(m, task_id: str, owner: str, now: float, expires: float, **fields) -> dict:
-    """Compare-and-set `pending -> processing` under `owner`'s lease, only before the task's
-    deadline (the instance enforcing the deadline removes the uploads once it has passed).
-    409 when the task is no longer pending; DeadlinePassed is the caller's check."""
+def start_import(m, task_id: str, from_status: str, owner: str, now: float, expires: float,
+                 **fields) -> dict:
+    """Compare-and-set `from_status` (pending, planned or refused) -> `processing` under
+    `owner`'s lease, only before the task's deadline (the instance enforcing the deadline
+    removes the uploads once it has passed). 409 when the task has moved on; `fields` as for
+    `update_backup_task`."""
     updated = (m.BackupTask.update(status=STATUS_PROCESSING, lease_owner=owner,
-                                   lease_expires_time=expires, **fields)
-               .where((m.BackupTask.id == task_id) & (m.BackupTask.status == STATUS_PENDING)
+                                   lease_expires_time=expires, **encoded_task_fields(fields))
+               .where((m.BackupTask.id == task_id) & (m.BackupTask.status == from_status)
                       & (m.BackupTask.timeout_time > now))
                .execute())
     if not updated:
         row = m.BackupTask.get_by_id(task_id)
-        if row.status == STATUS_PENDING:
+        if row.status == from_status:
             raise Conflict(f"the deadline of backup task '{task_id}' has passed")
-        raise Conflict(f"backup task '{task_id}' is {row.status}, not {STATUS_PENDING}")
+        raise Conflict(f"backup task '{task_id}' is {row.status}, not {from_status}")
     return backup_task_dict(m.BackupTask.get_by_id(task_id))
 
 
@@ -95,24 +103,29 @@ def holds_import(m, task_id: str, owner: str) -> bool:
 
 
 def finish_held_import(m, task_id: str, owner: str, **fields) -> bool:
-    """Record an import's failure (`fields`, `warnings` a list) if `owner` still holds it;
-    False when another instance ended it already."""
+    """Record how an import ended (`fields` as for `update_backup_task`: failed, cancelled or
+    planned) and drop its lease, if `owner` still holds it; False when another instance
+    ended it already."""
     if not holds_import(m, task_id, owner):
         return False
     update_backup_task(m, task_id, lease_owner=None, lease_expires_time=None, **fields)
     return True
 
 
-def fail_expired_imports(m, now: float, message: str, *, every_lease: bool = False
-                         ) -> list[dict]:
+def fail_expired_imports(m, now: float, message: str, *, every_lease: bool = False,
+                         held_by: str | None = None) -> list[dict]:
     """End `failed` every processing import whose lease expired (its instance died; its
     restore never committed, since a commit ends the processing status in the same
-    transaction), or every processing one with `every_lease` (SQLite: no other instance can
-    exist). Rows another instance is failing right now are skipped."""
+    transaction); with `held_by`, instead those that instance holds (it starts again under
+    the same name: what it ran before was interrupted); with `every_lease`, every processing
+    one (SQLite: no other instance can exist). Rows another instance is failing right now are
+    skipped."""
     query = m.BackupTask.select().where(
         (m.BackupTask.operation == OPERATION_IMPORT)
         & (m.BackupTask.status == STATUS_PROCESSING))
-    if not every_lease:
+    if held_by is not None:
+        query = query.where(m.BackupTask.lease_owner == held_by)
+    elif not every_lease:
         query = query.where(m.BackupTask.lease_owner.is_null()
                             | (m.BackupTask.lease_expires_time <= now))
     expired = [backup_task_dict(t) for t in backends.locked_skipping_others(m.db, query)]
@@ -127,11 +140,16 @@ def fail_expired_imports(m, now: float, message: str, *, every_lease: bool = Fal
 
 def claim_due_imports(m, owner: str, now: float, expires: float,
                       task_id: str | None = None) -> list[str]:
-    """Pending imports past their deadline that `owner` now times out: it holds their lease
-    until `expires` (another instance that died while timing one out leaves an expired
-    lease, and the task is claimed again). `task_id` limits the claim to one task."""
+    """Imports past their deadline that `owner` now times out: pending or planned ones, and
+    failed ones still holding their uploads (refused because of their options). It holds
+    their lease until `expires` (another instance that died while timing one out leaves an
+    expired lease, and the task is claimed again). `task_id` limits the claim to one task."""
+    stored = m.File.select(m.File.id)
+    due = (m.BackupTask.status.in_(STARTABLE_STATUSES)
+           | ((m.BackupTask.status == STATUS_FAILED)
+              & m.BackupTask.archive_file_id.in_(stored)))
     query = m.BackupTask.select(m.BackupTask.id).where(
-        (m.BackupTask.operation == OPERATION_IMPORT) & (m.BackupTask.status == STATUS_PENDING)
+        (m.BackupTask.operation == OPERATION_IMPORT) & due
         & (m.BackupTask.timeout_time <= now) & _free(m.BackupTask, owner, now))
     if task_id is not None:
         query = query.where(m.BackupTask.id == task_id)
@@ -140,6 +158,12 @@ def claim_due_imports(m, owner: str, now: float, expires: float,
         (m.BackupTask.update(lease_owner=owner, lease_expires_time=expires)
          .where(m.BackupTask.id.in_(ids)).execute())
     return ids
+
+
+def release_import(m, task_id: str, owner: str) -> None:
+    """Drop `owner`'s lease on an import that needs none now (a timed-out refused one)."""
+    (m.BackupTask.update(lease_owner=None, lease_expires_time=None)
+     .where((m.BackupTask.id == task_id) & (m.BackupTask.lease_owner == owner)).execute())
 
 
 def live_import_ids(m, now: float) -> set[str]:

@@ -64,6 +64,11 @@ def _revision_history_index(database: pw.Database, m: types.SimpleNamespace) -> 
         f'"{m.Revision.seq.column_name}")')
 
 
+def _restore_plans(database: pw.Database, m: types.SimpleNamespace) -> None:
+    """Restores into a live server (issue 14): an import's plan is kept with its task."""
+    _add_column_if_missing(database, m.BackupTask, "plan")
+
+
 def _instance_leases(database: pw.Database, m: types.SimpleNamespace) -> None:
     """Several instances on one database (issue 16): leases on backup and transfer tasks, and
     the table of events too large for a notification."""
@@ -76,7 +81,8 @@ def _instance_leases(database: pw.Database, m: types.SimpleNamespace) -> None:
 MIGRATIONS = (
     Migration(1, "baseline: missing tables and BackupTask.warnings", _baseline),
     Migration(2, "index on revision (document_id, seq)", _revision_history_index),
-    Migration(3, "task leases of several instances, the cluster event table", _instance_leases),
+    Migration(3, "BackupTask.plan", _restore_plans),
+    Migration(4, "task leases of several instances, the cluster event table", _instance_leases),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -126,7 +126,7 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # the same content can resume at the verified bytes kept on disk.
         declared_size = pw.BigIntegerField(null=True)
         declared_sha256 = pw.CharField(null=True)
-        # The instance running a transfer of this task now, until when (issue 16; migration 3).
+        # The instance running a transfer of this task now, until when (issue 16; migration 4).
         lease_owner = pw.CharField(null=True)
         lease_expires_time = pw.FloatField(null=True)
 
@@ -151,7 +151,10 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
         # JSON list of strings: what an import had to change (added by issue 11; older
         # databases get it from migration 1).
         warnings = pw.TextField(default="[]")
-        # The instance running (or timing out) this task, until when (issue 16; migration 3).
+        # JSON object: an import's plan (restore planner), once made (added by issue 14;
+        # older databases get it from migration 3).
+        plan = pw.TextField(null=True)
+        # The instance running (or timing out) this task, until when (issue 16; migration 4).
         lease_owner = pw.CharField(null=True)
         lease_expires_time = pw.FloatField(null=True)
 
@@ -200,7 +203,7 @@ def build_models(database: pw.Database) -> types.SimpleNamespace:
 
     class ClusterEvent(Base):
         """An event too large for a PostgreSQL NOTIFY payload: the notification carries its id
-        and every instance reads it here (issue 16; migration 3). Rows older than a few
+        and every instance reads it here (issue 16; migration 4). Rows older than a few
         minutes are removed as new ones are written."""
 
         id = pw.BigAutoField()

@@ -17,6 +17,9 @@ import peewee as pw
 from . import backends
 
 CHANNEL = "cfms_events"
+# The first key of the advisory locks on instance names (the second is the name's hash), so
+# they do not collide with other users of advisory locks on the same database.
+NAME_LOCK_CLASS = 0x0CF5
 # Below PostgreSQL's limit of 8000 bytes, with room for the envelope around a stored id.
 NOTIFY_PAYLOAD_MAX_BYTES = 7000
 # A stored event is read by every instance within moments of its notification.
@@ -63,6 +66,32 @@ class ListeningConnection:
         arrived = [json.loads(n.payload) for n in self._raw.notifies]
         self._raw.notifies.clear()
         return arrived
+
+    def close(self) -> None:
+        try:
+            self._database.close()
+        except Exception:
+            pass
+
+
+class NameLock:
+    """A connection of its own holding session advisory locks (autocommit, no pool): one
+    instance's name (`try_lock`), until `close` or the process dies."""
+
+    def __init__(self, database: pw.Database):
+        if not backends.is_postgresql(database):
+            raise ValueError("advisory locks need PostgreSQL")
+        self._database = database
+        database.connect()
+        self._raw = database.connection()
+        self._raw.autocommit = True
+
+    def try_lock(self, name: str) -> bool:
+        """Take the lock on `name`; False when another session holds it."""
+        with self._raw.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s, hashtext(%s))",
+                           (NAME_LOCK_CLASS, name))
+            return bool(cursor.fetchone()[0])
 
     def close(self) -> None:
         try:

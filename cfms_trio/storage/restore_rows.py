@@ -1,4 +1,4 @@
-"""Writing a restored backup's rows: collision checks and bulk inserts (blocking).
+"""Writing a restored backup's rows: lookups by key, bulk inserts and updates (blocking).
 
 These run inside the restore's single write transaction, so either every row of the backup
 lands or none does. They take the rows in batches (from the import's staging index) and speak
@@ -44,22 +44,6 @@ def existing_keys(model, field: str, keys: list[str], *, root_only: str | None =
     return [row[0] for row in cursor]
 
 
-def collision_checks(m) -> list[tuple]:
-    """(staging index kind, model, field, root-only parent field, message) of every check an
-    import makes against this store before inserting anything."""
-    return [
-        ("folders", m.Folder, "id", None, "folder id '{}' already exists on this server"),
-        ("documents", m.Document, "id", None, "document id '{}' already exists on this server"),
-        ("revisions", m.Revision, "id", None, "revision id '{}' already exists on this server"),
-        ("files", m.File, "id", None, "file id '{}' already exists on this server"),
-        ("rules", m.AccessRule, "id", None, "access rule id '{}' already exists on this server"),
-        ("root folder names", m.Folder, "name", "parent",
-         "a folder with the name {!r} already exists at the root of this server"),
-        ("root document titles", m.Document, "title", "folder",
-         "a document with the title {!r} already exists at the root of this server"),
-    ]
-
-
 def insert_rows(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
                 progress: Callable[[int], None] | None = None) -> int:
     """Insert every batch of `batches` (tuples in the order of `fields`) with executemany;
@@ -77,12 +61,41 @@ def insert_rows(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
 
 def file_rows(batches: Iterable[list[tuple]], file_path_of: Callable[[str], str],
               inactive_ids: set[str]) -> Iterable[list[tuple]]:
-    """File rows from the index's (id, sha256, size, created_time), active unless in
-    `inactive_ids` (never served: upstream uploads that never happened, content missing from
-    the archive)."""
+    """File rows from batches of (archive id, id here, sha256, size, created_time), active
+    unless the archive id is in `inactive_ids` (never served: upstream uploads that never
+    happened, content missing from the archive)."""
     for batch in batches:
         yield [(file_id, sha256, size, created_time, file_path_of(file_id),
-                file_id not in inactive_ids) for file_id, sha256, size, created_time in batch]
+                archive_id not in inactive_ids)
+               for archive_id, file_id, sha256, size, created_time in batch]
+
+
+def update_placements(model, fields: tuple[str, ...], batches: Iterable[list[tuple]],
+                      progress: Callable[[int], None] | None = None) -> int:
+    """Give existing folders or documents (`fields`: id, name, parent, ...) the name and
+    parent of each (id, name, parent) row: an overwrite by a restore."""
+    meta = model._meta
+    mark = meta.database.param
+    sql = (f'UPDATE "{meta.table_name}" SET "{_column(model, fields[1])}" = {mark}, '
+           f'"{_column(model, fields[2])}" = {mark} WHERE "{_column(model, fields[0])}" = {mark}')
+    cursor = meta.database.cursor()
+    total = 0
+    for batch in batches:
+        cursor.executemany(sql, [(name, parent, object_id) for object_id, name, parent in batch])
+        total += len(batch)
+        if progress:
+            progress(len(batch))
+    return total
+
+
+def delete_rules_of(m, batches: Iterable[list[tuple[str, str]]]) -> None:
+    """Delete every access rule of the (object type, id) pairs (an overwrite replaces them)."""
+    database = m.AccessRule._meta.database
+    cursor = database.cursor()
+    table, mark = m.AccessRule._meta.table_name, database.param
+    for batch in batches:
+        cursor.executemany(
+            f'DELETE FROM "{table}" WHERE object_type = {mark} AND object_id = {mark}', batch)
 
 
 def restored_file_ids(m) -> set[str]:

@@ -37,8 +37,9 @@ def open_chunk(key: bytes, prefix: bytes, index: int, sealed: bytes) -> bytes:
     if len(sealed) < TAG_BYTES:
         raise ChunkTagError(f"chunk {index} is shorter than its tag")
     cipher = AES.new(key, AES.MODE_GCM, nonce=_nonce(prefix, index))
+    view = memoryview(sealed)  # slices of a view: no copy of the chunk
     try:
-        return cipher.decrypt_and_verify(sealed[:-TAG_BYTES], sealed[-TAG_BYTES:])
+        return cipher.decrypt_and_verify(view[:-TAG_BYTES], view[-TAG_BYTES:])
     except ValueError:
         raise ChunkTagError(f"chunk {index} failed authentication") from None
 

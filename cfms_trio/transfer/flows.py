@@ -17,7 +17,6 @@ from ..conventions import SHA256_HEX_PATTERN
 from ..deadlines import trio_deadline
 from ..errors import BadRequest, DeadlinePassed, TooLarge, disk_error
 from ..protocol import event
-from ..reaper import unlink_all
 from ..storage import transfers
 from .crypto import TAG_BYTES, ChunkTagError, chunk_count, new_session
 from .files import PartialUpload, SealedReader
@@ -59,7 +58,8 @@ async def receive_upload(ctx: "Context", task: dict) -> dict:
     chunk_size = app.settings.limits.transfer_chunk_bytes
     max_size = min(task["max_size"] or app.settings.limits.upload_bytes,
                    app.settings.limits.upload_bytes)
-    partial = PartialUpload(app.paths.partial_upload(task["task_id"]))
+    partial = PartialUpload(app.content.partial_upload(task["task_id"], task["file_path"],
+                                                       chunk_size))
     async with app.transfers.claim(task["task_id"]) as active:
         active.scope.deadline = trio_deadline(task["end_time"])
         with active.scope:
@@ -85,7 +85,8 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
     resumable = min(existing, file_size) // chunk_size * chunk_size
     committed = False
     try:
-        offset = await trio.to_thread.run_sync(partial.open, resumable, limiter=app.io_limiter)
+        offset = await trio.to_thread.run_sync(partial.open, resumable, file_size,
+                                               limiter=app.io_limiter)
         key, prefix = new_session()
         await conn.send_json(event("ready", {"key": _b64(key), "nonce_prefix": _b64(prefix),
                                              "chunk_size": chunk_size, "offset": offset}))
@@ -103,22 +104,28 @@ async def _upload(ctx: "Context", task: dict, partial: PartialUpload, chunk_size
             except ChunkTagError as err:
                 await _discard(app, partial, task)
                 raise BadRequest(f"{err}; the upload was discarded") from None
-        digest = partial.hasher.hexdigest()
-        if digest != sha256:
+        digest = partial.digest()  # None: known only once stored (a resumed S3 upload)
+        if digest is not None and digest != sha256:
             await _discard(app, partial, task)
             raise BadRequest("sha256 of the received file does not match; the upload was discarded")
-        final = app.paths.resolve(task["file_path"])
+        final = task["file_path"]
         # Verified content is put in place and recorded as one step that a deadline passing
         # right now cannot split, so no file is left on disk without its row.
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(partial.commit, final, limiter=app.io_limiter)
+            digest = await trio.to_thread.run_sync(partial.commit, final,
+                                                   limiter=app.io_limiter)
             committed = True
             try:
+                if digest != sha256:
+                    raise BadRequest("sha256 of the received file does not match; the upload "
+                                     "was discarded")
                 await app.store.write(transfers.complete_upload, task["task_id"],
                                       task["file_id"], file_size, sha256)
-            except BaseException:
+            except BaseException as exc:
                 # e.g. the document was deleted meanwhile: its content must not linger.
-                await trio.to_thread.run_sync(unlink_all, [final])
+                await trio.to_thread.run_sync(app.content.delete, [final])
+                if isinstance(exc, BadRequest):
+                    await _discard(app, partial, task)
                 raise
     except OSError as exc:
         # A full disk (or any failed write): what was received cannot be resumed reliably, and
@@ -157,9 +164,10 @@ async def send_download(ctx: "Context", task: dict, offset: int) -> dict:
         raise BadRequest(f"field 'data.offset' must be a multiple of {chunk_size} "
                          f"not beyond the file size {size}")
     key, prefix = new_session()
-    path = app.paths.resolve(task["file_path"])
-    # A stored file missing from disk is the server's fault: the error boundary answers 500.
-    reader = await trio.to_thread.run_sync(SealedReader, path, chunk_size, key, prefix)
+    # Stored content that is missing is the server's fault: the error boundary answers 500.
+    source = await trio.to_thread.run_sync(app.content.open_read, task["file_path"],
+                                           limiter=app.io_limiter)
+    reader = SealedReader(source, chunk_size, key, prefix)
     try:
         with trio.CancelScope(deadline=trio_deadline(task["end_time"])) as scope:
             await conn.send_json(event("transfer_file", {

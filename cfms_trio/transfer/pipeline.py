@@ -33,8 +33,13 @@ async def send_ahead(indices: range, produce: Callable[[int], T],
     with single_error_unwrapped():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce_all)
-            async with receive_items:
+            try:
                 async for index, item in receive_items:
                     if await consume(index, item):
                         break
-            nursery.cancel_scope.cancel()
+            finally:
+                # Cancel the producer before closing its channel: closing first would let a
+                # producer about to send fail with BrokenResourceError, which would then
+                # come out instead of (or beside) the consumer's own outcome.
+                nursery.cancel_scope.cancel()
+                receive_items.close()

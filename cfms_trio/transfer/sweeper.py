@@ -14,8 +14,6 @@ import time
 
 import trio
 
-from ..paths import PART_SUFFIX, Paths
-from ..reaper import remove_unclaimed
 from ..storage import Store, leases, transfers
 from .registry import TransferRegistry
 
@@ -25,10 +23,10 @@ SWEEP_INTERVAL_S = 600.0
 
 
 class UploadSweeper:
-    def __init__(self, store: Store, paths: Paths, transfers_running: TransferRegistry,
+    def __init__(self, store: Store, content, transfers_running: TransferRegistry,
                  interval_s: float = SWEEP_INTERVAL_S):
         self._store = store
-        self._paths = paths
+        self._content = content  # the content storage holding the partial uploads
         self._running = transfers_running
         self._interval_s = interval_s
 
@@ -40,8 +38,7 @@ class UploadSweeper:
         keep |= self._running.active_task_ids()
         # Uploads running on other instances (several instances share the content storage).
         keep |= await self._store.read(leases.leased_transfer_ids, now)
-        removed = await trio.to_thread.run_sync(remove_unclaimed, self._paths.uploads, keep,
-                                                PART_SUFFIX)
+        removed = await trio.to_thread.run_sync(self._content.remove_unclaimed_uploads, keep)
         if removed:
             log.info("removed %d abandoned partial uploads", removed)
         return removed

@@ -30,8 +30,8 @@ def pause_imports_at(step: str) -> None:
         _pause_once_a_file_is_staged(report)
         return
 
-    def report_then_pause(progress, name: str, fraction: float) -> None:
-        report(progress, name, fraction)
+    def report_then_pause(progress, name: str, fraction: float, **counts) -> None:
+        report(progress, name, fraction, **counts)
         if name == step and threading.current_thread() is not threading.main_thread():
             _pause(step)
 
@@ -46,14 +46,14 @@ def _pause_once_a_file_is_staged(report) -> None:
     held: list = []  # the ImportProgress of the import, once it reported the step
     write = tarmembers.write_staging_file  # the same function in both readers
 
-    def hold(progress, name: str, fraction: float) -> None:
+    def hold(progress, name: str, fraction: float, **counts) -> None:
         if name == EXTRACTING:
             held[:] = [progress]
             return
-        report(progress, name, fraction)
+        report(progress, name, fraction, **counts)
 
-    def write_then_pause(*args):
-        result = write(*args)
+    def write_then_pause(*args, **kwargs):
+        result = write(*args, **kwargs)
         if held:
             report(held[0], EXTRACTING, 0.0)
             _pause(EXTRACTING)

@@ -3,7 +3,6 @@ everything an import could change (data tables, content folder, the world outsid
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import os

@@ -162,8 +162,8 @@ def imports_paused_at(monkeypatch, step: str):
     release = threading.Event()
     report = importer.ImportProgress.report
 
-    def report_then_pause(progress, name: str, fraction: float) -> None:
-        report(progress, name, fraction)
+    def report_then_pause(progress, name: str, fraction: float, **counts) -> None:
+        report(progress, name, fraction, **counts)
         if name == step and threading.current_thread() is not threading.main_thread():
             release.wait(PAUSE_LIMIT_S)
 

@@ -26,6 +26,7 @@ from cfms_trio.backup.supervisor import RESTART_MESSAGE
 from cfms_trio.client import open_client
 
 import databases
+import storage_mode
 from helpers import ADMIN_PASSWORD
 
 from . import corpus
@@ -45,7 +46,7 @@ EXIT_TIMEOUT_S = 15
 STEP_TIMEOUT_S = 30
 LISTENING = re.compile(r"^listening on (ws://127\.0\.0\.1:\d+)$")
 # Every step an import goes through before it commits.
-STEPS = [step for step in STEP_PERCENT if step != "Restore completed"]
+STEPS = [step for step in STEP_PERCENT if step not in ("Restore completed", "Plan completed")]
 
 
 class ServeProcess:
@@ -71,8 +72,9 @@ async def serve_process(root: Path, pause_at: str | None = None, extra_args: tup
     env = dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD)
     launcher = ([sys.executable, "-m", "cfms_trio"] if pause_at is None
                 else [sys.executable, str(PAUSED_SERVE), pause_at])
+    storage = () if "--storage" in extra_args else storage_mode.server_args(root)
     command = [*launcher, "serve", "--root", str(root), "--port", "0", "--no-tls",
-               *databases.serve_arguments(root), *extra_args]
+               *databases.serve_arguments(root), *extra_args, *storage]
     with open(root.parent / "stderr.txt", "ab") as stderr:
         process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE,
                                                    stderr=stderr, env=env)

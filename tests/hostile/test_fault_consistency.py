@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from cfms_trio.client import ClientError
-from cfms_trio.transfer import files as transfer_files
+from cfms_trio.content import local as local_content
 
 from . import corpus
 from .support import assert_no_leftovers, entries, run_import, start_import
@@ -44,10 +44,10 @@ async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # n
                 while PAUSED_LINE not in (tmp_path / "stderr.txt").read_text():
                     await trio.sleep(0.02)
             status = await admin.call("get_backup_import_status", {"backup_task_id": task_id})
-            # Held after the commit: the task already says so; its staging folder (files
-            # and staging index) is still there. The uploads went just before the commit.
+            # Held after the commit: the task already says so, and the commit's transaction
+            # removed the uploads and the staging folder before it could be seen.
             assert (status["status"], status["current_step"]) == ("completed", PAUSE_STEP), status
-            assert entries(root / "content" / "tmp" / "staging"), "cleaned up already"
+            assert entries(root / "content" / "tmp" / "staging") == []
             assert entries(root / "content" / "backups" / "import") == []
             await server.kill()
     async with serve_process(root) as server:
@@ -77,7 +77,7 @@ async def test_disk_full_upload_answers_clearly_and_cleans_up(start_server, tmp_
     async with server.connect("admin") as admin:
         created = await admin.call("create_document", {"title": "big"})
         faulty = FaultyOs(errno.ENOSPC, write_from_call=2)
-        monkeypatch.setattr(transfer_files, "os", faulty)
+        monkeypatch.setattr(local_content, "os", faulty)
         with trio.fail_after(STEP_TIMEOUT_S):
             with pytest.raises(ClientError) as caught:
                 await admin.upload_file(created["task_id"], source)

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from cfms_trio.backup import importer as importer_module
-from cfms_trio.backup import restore as restore_module
+from cfms_trio.content import local as local_content
 from cfms_trio.backup.format import staged as staged_module
 from cfms_trio.storage import restore_rows
 
@@ -140,7 +140,7 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
     else:
         # The first file is in restore/files when the second one cannot be placed.
         faulty = FaultyOs(error_number, rename_from_call=2)
-        monkeypatch.setattr(restore_module, "os", faulty)
+        monkeypatch.setattr(local_content, "os", faulty)
     status = await import_under_fault(seeded, tmp_path)
     assert faulty.raised == 1
     assert status["error_message"] == expected

@@ -2,12 +2,16 @@
 16): content uploaded through one is downloaded through the other, an upload interrupted on
 one resumes on the other (and is never run on both at once), an import's outcome reaches a
 listener of the other instance exactly once, and an instance killed in the middle of an
-import has the import failed by the other within the lease time, the store unchanged.
+import has the import failed by the other within the lease time, the store unchanged. The
+same on one S3 bucket prefix, each instance with a root folder of its own (as on two
+machines): upload on A, download on B, A's import announced on B; A killed mid-import, B
+fails it and neither the store nor the bucket keeps anything of it (nothing under restore/).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import time
 
 import pytest
@@ -21,6 +25,7 @@ from test_transfer import raw_announce, raw_begin, sealed, sha256_hex
 from . import corpus
 from .support import (
     COMPLETED_EVENT,
+    DATA_TABLES,
     assert_no_leftovers,
     assert_store_unchanged,
     capture,
@@ -29,6 +34,7 @@ from .support import (
     wait_for_outcome,
 )
 from .test_crash_restart import STEP_TIMEOUT_S, admin_client, serve_process
+from .test_s3_storage import bucket_keys, open_uploads
 
 pytestmark = pytest.mark.skipif(
     not databases.on_postgresql(),
@@ -149,3 +155,92 @@ async def test_an_instance_killed_mid_import_has_it_failed_by_the_other(tmp_path
             assert status["status"] == "failed" and status["files_count"] == 0, status
             assert_store_unchanged(before, await capture(root))
             assert_no_leftovers(root)
+
+
+# -- on one bucket: the content storage in S3, each instance with a folder of its own ----------
+
+@pytest.fixture
+def shared_bucket(s3):
+    """A bucket both instances keep their content in, under one prefix."""
+    name = f"cfms-{secrets.token_hex(4)}"
+    s3.client().create_bucket(Bucket=name)
+    return name
+
+
+def _on_bucket(s3, bucket: str, database_root) -> tuple[str, ...]:
+    """`serve` flags for an instance on the shared prefix and on `database_root`'s database."""
+    return (*LEASE_ARGS, *databases.serve_arguments(database_root),
+            "--storage", f"s3://{bucket}/{SHARED_PREFIX}", "--s3-endpoint", s3.endpoint)
+
+
+SHARED_PREFIX = "shared"
+
+
+async def test_on_one_bucket_an_upload_on_one_instance_downloads_and_imports_announce_on_the_other(
+        s3, shared_bucket, tmp_path):
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    root_a.mkdir()
+    root_b.mkdir()
+    args = _on_bucket(s3, shared_bucket, root_a)
+    async with serve_process(root_a, extra_args=args) as a, \
+            serve_process(root_b, extra_args=args) as b:
+        async with admin_client(a.url) as on_a, admin_client(b.url) as on_b:
+            with trio.fail_after(STEP_TIMEOUT_S):
+                content = os.urandom(3 * 1024 * 1024 + 5)
+                created = await on_a.call("create_document", {"title": "shared"})
+                await upload_bytes(on_a, created["task_id"], content, tmp_path)
+                ticket = await on_b.call("get_document",
+                                         {"document_id": created["document_id"]})
+                target = tmp_path / "downloaded"
+                await on_b.download_file(ticket["task_id"], target)
+                assert target.read_bytes() == content
+            archive, key = corpus.valid_v2_archive(corpus.seed_dataset())
+            task_id = await start_import(on_a, archive, key, tmp_path)
+            with trio.fail_after(STEP_TIMEOUT_S):
+                event = await on_b.next_event(COMPLETED_EVENT)
+            assert event["data"]["backup_task_id"] == task_id
+            assert event["data"]["status"] == "completed", event
+            assert await _events_of(on_b, task_id, 1.0) == []
+            # B sees the outcome A recorded.
+            status = await on_b.call("get_backup_import_status", {"backup_task_id": task_id})
+            assert status["status"] == "completed" and status["files_count"] == 3, status
+
+
+async def test_on_one_bucket_an_instance_killed_mid_import_leaves_store_and_bucket_unchanged(
+        s3, shared_bucket, tmp_path):
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    root_a.mkdir()
+    root_b.mkdir()
+    args = _on_bucket(s3, shared_bucket, root_a)
+    # Paused at the step after the files: they are stored in the bucket (inside the commit's
+    # transaction), and the transaction never commits.
+    async with serve_process(root_a, pause_at="Importing folders", extra_args=args) as a, \
+            serve_process(root_b, extra_args=args) as b:
+        async with admin_client(b.url) as on_b:
+            before = await capture(root_a)
+            keys_before = bucket_keys(s3, shared_bucket)
+            async with admin_client(a.url) as on_a:
+                task_id = await start_import(on_a, corpus.big_archive(), corpus.v2_key(),
+                                             tmp_path)
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    while (await on_a.call("get_backup_import_status", {
+                            "backup_task_id": task_id}))["current_step"] != "Importing folders":
+                        await trio.sleep(0.05)
+            await a.kill()
+            staged = bucket_keys(s3, shared_bucket, f"{SHARED_PREFIX}/restore/files/{task_id}/")
+            assert staged, "the kill came after the restored files were stored"
+            with trio.fail_after(TAKEOVER_S):
+                event = await on_b.next_event(COMPLETED_EVENT)
+            assert event["data"]["backup_task_id"] == task_id
+            assert event["data"]["status"] == "failed"
+            assert event["data"]["error"] == LEASE_EXPIRED_MESSAGE
+            status = await on_b.call("get_backup_import_status", {"backup_task_id": task_id})
+            assert status["status"] == "failed" and status["files_count"] == 0, status
+            # The database's tables (read through root A, whose database both share).
+            after = await capture(root_a)
+            for table in DATA_TABLES:
+                assert after.tables[table] == before.tables[table], f"table {table} changed"
+            assert bucket_keys(s3, shared_bucket, f"{SHARED_PREFIX}/restore/") == []
+            assert bucket_keys(s3, shared_bucket) == keys_before
+            assert open_uploads(s3, shared_bucket) == []
+            assert_no_leftovers(root_b)

@@ -31,7 +31,7 @@ from .recipients import (
     parse_recipient,
 )
 from .segments import KEY_BYTES
-from .streams import HashingWriter, WriteBehind
+from .streams import DropBehindWriter, HashingWriter, WriteBehind, release_pages
 from .writer import COMPRESSION_NAMES, write_backup_archive
 
 __all__ = [
@@ -62,6 +62,9 @@ __all__ = [
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",
+    "DropBehindWriter",
+    # transfers keep the page cache from filling with what they stream
+    "release_pages",
     # what a new archive's metadata, key and options are made of
     "FORMAT_NAME",
     "VERSION_V2",

@@ -29,10 +29,11 @@ from .staged import check_listed_size, write_staging_file
 
 class PayloadV3:
     def __init__(self, metadata: dict, sink: RecordSink, staging_fd: int,
-                 limits: ArchiveLimits):
+                 limits: ArchiveLimits, *, durable: bool = False):
         self.metadata = metadata
         self.sink = sink
         self.staging_fd = staging_fd
+        self.durable = durable  # see write_staging_file
         self.limits = limits
         parts = parts_of(metadata)
         self.kinds = [kind for kind in LISTING_KINDS if PART_OF_KIND[kind] in parts]
@@ -107,7 +108,8 @@ class PayloadV3:
     def _extract(self, tar: tarfile.TarFile, member: tarfile.TarInfo, entry: dict) -> None:
         file_id = entry["id"]
         check_listed_size(file_id, entry, member.size, "its files piece")
-        size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd)
+        size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd,
+                                          durable=self.durable)
         if sha256 != entry["sha256"]:
             raise ArchiveError(f"file {file_id}: sha256 mismatch")
 

@@ -27,7 +27,7 @@ from .listings import BackupContents
 from .records import RecordSink
 from .recipients import Unlock
 from .segments import COMPRESSION_ZSTD, SegmentReader
-from .streams import CallbackFailed, CountingSource, LimitedReader, ReadAhead, drain, read_up_to
+from .streams import CallbackFailed, CountingSource, ReadAhead, TarSource, drain, read_up_to
 from .tarmembers import Extractor, GuardedTarInfo
 
 ERROR_DETAIL_CHARS = 200
@@ -77,17 +77,20 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo | Unlock, limits: Arch
 
 def _extract_all(
     source: CountingSource, key_info: KeyInfo | Unlock, staging_fd: int,
-    limits: ArchiveLimits, allow_missing_content: bool, sink: RecordSink,
+    limits: ArchiveLimits, allow_missing_content: bool, sink: RecordSink, durable: bool,
 ) -> BackupContents:
     legacy = _is_legacy(key_info)
     plaintext, segments = _plaintext_stream(source, key_info, limits)
     extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits, sink=sink,
                           allow_missing_content=allow_missing_content,
-                          before_listing=source.report)
+                          before_listing=source.report, durable=durable)
     with ReadAhead(plaintext) as ahead:
-        limited = LimitedReader(ahead, limits.extracted_bytes)
+        limited = TarSource(ahead, limits.extracted_bytes)
+        # The plain read mode ("r:") on a forward-only source: tarfile then reads headers and
+        # listings from it directly, and file contents come out of it without copies
+        # (`write_staging_file` reads them from `tar.fileobj`).
         with tarfile.open(
-            fileobj=limited, mode="r|", tarinfo=GuardedTarInfo, encoding="utf-8",
+            fileobj=limited, mode="r:", tarinfo=GuardedTarInfo, encoding="utf-8",
             errors="strict",
         ) as tar:
             while (member := tar.next()) is not None:
@@ -116,6 +119,7 @@ def read_backup_archive(
     progress: Callable[[int, int], None] | None = None,
     archive_size: int | None = None,
     allow_missing_content: bool = False,
+    durable: bool = False,
 ) -> BackupContents:
     """Decrypt, verify and extract a backup archive; every validated listing record goes to
     ``sink`` as it is read (the sink checks what needs the whole set: unique ids, references);
@@ -129,6 +133,8 @@ def read_backup_archive(
     caller removes ``staging_dir`` on failure. A legacy 1.0 archive may list files it does not
     hold: that fails unless ``allow_missing_content``, which restores them as inactive files
     without content (see ``BackupContents``; its ``warnings`` say what was changed).
+    ``durable``: the staged files are about to be synced and kept (an import), so their
+    writeback starts as they are written; a check that deletes them leaves them in memory.
     """
     if archive_size is not None and archive_size > limits.archive_bytes:
         raise ArchiveLimitExceeded(
@@ -139,7 +145,7 @@ def read_backup_archive(
     staging_fd = _open_staging_dir(staging_dir)
     try:
         return _extract_all(source, key_info, staging_fd, limits, allow_missing_content,
-                            sink)
+                            sink, durable)
     except (ArchiveError, OSError):
         raise  # archive problems are already precise; OSError is the server's own I/O failing
     except CallbackFailed as exc:

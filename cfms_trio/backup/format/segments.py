@@ -26,7 +26,7 @@ from Crypto.Protocol.KDF import HKDF
 
 from cfms_trio.errors import ArchiveError
 
-from .streams import read_up_to
+from .streams import WRITE_BEHIND_PIECES, HelperThread, read_up_to
 
 MAGIC = b"CFMSBAK2"
 KEY_BYTES = 32
@@ -168,6 +168,10 @@ class SegmentWriter(io.RawIOBase):
     known not to be the last one, so at most one segment of plaintext is held. ``close()``
     seals the final segment (possibly empty); ``abort()`` stops without one, which leaves an
     archive every reader rejects. ``out`` itself is never closed.
+
+    With ``seal_behind`` the segments are sealed and written to ``out`` on a helper thread
+    (AES-GCM releases the GIL), so that an exporter reading, verifying and tarring the files
+    overlaps with it; a failure there is raised by a later ``write`` or by ``close``.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class SegmentWriter(io.RawIOBase):
         compression: int = COMPRESSION_NONE,
         chunk_log2: int = DEFAULT_CHUNK_LOG2,
         header: ArchiveHeader | None = None,
+        seal_behind: bool = False,
     ):
         super().__init__()
         self._out = out
@@ -190,6 +195,10 @@ class SegmentWriter(io.RawIOBase):
         self._buffer = bytearray()
         self._index = 0
         out.write(self._header_bytes)
+        self._helper = None
+        if seal_behind:
+            self._helper = HelperThread(lambda item: self._seal(*item), WRITE_BEHIND_PIECES,
+                                        "seal-behind")
 
     def writable(self) -> bool:
         return True
@@ -202,7 +211,7 @@ class SegmentWriter(io.RawIOBase):
         while taken < len(view):
             if len(self._buffer) == self._segment_bytes:
                 # More data follows, so the buffered full segment is not the final one.
-                self._seal(bytes(self._buffer), last=False)
+                self._submit(bytes(self._buffer), last=False)
                 self._buffer.clear()
             room = self._segment_bytes - len(self._buffer)
             piece = view[taken:taken + room]
@@ -210,23 +219,33 @@ class SegmentWriter(io.RawIOBase):
             taken += len(piece)
         return taken
 
-    def _seal(self, plaintext: bytes, *, last: bool) -> None:
-        """Encrypt one segment and write ciphertext ‖ tag."""
+    def _submit(self, plaintext: bytes, *, last: bool) -> None:
+        """Seal the next segment now, or hand it to the helper thread."""
         if self._index >= MAX_SEGMENT_COUNT:
             raise ValueError("archive exceeds the maximum number of segments")
-        nonce = segment_nonce(self.header.nonce_prefix, self._index, last)
+        index = self._index
+        self._index += 1
+        if self._helper is None:
+            self._seal(plaintext, index, last)
+        else:
+            self._helper.put((plaintext, index, last))
+
+    def _seal(self, plaintext: bytes, index: int, last: bool) -> None:
+        """Encrypt one segment and write ciphertext ‖ tag."""
+        nonce = segment_nonce(self.header.nonce_prefix, index, last)
         cipher = AES.new(self._payload_key, AES.MODE_GCM, nonce=nonce, mac_len=SEGMENT_TAG_BYTES)
         cipher.update(self._header_bytes)
         ciphertext, tag = cipher.encrypt_and_digest(plaintext)
         self._out.write(ciphertext)
         self._out.write(tag)
-        self._index += 1
 
     def close(self) -> None:
         """Seal the final segment and mark the stream closed (idempotent)."""
         if not self.closed:
             try:
-                self._seal(bytes(self._buffer), last=True)
+                self._submit(bytes(self._buffer), last=True)
+                if self._helper is not None:
+                    self._helper.join()
             finally:
                 self._buffer.clear()
                 super().close()
@@ -235,6 +254,11 @@ class SegmentWriter(io.RawIOBase):
         """Close without writing the final segment, so the partial output never validates."""
         self._buffer.clear()
         super().close()
+        if self._helper is not None:
+            try:
+                self._helper.join()  # the segments queued before are not final ones
+            except BaseException:
+                pass  # the failure that made the caller abort is already on its way
 
     def __del__(self):
         # io.IOBase would call close() on garbage collection and seal a final segment after a

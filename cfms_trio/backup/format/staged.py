@@ -8,14 +8,18 @@ import tarfile
 
 from cfms_trio.errors import ArchiveError
 
-from .streams import COPY_BYTES
+from .streams import WRITEBACK_START_BYTES, TarSource, release_pages
 
 STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
 
 def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str,
-                       staging_fd: int) -> tuple[int, str]:
+                       staging_fd: int, *, durable: bool) -> tuple[int, str]:
     """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
+
+    ``durable`` (an import, which syncs staging before its commit): the file's writeback is
+    started every ``WRITEBACK_START_BYTES`` as it is written, so that sync finds little left.
+    Otherwise (a check that deletes the files at once) its pages stay in memory unwritten.
 
     The id is validated to be a plain name, the file is created relative to the staging
     folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
@@ -25,14 +29,26 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
         fd = os.open(file_id, flags, STAGING_FILE_MODE, dir_fd=staging_fd)
     except FileExistsError:
         raise ArchiveError(f"file {file_id}: already present in the staging folder") from None
-    source = tar.extractfile(member)
+    # The content comes straight from the tar stream's pieces (no copy, see TarSource):
+    # tarfile has just read the member's header, so the stream is at its first byte.
+    data: TarSource = tar.fileobj
+    if data.tell() != member.offset_data:
+        raise ArchiveError(f"file {file_id}: the tar stream is not at the member's data")
     digest = hashlib.sha256()
     size = 0
+    written_back = 0
     with os.fdopen(fd, "wb") as target:
-        while chunk := source.read(COPY_BYTES):
-            digest.update(chunk)
-            target.write(chunk)
-            size += len(chunk)
+        for piece in data.pieces(member.size):
+            digest.update(piece)
+            target.write(piece)
+            size += len(piece)
+            if durable and size - written_back >= WRITEBACK_START_BYTES:
+                target.flush()
+                release_pages(fd, written_back, size - written_back)
+                written_back = size
+        if written_back:  # smaller files are left to the sync after extraction
+            target.flush()
+            release_pages(fd, written_back, size - written_back)
     if size != member.size:
         raise ArchiveError(f"file {file_id}: archive member is truncated")
     return size, digest.hexdigest()

@@ -215,7 +215,7 @@ class Extractor:
 
     def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits,
                  sink: RecordSink, allow_missing_content: bool = False,
-                 before_listing: Callable[[], None] | None = None):
+                 before_listing: Callable[[], None] | None = None, durable: bool = False):
         self.legacy = legacy
         self.upstream = LegacyListings() if legacy else None
         self.allow_missing_content = allow_missing_content
@@ -225,6 +225,7 @@ class Extractor:
         self.limits = limits
         self.sink = sink
         self.staging_fd = staging_fd
+        self.durable = durable  # see write_staging_file
         self.member_count = 0
         self.seen: set[str] = set()  # member names (2.0 and 1.0; 3.0 checks order instead)
         self.metadata: dict | None = None
@@ -334,7 +335,8 @@ class Extractor:
             self.metadata = parse_metadata(value, self.version)
             self.version = self.metadata["version"]
             if self.version == VERSION_V3:
-                self.v3 = PayloadV3(self.metadata, self.sink, self.staging_fd, self.limits)
+                self.v3 = PayloadV3(self.metadata, self.sink, self.staging_fd, self.limits,
+                                    durable=self.durable)
             return
         each = None if self.upstream is None else functools.partial(self.upstream.normalise,
                                                                       name)
@@ -393,7 +395,8 @@ class Extractor:
             if entry is None:
                 raise _not_listed(member.name)
             check_listed_size(file_id, entry, member.size, FILES_MEMBER)
-        size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd)
+        size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd,
+                                          durable=self.durable)
         if self.files_listed:
             self._verify_extracted(file_id, size, sha256, entry)
         else:

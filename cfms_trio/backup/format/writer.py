@@ -177,7 +177,7 @@ def write_backup_archive(
     header = build_header(key, compression=COMPRESSION_NAMES[compression], chunk_log2=chunk_log2)
     if wrap_for:
         out.write(envelope_bytes(key, wrap_for, header))
-    sealer = SegmentWriter(out, key, header=header)
+    sealer = SegmentWriter(out, key, header=header, seal_behind=True)
     try:
         sink: Any = sealer
         if compression == "zstd":
