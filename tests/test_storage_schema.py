@@ -67,8 +67,9 @@ async def test_a_root_made_by_the_release_before_schema_versions_upgrades_in_pla
         start_server, tmp_path):
     expected = json.loads((FIXTURE / "expected.json").read_text())
     shutil.copytree(FIXTURE / "content", tmp_path / "old" / "content")
-    # That release had SQLite only: this root keeps its own database file on every backend.
-    server = await start_server("old", database_url=None)
+    # That release had SQLite and local files only: this root keeps its own database file and
+    # its content folder on every backend.
+    server = await start_server("old", database_url=None, storage_url=None)
     assert server.app.store.schema_version() == LATEST_VERSION
     async with server.connect("admin", FIXTURE_ADMIN_PASSWORD) as admin:
         root = await admin.call("list_directory", {"folder_id": None})
@@ -103,7 +104,7 @@ async def test_a_root_made_by_the_release_before_schema_versions_upgrades_in_pla
         assert (await alice.call("list_directory", {"folder_id": None}))["documents"]
     await server.stop()
     # The next start finds nothing to do: the same version, the same data.
-    again = await start_server("old", database_url=None)
+    again = await start_server("old", database_url=None, storage_url=None)
     assert again.app.store.schema_version() == LATEST_VERSION
     async with again.connect("admin", FIXTURE_ADMIN_PASSWORD) as admin:
         listed = await admin.call("list_directory", {"folder_id": expected["folders"]["Inner"]})

@@ -18,8 +18,12 @@ import pytest
 import trio
 
 from cfms_trio.backup.supervisor import LEASE_EXPIRED_MESSAGE
+from cfms_trio.config import Limits
+from cfms_trio.content.s3 import PART_TARGET_BYTES, part_bytes_for
 
 import databases
+import storage_mode
+from test_backup_live_restore import PausedAt
 from test_transfer import raw_announce, raw_begin, sealed, sha256_hex
 
 from . import corpus
@@ -80,7 +84,14 @@ async def test_an_upload_runs_on_one_instance_at_a_time_and_resumes_on_another(t
     root.mkdir()
     async with serve_process(root, extra_args=LEASE_ARGS) as a, \
             serve_process(root, extra_args=LEASE_ARGS) as b:
-        content = os.urandom(5 * 1024 * 1024 + 100)
+        # A sends some chunks, B resumes after what A kept: the verified chunks with local
+        # files, the whole parts sent with S3 (so there A sends one part and a chunk more).
+        chunk = Limits().transfer_chunk_bytes
+        sent_chunks, size, kept = 3, 5 * 1024 * 1024 + 100, 3 * chunk
+        if storage_mode.S3_MODE:
+            part = part_bytes_for(3 * PART_TARGET_BYTES, chunk)
+            sent_chunks, size, kept = part // chunk + 1, 2 * part + 100, part
+        content = os.urandom(size)
         async with admin_client(b.url) as on_b:
             with trio.fail_after(STEP_TIMEOUT_S):
                 created = await on_b.call("create_document", {"title": "resumed"})
@@ -92,9 +103,10 @@ async def test_an_upload_runs_on_one_instance_at_a_time_and_resumes_on_another(t
                     refused = await on_b.request("upload_file", {"task_id": task_id})
                     assert refused["code"] == 409, refused
                     assert "another server instance" in refused["message"]
-                    for index in range(3):
+                    assert ready["chunk_size"] == chunk
+                    for index in range(sent_chunks):
                         await on_a.send_raw(sealed(ready, content, index))
-                    await trio.sleep(1.0)  # A verifies and keeps them before the drop
+                    await trio.sleep(2.0)  # A verifies and keeps them before the drop
                 # A noticed the dropped connection and released the task: B resumes it.
                 path = tmp_path / "content"
                 path.write_bytes(content)
@@ -107,7 +119,7 @@ async def test_an_upload_runs_on_one_instance_at_a_time_and_resumes_on_another(t
                     except Exception as exc:  # A has not let go yet
                         assert getattr(exc, "code", None) == 409, exc
                         await trio.sleep(0.1)
-                assert progress[0] == (3 * ready["chunk_size"], len(content))
+                assert progress[0] == (kept, len(content))
                 ticket = await on_b.call("get_document", {"document_id": created["document_id"]})
                 await on_b.download_file(ticket["task_id"], tmp_path / "back")
                 assert (tmp_path / "back").read_bytes() == content
@@ -244,3 +256,38 @@ async def test_on_one_bucket_an_instance_killed_mid_import_leaves_store_and_buck
             assert bucket_keys(s3, shared_bucket) == keys_before
             assert open_uploads(s3, shared_bucket) == []
             assert_no_leftovers(root_b)
+
+
+async def test_an_import_running_on_one_instance_is_cancelled_from_the_other(
+        start_server, tmp_path, monkeypatch):
+    """In-process: A runs the import (held in a batch), B is asked to cancel it; B tells A
+    through the relay and answers once the store shows it cancelled."""
+    a = await start_server("a", lease_s=LEASE_S)
+    b = await start_server("b", database_url=a.settings.database_url, lease_s=LEASE_S)
+    archive, key = corpus.valid_v2_archive(corpus.seed_dataset())
+    before = await trio.to_thread.run_sync(databases.dump_tables, a.root, DATA_TABLES)
+    held = PausedAt(monkeypatch, "Importing files")
+    async with a.connect("admin") as on_a, b.connect("admin") as on_b:
+        await on_b.listen()
+        task_id = await start_import(on_a, archive, key, tmp_path)
+        assert await trio.to_thread.run_sync(held.reached.wait, 20)
+        async with trio.open_nursery() as nursery:
+            answers = []
+
+            async def cancel_on_b():
+                answers.append(await on_b.call("cancel_backup_import",
+                                               {"backup_task_id": task_id}))
+
+            nursery.start_soon(cancel_on_b)
+            await trio.sleep(0.3)
+            held.release.set()
+        assert answers[0]["status"] == "cancelled", answers
+        assert answers[0]["message"] == "cancelled by 'admin'"
+        with trio.fail_after(STEP_TIMEOUT_S):
+            event = await on_b.next_event(COMPLETED_EVENT)
+        assert event["data"]["backup_task_id"] == task_id
+        assert event["data"]["status"] == "cancelled"
+        status = await on_a.call("get_backup_import_status", {"backup_task_id": task_id})
+        assert status["status"] == "cancelled" and status["files_count"] == 0, status
+    after = await trio.to_thread.run_sync(databases.dump_tables, a.root, DATA_TABLES)
+    assert after == before
