@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 import time
 
 import pytest
@@ -23,6 +24,7 @@ from cfms_trio.content.s3 import PART_TARGET_BYTES, part_bytes_for
 
 import databases
 import storage_mode
+from helpers import ADMIN_PASSWORD
 from test_backup_live_restore import PausedAt
 from test_transfer import raw_announce, raw_begin, sealed, sha256_hex
 
@@ -291,3 +293,21 @@ async def test_an_import_running_on_one_instance_is_cancelled_from_the_other(
         assert status["status"] == "cancelled" and status["files_count"] == 0, status
     after = await trio.to_thread.run_sync(databases.dump_tables, a.root, DATA_TABLES)
     assert after == before
+
+
+async def test_a_second_instance_with_a_name_in_use_is_refused(tmp_path):
+    root_a, root_b = tmp_path / "a", tmp_path / "b"
+    root_a.mkdir()
+    root_b.mkdir()
+    name = ("--instance-name", "web-1")
+    async with serve_process(root_a, extra_args=(*LEASE_ARGS, *name)):
+        command = [sys.executable, "-m", "cfms_trio", "serve", "--root", str(root_b),
+                   "--port", "0", "--no-tls", *databases.serve_arguments(root_a), *name,
+                   *storage_mode.server_args(root_b)]
+        with trio.fail_after(STEP_TIMEOUT_S):
+            refused = await trio.run_process(
+                command, capture_stdout=True, capture_stderr=True, check=False,
+                env=dict(os.environ, CFMS_ADMIN_PASSWORD=ADMIN_PASSWORD))
+    assert refused.returncode == 1
+    assert ("error: another server instance named 'web-1' is running on this database; give "
+            "each instance its own name (--instance-name)") in refused.stderr.decode()
