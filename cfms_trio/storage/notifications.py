@@ -49,7 +49,6 @@ class ListeningConnection:
     def __init__(self, database: pw.Database):
         if not backends.is_postgresql(database):
             raise ValueError("LISTEN needs PostgreSQL")
-        self._database = database
         database.connect()
         self._raw = database.connection()
         self._raw.autocommit = True
@@ -68,8 +67,9 @@ class ListeningConnection:
         return arrived
 
     def close(self) -> None:
+        """Close the connection itself (from any thread: peewee's own state is per thread)."""
         try:
-            self._database.close()
+            self._raw.close()
         except Exception:
             pass
 
@@ -81,7 +81,6 @@ class NameLock:
     def __init__(self, database: pw.Database):
         if not backends.is_postgresql(database):
             raise ValueError("advisory locks need PostgreSQL")
-        self._database = database
         database.connect()
         self._raw = database.connection()
         self._raw.autocommit = True
@@ -94,7 +93,8 @@ class NameLock:
             return bool(cursor.fetchone()[0])
 
     def close(self) -> None:
+        """Close the connection itself (from any thread: peewee's own state is per thread)."""
         try:
-            self._database.close()
+            self._raw.close()
         except Exception:
             pass
