@@ -557,20 +557,20 @@ def listings_of(index) -> dict:
     }
 
 
-def read_back(source, key_info, staging: Path, limits, **kwargs) -> ReadBack:
+def read_back(source, key_info, staging_dir: Path, limits, **kwargs) -> ReadBack:
     """read_backup_archive into a staging index, with the import's whole-set checks."""
     from cfms_trio.backup.format import read_backup_archive
     from cfms_trio.backup.restore import check_contents
     from cfms_trio.backup.staging_index import StagingIndex
 
-    index = StagingIndex.create(staging)
+    index = StagingIndex.create(staging_dir)
     try:
-        contents = read_backup_archive(source, key_info, staging, limits, index, **kwargs)
+        contents = read_backup_archive(source, key_info, staging_dir, limits, index, **kwargs)
         check_contents(contents, index)
         return ReadBack(contents, **listings_of(index))
     finally:
         index.close()
-        (staging / "index.sqlite").unlink(missing_ok=True)
+        (staging_dir / "index.sqlite").unlink(missing_ok=True)
 
 
 def v3_metadata(listings: dict, parts=("documents",), **extra) -> dict:

@@ -26,6 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cfms_trio.backup.format import (
+    STAGE_BRIEFLY,
+    STAGE_DURABLE,
+    STAGE_HASH_ONLY,
     HashingWriter,
     KeyInfo,
     make_key_file,
@@ -1041,12 +1044,12 @@ def test_repeated_sibling_names_of_a_legacy_archive_become_unique():
         index.close()
 
 
-@pytest.mark.parametrize("durable", [True, False])
+@pytest.mark.parametrize("staging", [STAGE_DURABLE, STAGE_BRIEFLY])
 def test_only_a_durable_read_starts_the_writeback_of_staged_files(tmp_path, monkeypatch,
-                                                                   durable):
+                                                                   staging):
     """An import (durable) asks the kernel to start writing a large staged file to disk as it
-    is written, all of it in order; the export's self-check, which deletes its copy at once,
-    leaves the pages unwritten in memory. Either way the staged bytes are the file's."""
+    is written, all of it in order; a check that deletes its copy at once leaves the pages
+    unwritten in memory. Either way the staged bytes are the file's."""
     from cfms_trio.backup.format import staged
 
     started: list[tuple[int, int]] = []
@@ -1055,11 +1058,25 @@ def test_only_a_durable_read_starts_the_writeback_of_staged_files(tmp_path, monk
                         lambda fd, offset, length: started.append((offset, length)))
     dataset = make_dataset()
     big = dataset["blobs"]["big"]
-    _, staging = read_archive(write_archive(dataset), tmp_path, durable=durable)
-    assert (staging / "big").read_bytes() == big
-    if durable:
+    _, folder = read_archive(write_archive(dataset), tmp_path, staging=staging)
+    assert (folder / "big").read_bytes() == big
+    if staging == STAGE_DURABLE:
         ends = [offset + length for offset, length in started]
         assert [offset for offset, _ in started] == [0] + ends[:-1]
         assert ends[-1] == len(big)
     else:
         assert started == []
+
+
+def test_a_hash_only_read_checks_every_file_and_writes_none(tmp_path):
+    """The export's self-check and verify need only the hashes: each file is checked (a
+    damaged one is still refused) and stands as an empty file, never written."""
+    dataset = make_dataset()
+    back, folder = read_archive(write_archive(dataset), tmp_path, staging=STAGE_HASH_ONLY)
+    names = {path.name for path in folder.iterdir() if path.name in dataset["blobs"]}
+    assert names == set(dataset["blobs"])
+    assert all((folder / name).stat().st_size == 0 for name in names)
+    members = standard_members(make_dataset())
+    members[5] = ("files/small", b"HELLO, backup")
+    with pytest.raises(ArchiveError, match="file small: sha256 mismatch"):
+        read_archive(sealed_members(members), tmp_path, staging=STAGE_HASH_ONLY)

@@ -82,8 +82,8 @@ def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) ->
 def _self_check(path: Path, key_info, out_dir: Path, name: str,
                 limits: ArchiveLimits) -> float:
     """`read_back` into a private folder that is removed afterwards; returns the time it
-    passed. Files are extracted there (as an import would) and deleted at once, so the check
-    needs free space for one copy of the stored files for its duration."""
+    passed. Every file is hashed and checked as an import would, but not written (see
+    `checked_archive`): the check needs no disk space beyond the staging index."""
     staging = self_check_dir(out_dir, name)
     staging.mkdir(mode=0o700)
     try:

@@ -24,6 +24,8 @@ from ..errors import ArchiveError, ArchiveLimitExceeded, Conflict, ImportAborted
 from ..storage import backup_tasks, restore_accounts, restore_rows
 from .durability import sync_filesystem
 from .format import (
+    STAGE_DURABLE,
+    STAGE_HASH_ONLY,
     VERSION_LEGACY,
     BackupContents,
     KeyInfo,
@@ -89,7 +91,7 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
             contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
                                            progress=on_bytes, archive_size=archive_size,
                                            allow_missing_content=allow_missing_content,
-                                           durable=True)
+                                           staging=STAGE_DURABLE)
         # Every staged file on disk before anything is committed (see durability.py).
         sync_filesystem(staging_dir)
         report("Loading metadata", 0.0)
@@ -105,14 +107,16 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
 def checked_archive(source: BinaryIO, key_info: KeyInfo | Unlock, staging_dir: Path,
                     limits: ArchiveLimits, *, archive_size: int
                     ) -> Iterator[tuple[BackupContents, StagingIndex]]:
-    """Read `source` into `staging_dir` and a new staging index with every check an import
-    makes before touching a store (`read_backup_archive`, then `check_contents`); yields
-    (contents, index) and closes the index afterwards. For the export's self-check,
-    `verify_backup` and `cfms-trio backup verify/inspect`."""
+    """Read `source` with every check an import makes before touching a store
+    (`read_backup_archive`, then `check_contents`), its records into a new staging index in
+    `staging_dir`; yields (contents, index) and closes the index afterwards. For the export's
+    self-check, `verify_backup` and `cfms-trio backup verify/inspect`: none of them needs the
+    files' content, so each file is hashed and checked but not written (an empty file stands
+    for it, which is all a deep verify's throw-away restore moves)."""
     index = StagingIndex.create(staging_dir)
     try:
         contents = read_backup_archive(source, key_info, staging_dir, limits, index,
-                                       archive_size=archive_size)
+                                       archive_size=archive_size, staging=STAGE_HASH_ONLY)
         check_contents(contents, index)
         yield contents, index
     finally:

@@ -100,6 +100,9 @@ RULE_ACTIONS = ("create_directory", "create_document", "set_directory_rules",
                 "set_document_rules")
 # create_directory carries the 100,000 of the report; the others 30,000 (30 times the limit).
 HOSTILE_RULE_COUNTS = {"create_directory": 100_000}
+# Before the rule bounds, refusing (or rather, storing) such a list took 49 s; the refusal
+# takes about 0.3 s on a quiet machine. The bound leaves room for a loaded CI machine.
+REFUSAL_BOUND_S = 4.0
 
 
 @pytest.mark.parametrize("action", RULE_ACTIONS)
@@ -120,8 +123,8 @@ async def test_huge_rule_lists_are_refused_at_once(server, admin, action):
                 nursery.cancel_scope.cancel()
         assert reply["code"] in (400, 413), reply
         assert "access_rules" in reply["message"], reply
-        assert elapsed_s < FAST_S, f"refusing took {elapsed_s:.1f} s"
-        assert max(bystander.latencies_s) < FAST_S, max(bystander.latencies_s)
+        assert elapsed_s < REFUSAL_BOUND_S, f"refusing took {elapsed_s:.1f} s"
+        assert max(bystander.latencies_s) < REFUSAL_BOUND_S, max(bystander.latencies_s)
         names = [f["name"] for f in (await mallory.call("list_directory"))["folders"]]
         assert "hostile" not in names
 

@@ -173,7 +173,9 @@ async def test_an_import_killed_while_storing_files_leaves_no_object_after_resta
 
 async def test_a_backup_moves_from_local_to_s3_storage_and_back_identical(
         start_server, s3, bucket, tmp_path):
-    local = await start_server("local", storage_url=None)
+    # SQLite + local files, to the tests' database (PostgreSQL in CI's second run) + S3, and
+    # back to SQLite + local files.
+    local = await start_server("local", storage_url=None, database_url=None)
     async with local.connect("admin") as admin:
         folder = await admin.call("create_directory", {"name": "docs", "parent_id": None})
         for name, size in (("empty", 0), ("small", 10), ("big", 3 * 1024 * 1024 + 5)):
@@ -193,7 +195,7 @@ async def test_a_backup_moves_from_local_to_s3_storage_and_back_identical(
     assert f"moved/backups/{archive2.name}" in bucket_keys(s3, bucket)
     assert not (remote.root / "content" / "backups" / archive2.name).exists()
 
-    back = await start_server("back", storage_url=None)
+    back = await start_server("back", storage_url=None, database_url=None)
     async with back.connect("admin") as admin:
         status = await import_backup(admin, archive2, key2, poll_interval_s=0.05)
         assert status["status"] == "completed", status

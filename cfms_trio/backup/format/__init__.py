@@ -31,6 +31,7 @@ from .recipients import (
     parse_recipient,
 )
 from .segments import KEY_BYTES
+from .staged import STAGE_BRIEFLY, STAGE_DURABLE, STAGE_HASH_ONLY
 from .streams import DropBehindWriter, HashingWriter, WriteBehind, release_pages
 from .writer import COMPRESSION_NAMES, write_backup_archive
 
@@ -75,5 +76,8 @@ __all__ = [
     "COUNT_FIELD_OF_KIND",
     "parts_of",
     "KEY_BYTES",
+    "STAGE_DURABLE",
+    "STAGE_BRIEFLY",
+    "STAGE_HASH_ONLY",
     "COMPRESSION_NAMES",
 ]

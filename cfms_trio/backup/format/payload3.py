@@ -24,16 +24,16 @@ from .records import (
     piece_name,
     piece_records,
 )
-from .staged import check_listed_size, write_staging_file
+from .staged import STAGE_BRIEFLY, check_listed_size, write_staging_file
 
 
 class PayloadV3:
     def __init__(self, metadata: dict, sink: RecordSink, staging_fd: int,
-                 limits: ArchiveLimits, *, durable: bool = False):
+                 limits: ArchiveLimits, *, staging: str = STAGE_BRIEFLY):
         self.metadata = metadata
         self.sink = sink
         self.staging_fd = staging_fd
-        self.durable = durable  # see write_staging_file
+        self.staging = staging  # see write_staging_file
         self.limits = limits
         parts = parts_of(metadata)
         self.kinds = [kind for kind in LISTING_KINDS if PART_OF_KIND[kind] in parts]
@@ -109,7 +109,7 @@ class PayloadV3:
         file_id = entry["id"]
         check_listed_size(file_id, entry, member.size, "its files piece")
         size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd,
-                                          durable=self.durable)
+                                          staging=self.staging)
         if sha256 != entry["sha256"]:
             raise ArchiveError(f"file {file_id}: sha256 mismatch")
 

@@ -27,6 +27,7 @@ from .listings import BackupContents
 from .records import RecordSink
 from .recipients import Unlock
 from .segments import COMPRESSION_ZSTD, SegmentReader
+from .staged import STAGE_BRIEFLY
 from .streams import CallbackFailed, CountingSource, ReadAhead, TarSource, drain, read_up_to
 from .tarmembers import Extractor, GuardedTarInfo
 
@@ -77,13 +78,13 @@ def _plaintext_stream(source: BinaryIO, key_info: KeyInfo | Unlock, limits: Arch
 
 def _extract_all(
     source: CountingSource, key_info: KeyInfo | Unlock, staging_fd: int,
-    limits: ArchiveLimits, allow_missing_content: bool, sink: RecordSink, durable: bool,
+    limits: ArchiveLimits, allow_missing_content: bool, sink: RecordSink, staging: str,
 ) -> BackupContents:
     legacy = _is_legacy(key_info)
     plaintext, segments = _plaintext_stream(source, key_info, limits)
     extractor = Extractor(legacy=legacy, staging_fd=staging_fd, limits=limits, sink=sink,
                           allow_missing_content=allow_missing_content,
-                          before_listing=source.report, durable=durable)
+                          before_listing=source.report, staging=staging)
     with ReadAhead(plaintext) as ahead:
         limited = TarSource(ahead, limits.extracted_bytes)
         # The plain read mode ("r:") on a forward-only source: tarfile then reads headers and
@@ -119,7 +120,7 @@ def read_backup_archive(
     progress: Callable[[int, int], None] | None = None,
     archive_size: int | None = None,
     allow_missing_content: bool = False,
-    durable: bool = False,
+    staging: str = STAGE_BRIEFLY,
 ) -> BackupContents:
     """Decrypt, verify and extract a backup archive; every validated listing record goes to
     ``sink`` as it is read (the sink checks what needs the whole set: unique ids, references);
@@ -133,8 +134,9 @@ def read_backup_archive(
     caller removes ``staging_dir`` on failure. A legacy 1.0 archive may list files it does not
     hold: that fails unless ``allow_missing_content``, which restores them as inactive files
     without content (see ``BackupContents``; its ``warnings`` say what was changed).
-    ``durable``: the staged files are about to be synced and kept (an import), so their
-    writeback starts as they are written; a check that deletes them leaves them in memory.
+    ``staging``: what the staged files are for (``STAGE_DURABLE``: an import, which keeps and
+    syncs them; ``STAGE_BRIEFLY``: a check that uses and deletes them; ``STAGE_HASH_ONLY``: a
+    check that needs only their hashes, so nothing is written; see ``write_staging_file``).
     """
     if archive_size is not None and archive_size > limits.archive_bytes:
         raise ArchiveLimitExceeded(
@@ -145,7 +147,7 @@ def read_backup_archive(
     staging_fd = _open_staging_dir(staging_dir)
     try:
         return _extract_all(source, key_info, staging_fd, limits, allow_missing_content,
-                            sink, durable)
+                            sink, staging)
     except (ArchiveError, OSError):
         raise  # archive problems are already precise; OSError is the server's own I/O failing
     except CallbackFailed as exc:

@@ -12,14 +12,24 @@ from .streams import WRITEBACK_START_BYTES, TarSource, release_pages
 
 STAGING_FILE_MODE = 0o600  # of extracted files, and of the members the writer creates
 
+# What a reader does with each file's content (`staging`):
+STAGE_DURABLE = "durable"  # an import: written, kept and synced before its commit
+STAGE_BRIEFLY = "briefly"  # a check that uses the files and deletes them at once
+STAGE_HASH_ONLY = "hash-only"  # a check that needs only sizes and hashes: nothing written
+STAGING_USES = (STAGE_DURABLE, STAGE_BRIEFLY, STAGE_HASH_ONLY)
+
 
 def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: str,
-                       staging_fd: int, *, durable: bool) -> tuple[int, str]:
+                       staging_fd: int, *, staging: str) -> tuple[int, str]:
     """Stream a member into ``staging/<file_id>``, hashing it; return (size, sha256).
 
-    ``durable`` (an import, which syncs staging before its commit): the file's writeback is
-    started every ``WRITEBACK_START_BYTES`` as it is written, so that sync finds little left.
-    Otherwise (a check that deletes the files at once) its pages stay in memory unwritten.
+    ``staging`` says what the content is for. ``STAGE_DURABLE`` (an import, which syncs
+    staging before its commit): the file's writeback is started every
+    ``WRITEBACK_START_BYTES`` as it is written, so that sync finds little left.
+    ``STAGE_BRIEFLY`` (a check that deletes the files at once): its pages stay in memory
+    unwritten. ``STAGE_HASH_ONLY`` (the export's self-check, a plain verify): the content is
+    hashed and not written; the file is still created, empty, so a repeated id is refused
+    exactly as in an import.
 
     The id is validated to be a plain name, the file is created relative to the staging
     folder's descriptor, and O_EXCL|O_NOFOLLOW refuse anything already there, links included.
@@ -37,10 +47,13 @@ def write_staging_file(tar: tarfile.TarFile, member: tarfile.TarInfo, file_id: s
     digest = hashlib.sha256()
     size = 0
     written_back = 0
+    durable = staging == STAGE_DURABLE
+    keep = staging != STAGE_HASH_ONLY
     with os.fdopen(fd, "wb") as target:
         for piece in data.pieces(member.size):
             digest.update(piece)
-            target.write(piece)
+            if keep:
+                target.write(piece)
             size += len(piece)
             if durable and size - written_back >= WRITEBACK_START_BYTES:
                 target.flush()

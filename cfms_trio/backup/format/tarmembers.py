@@ -37,7 +37,7 @@ from .listings import (
 )
 from .payload3 import PayloadV3
 from .records import RecordSink, parse_piece_name
-from .staged import STAGING_FILE_MODE, check_listed_size, write_staging_file
+from .staged import STAGE_BRIEFLY, STAGING_FILE_MODE, check_listed_size, write_staging_file
 
 # A format 2 stream's listings of payload 2.0 (and legacy 1.0): member -> (kind, entry parser).
 _LISTING_PARSERS = {
@@ -215,7 +215,8 @@ class Extractor:
 
     def __init__(self, *, legacy: bool, staging_fd: int, limits: ArchiveLimits,
                  sink: RecordSink, allow_missing_content: bool = False,
-                 before_listing: Callable[[], None] | None = None, durable: bool = False):
+                 before_listing: Callable[[], None] | None = None,
+                 staging: str = STAGE_BRIEFLY):
         self.legacy = legacy
         self.upstream = LegacyListings() if legacy else None
         self.allow_missing_content = allow_missing_content
@@ -225,7 +226,7 @@ class Extractor:
         self.limits = limits
         self.sink = sink
         self.staging_fd = staging_fd
-        self.durable = durable  # see write_staging_file
+        self.staging = staging  # see write_staging_file
         self.member_count = 0
         self.seen: set[str] = set()  # member names (2.0 and 1.0; 3.0 checks order instead)
         self.metadata: dict | None = None
@@ -336,7 +337,7 @@ class Extractor:
             self.version = self.metadata["version"]
             if self.version == VERSION_V3:
                 self.v3 = PayloadV3(self.metadata, self.sink, self.staging_fd, self.limits,
-                                    durable=self.durable)
+                                    staging=self.staging)
             return
         each = None if self.upstream is None else functools.partial(self.upstream.normalise,
                                                                       name)
@@ -396,7 +397,7 @@ class Extractor:
                 raise _not_listed(member.name)
             check_listed_size(file_id, entry, member.size, FILES_MEMBER)
         size, sha256 = write_staging_file(tar, member, file_id, self.staging_fd,
-                                          durable=self.durable)
+                                          staging=self.staging)
         if self.files_listed:
             self._verify_extracted(file_id, size, sha256, entry)
         else:
