@@ -200,8 +200,8 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
                    "progress_percent": STEP_PERCENT[COMPLETED_STEP][0],
                    "error_message": None, "warnings": contents.warnings, "space": space,
                    "lease_owner": None, "lease_expires_time": None, **counts}
-        await env.store.write(_commit, env.instance_id, staging, contents, index, mover, report, job.abort,
-                              task_id, outcome, job.options,
+        await env.store.write(_commit, env.instance_id, staging, contents, index, mover,
+                              report, job.abort, task_id, outcome, job.options,
                               functools.partial(_forget_uploads, env, job))
         del contents
     except BaseException as exc:
