@@ -168,8 +168,13 @@ class ImportSupervisor:
         for task_id in set(running) - still_mine:
             job = self._jobs.get(task_id)
             if job is not None:
-                log.warning("import %s: lost its lease to another instance; stopping", task_id)
-                job.lease_lost = True
+                # Either another instance ended it (the lease had expired), or the job itself
+                # recorded its outcome just now and is finishing. Stopping it is right in both
+                # cases; whether the lease was lost is for the job's own guarded writes to
+                # say (`_commit`, `finish_held_import`), so a finished import still announces
+                # its outcome.
+                log.info("import %s: no longer processing under this instance's lease; "
+                         "telling its job to stop", task_id)
                 job.abort.set()
         for task in await self._store.write(leases.fail_expired_imports, now,
                                             LEASE_EXPIRED_MESSAGE):
