@@ -117,14 +117,16 @@ def fail_expired_imports(m, now: float, message: str, *, every_lease: bool = Fal
     """End `failed` every processing import whose lease expired (its instance died; its
     restore never committed, since a commit ends the processing status in the same
     transaction); with `held_by`, instead those that instance holds (it starts again under
-    the same name: what it ran before was interrupted); with `every_lease`, every processing
+    the same name: what it ran before was interrupted) and those with no lease; with `every_lease`, every processing
     one (SQLite: no other instance can exist). Rows another instance is failing right now are
     skipped."""
     query = m.BackupTask.select().where(
         (m.BackupTask.operation == OPERATION_IMPORT)
         & (m.BackupTask.status == STATUS_PROCESSING))
     if held_by is not None:
-        query = query.where(m.BackupTask.lease_owner == held_by)
+        # Also those without a lease: processing since before leases existed (migration 4).
+        query = query.where((m.BackupTask.lease_owner == held_by)
+                            | m.BackupTask.lease_owner.is_null())
     elif not every_lease:
         query = query.where(m.BackupTask.lease_owner.is_null()
                             | (m.BackupTask.lease_expires_time <= now))
