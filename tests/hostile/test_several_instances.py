@@ -64,21 +64,25 @@ async def _events_of(client, task_id: str, wait_s: float) -> list[dict]:
     return seen
 
 
+async def upload_here_download_there(on_a, on_b, tmp_path) -> None:
+    """A document uploaded through `on_a` downloads through `on_b`, byte for byte."""
+    with trio.fail_after(STEP_TIMEOUT_S):
+        content = os.urandom(3 * 1024 * 1024 + 5)
+        created = await on_a.call("create_document", {"title": "shared"})
+        await upload_bytes(on_a, created["task_id"], content, tmp_path)
+        ticket = await on_b.call("get_document", {"document_id": created["document_id"]})
+        target = tmp_path / "downloaded"
+        await on_b.download_file(ticket["task_id"], target)
+        assert target.read_bytes() == content
+
+
 async def test_upload_on_one_instance_download_on_the_other(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     async with serve_process(root, extra_args=LEASE_ARGS) as a, \
             serve_process(root, extra_args=LEASE_ARGS) as b:
         async with admin_client(a.url) as on_a, admin_client(b.url) as on_b:
-            with trio.fail_after(STEP_TIMEOUT_S):
-                content = os.urandom(3 * 1024 * 1024 + 5)
-                created = await on_a.call("create_document", {"title": "shared"})
-                await upload_bytes(on_a, created["task_id"], content, tmp_path)
-                ticket = await on_b.call("get_document",
-                                         {"document_id": created["document_id"]})
-                target = tmp_path / "downloaded"
-                await on_b.download_file(ticket["task_id"], target)
-                assert target.read_bytes() == content
+            await upload_here_download_there(on_a, on_b, tmp_path)
 
 
 async def test_an_upload_runs_on_one_instance_at_a_time_and_resumes_on_another(tmp_path):
@@ -199,15 +203,7 @@ async def test_on_one_bucket_an_upload_on_one_instance_downloads_and_imports_ann
     async with serve_process(root_a, extra_args=args) as a, \
             serve_process(root_b, extra_args=args) as b:
         async with admin_client(a.url) as on_a, admin_client(b.url) as on_b:
-            with trio.fail_after(STEP_TIMEOUT_S):
-                content = os.urandom(3 * 1024 * 1024 + 5)
-                created = await on_a.call("create_document", {"title": "shared"})
-                await upload_bytes(on_a, created["task_id"], content, tmp_path)
-                ticket = await on_b.call("get_document",
-                                         {"document_id": created["document_id"]})
-                target = tmp_path / "downloaded"
-                await on_b.download_file(ticket["task_id"], target)
-                assert target.read_bytes() == content
+            await upload_here_download_there(on_a, on_b, tmp_path)
             archive, key = corpus.valid_v2_archive(corpus.seed_dataset())
             task_id = await start_import(on_a, archive, key, tmp_path)
             with trio.fail_after(STEP_TIMEOUT_S):
