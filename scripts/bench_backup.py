@@ -492,14 +492,23 @@ async def import_backup(server: ServerProcess, archive: Path, key: Path) -> dict
 async def transfer_roundtrip(server: ServerProcess, source: Path, target: Path) -> dict:
     """Upload `source` as a new document, then download it again; time each."""
     async with admin_client(server) as client:
-        created = await client.call("create_document", {"title": f"bench-{time.time_ns()}"})
-        started = time.perf_counter()
-        await client.upload_file(created["task_id"], source)
-        upload_s = time.perf_counter() - started
-        document = await client.call("get_document", {"document_id": created["document_id"]})
-        started = time.perf_counter()
-        await client.download_file(document["task_id"], target)
-        download_s = time.perf_counter() - started
+        return await timed_roundtrip(client, client.upload_file, client.download_file,
+                                     source, target, "bench")
+
+
+async def timed_roundtrip(client, upload, download, source: Path, target: Path,
+                          title: str) -> dict:
+    """Through `client` (either client: `upload(task_id, path)`, `download(task_id, path)`),
+    upload `source` as a new document, then download it into `target`; time each, check the
+    bytes, remove `target`."""
+    created = await client.call("create_document", {"title": f"{title}-{time.time_ns()}"})
+    started = time.perf_counter()
+    await upload(created["task_id"], source)
+    upload_s = time.perf_counter() - started
+    document = await client.call("get_document", {"document_id": created["document_id"]})
+    started = time.perf_counter()
+    await download(document["task_id"], target)
+    download_s = time.perf_counter() - started
     if file_sha256(target) != file_sha256(source):
         raise RuntimeError("downloaded file differs from the uploaded one")
     target.unlink()
@@ -667,18 +676,8 @@ async def third_party_roundtrip(url: str, cafile: Path, source: Path, target: Pa
                                                  ping_interval=None) as ws:
         client = ThirdPartyClient(ws)
         await client.login("admin", ADMIN_PASSWORD)
-        created = await client.call("create_document", {"title": f"bench-ws-{time.time_ns()}"})
-        started = time.perf_counter()
-        await client.upload(created["task_id"], source)
-        upload_s = time.perf_counter() - started
-        document = await client.call("get_document", {"document_id": created["document_id"]})
-        started = time.perf_counter()
-        await client.download(document["task_id"], target)
-        download_s = time.perf_counter() - started
-    if file_sha256(target) != file_sha256(source):
-        raise RuntimeError("downloaded file differs from the uploaded one")
-    target.unlink()
-    return {"upload_s": upload_s, "download_s": download_s}
+        return await timed_roundtrip(client, client.upload, client.download, source, target,
+                                     "bench-ws")
 
 
 def run_third_party(timeout: float, server: ServerProcess, source: Path, target: Path,
