@@ -41,6 +41,7 @@ from .format import (
     WriteBehind,
     make_key_file,
     parse_key_file,
+    release_pages,
     write_backup_archive,
 )
 from .restore import checked_archive
@@ -73,10 +74,11 @@ def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) ->
     """Read the archive at `path` end to end as an import would (every segment, listing and
     file hash, the recipient block MAC of format 3) into `staging_dir`, then the checks of
     this server's own rules (`check_contents`). Raises ArchiveError on any difference."""
-    with open(path, "rb") as archive, checked_archive(
-            archive, key_info, staging_dir, limits,
-            archive_size=os.fstat(archive.fileno()).st_size):
-        pass
+    with open(path, "rb") as archive:
+        size = os.fstat(archive.fileno()).st_size
+        with checked_archive(archive, key_info, staging_dir, limits, archive_size=size):
+            pass
+        release_pages(archive.fileno(), 0, size)  # read once, durable: not needed in memory
 
 
 def _self_check(path: Path, key_info, out_dir: Path, name: str,
@@ -202,8 +204,10 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
         fd = os.open(temp_archive, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as raw_file:
             # Hashed where it is sealed (SegmentWriter's helper thread), written on the
-            # write-behind thread: three threads share reading, sealing and writing.
-            with WriteBehind(DropBehindWriter(raw_file)) as behind:
+            # write-behind thread: three threads share reading, sealing and writing. The
+            # archive stays cached (only its writeback is started): the self-check reads it
+            # back at once, and `read_back` drops it afterwards.
+            with WriteBehind(DropBehindWriter(raw_file, keep_cached=True)) as behind:
                 out = HashingWriter(behind)
                 metadata = store.run_read(write_archive, out, key)
             raw_file.flush()
