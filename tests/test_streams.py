@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from cfms_trio.backup.format.segments import SegmentReader, SegmentWriter
-from cfms_trio.backup.format.streams import DropBehindWriter, TarSource
+from cfms_trio.backup.format import streams
+from cfms_trio.backup.format.streams import DropBehindReader, DropBehindWriter, TarSource
 
 
 class FailingAfter(io.RawIOBase):
@@ -101,3 +102,39 @@ async def test_send_ahead_consumer_error_comes_out_as_itself():
 
     with trio.fail_after(10), pytest.raises(ValueError, match="refused 0"):
         await send_ahead(range(10), lambda index: index, consume, depth=1)
+
+
+def test_drop_behind_reader_reads_every_byte_and_releases_what_it_read(tmp_path, monkeypatch):
+    data = os.urandom(20 * 1024 * 1024 + 7)
+    path = tmp_path / "archive"
+    path.write_bytes(data)
+    released: list[tuple[int, int]] = []
+    monkeypatch.setattr(streams, "release_pages",
+                        lambda fd, offset, length: released.append((offset, length)))
+    with open(path, "rb", buffering=0) as f:
+        reader = DropBehindReader(f)
+        read = bytearray()
+        while piece := reader.read(1024 * 1024 - 3):  # pieces that straddle the steps
+            read += piece
+    assert bytes(read) == data
+    # Consecutive ranges from the start, each at least a step long but the last, covering all.
+    assert released[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(released, released[1:]))
+    assert sum(n for _, n in released) == len(data)
+    assert all(n >= streams.WRITEBACK_START_BYTES for _, n in released[:-1])
+
+
+def test_segment_reader_hands_out_whole_segments_and_any_smaller_pieces():
+    key = os.urandom(32)
+    out = io.BytesIO()
+    plaintext = os.urandom(3 * 65536 + 5)
+    writer = SegmentWriter(out, key, chunk_log2=16)
+    writer.write(plaintext)
+    writer.close()
+    whole = SegmentReader(io.BytesIO(out.getvalue()), key)
+    assert [len(whole.read(1 << 20)) for _ in range(5)] == [65536, 65536, 65536, 5, 0]
+    pieces = SegmentReader(io.BytesIO(out.getvalue()), key)
+    read = bytearray()
+    while piece := pieces.read(10_000):
+        read += piece
+    assert bytes(read) == plaintext and pieces.finished

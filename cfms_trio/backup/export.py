@@ -23,7 +23,12 @@ from typing import BinaryIO, Callable
 
 from .. import __version__
 from ..config import ArchiveLimits
-from ..conventions import BACKUP_NAME_MAX_CHARS, BACKUP_PARTS, is_backup_name, with_prerequisites
+from ..conventions import (
+    BACKUP_NAME_MAX_CHARS,
+    BACKUP_PARTS,
+    is_backup_name,
+    with_prerequisites,
+)
 from ..errors import ArchiveError, BadRequest, CfmsError, Conflict
 from ..paths import backup_pair, partial_backup_pair, self_check_dir
 from ..reaper import remove_tree
@@ -33,6 +38,7 @@ from .format import (
     KEY_BYTES,
     PART_OF_KIND,
     VERSION_V3,
+    DropBehindReader,
     DropBehindWriter,
     HashingWriter,
     Passphrase,
@@ -41,7 +47,6 @@ from .format import (
     WriteBehind,
     make_key_file,
     parse_key_file,
-    release_pages,
     write_backup_archive,
 )
 from .restore import checked_archive
@@ -74,11 +79,10 @@ def read_back(path: Path, key_info, staging_dir: Path, limits: ArchiveLimits) ->
     """Read the archive at `path` end to end as an import would (every segment, listing and
     file hash, the recipient block MAC of format 3) into `staging_dir`, then the checks of
     this server's own rules (`check_contents`). Raises ArchiveError on any difference."""
-    with open(path, "rb") as archive:
-        size = os.fstat(archive.fileno()).st_size
-        with checked_archive(archive, key_info, staging_dir, limits, archive_size=size):
-            pass
-        release_pages(archive.fileno(), 0, size)  # read once, durable: not needed in memory
+    with open(path, "rb", buffering=0) as archive, checked_archive(
+            DropBehindReader(archive), key_info, staging_dir, limits,
+            archive_size=os.fstat(archive.fileno()).st_size):
+        pass
 
 
 def _self_check(path: Path, key_info, out_dir: Path, name: str,
@@ -206,7 +210,7 @@ def export_store(store: Store, content_dir: Path, out_dir: Path, name: str, comp
             # Hashed where it is sealed (SegmentWriter's helper thread), written on the
             # write-behind thread: three threads share reading, sealing and writing. The
             # archive stays cached (only its writeback is started): the self-check reads it
-            # back at once, and `read_back` drops it afterwards.
+            # back at once, and drops it behind it.
             with WriteBehind(DropBehindWriter(raw_file, keep_cached=True)) as behind:
                 out = HashingWriter(behind)
                 metadata = store.run_read(write_archive, out, key)

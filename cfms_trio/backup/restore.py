@@ -28,6 +28,7 @@ from .format import (
     STAGE_HASH_ONLY,
     VERSION_LEGACY,
     BackupContents,
+    DropBehindReader,
     KeyInfo,
     Passphrase,
     Unlock,
@@ -87,8 +88,8 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
 
     index = StagingIndex.create(staging_dir)
     try:
-        with open(archive_path, "rb") as archive:
-            contents = read_backup_archive(archive, key_info, staging_dir, limits, index,
+        with open(archive_path, "rb", buffering=0) as archive:
+            contents = read_backup_archive(DropBehindReader(archive), key_info, staging_dir, limits, index,
                                            progress=on_bytes, archive_size=archive_size,
                                            allow_missing_content=allow_missing_content,
                                            staging=STAGE_DURABLE)

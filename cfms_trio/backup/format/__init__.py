@@ -17,7 +17,6 @@ from .listings import (
     itemised,
     parts_of,
 )
-from .records import COUNT_FIELD_OF_KIND, LISTING_KINDS, PART_OF_KIND, RecordSink
 from .reader import read_backup_archive
 from .recipients import (
     Identity,
@@ -30,9 +29,16 @@ from .recipients import (
     parse_identity_file,
     parse_recipient,
 )
+from .records import COUNT_FIELD_OF_KIND, LISTING_KINDS, PART_OF_KIND, RecordSink
 from .segments import KEY_BYTES
 from .staged import STAGE_BRIEFLY, STAGE_DURABLE, STAGE_HASH_ONLY
-from .streams import DropBehindWriter, HashingWriter, WriteBehind, release_pages
+from .streams import (
+    DropBehindReader,
+    DropBehindWriter,
+    HashingWriter,
+    WriteBehind,
+    release_pages,
+)
 from .writer import COMPRESSION_NAMES, write_backup_archive
 
 __all__ = [
@@ -63,6 +69,7 @@ __all__ = [
     # wrappers the exporter puts around its output file
     "HashingWriter",
     "WriteBehind",
+    "DropBehindReader",
     "DropBehindWriter",
     # transfers keep the page cache from filling with what they stream
     "release_pages",

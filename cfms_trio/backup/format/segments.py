@@ -26,7 +26,7 @@ from Crypto.Protocol.KDF import HKDF
 
 from cfms_trio.errors import ArchiveError
 
-from .streams import WRITE_BEHIND_PIECES, HelperThread, read_up_to
+from .streams import WRITE_BEHIND_PIECES, HelperThread, read_into, read_up_to
 
 MAGIC = b"CFMSBAK2"
 KEY_BYTES = 32
@@ -300,13 +300,33 @@ class SegmentReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
+    def _has_plain(self) -> bool:
+        """Whether verified plaintext is waiting (decrypting the next segment if needed)."""
         while self._plain_pos >= len(self._plain):
             if self.finished:
-                return 0
+                return False
             self._plain = self._next_segment()
             self._plain_pos = 0
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes of plaintext; a whole segment's plaintext is handed out as it
+        was decrypted, without a copy (the reader on top asks for pieces of its size)."""
+        if size is None or size < 0:
+            return self.readall()
+        if not size or not self._has_plain():
+            return b""
+        if self._plain_pos == 0 and size >= len(self._plain):
+            self._plain_pos = len(self._plain)
+            return self._plain
+        data = self._plain[self._plain_pos:self._plain_pos + size]
+        self._plain_pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        if not self._has_plain():
+            return 0
         count = min(len(view), len(self._plain) - self._plain_pos)
         view[:count] = self._plain[self._plain_pos:self._plain_pos + count]
         self._plain_pos += count
@@ -319,17 +339,16 @@ class SegmentReader(io.RawIOBase):
         without trial decryption.
         """
         want = self._sealed_bytes + 1
-        data = bytearray(self._lookahead)
-        while len(data) < want:
-            piece = self._source.read(want - len(data))
-            if not piece:
-                break
-            data += piece
-        if len(data) == want:
+        data = bytearray(want)
+        data[:len(self._lookahead)] = self._lookahead
+        filled = len(self._lookahead) + read_into(self._source,
+                                                  memoryview(data)[len(self._lookahead):])
+        if filled == want:
             self._lookahead = bytes(data[-1:])
             del data[-1:]
             return data, False
         self._lookahead = b""
+        del data[filled:]
         return data, True
 
     def _open(self, sealed: bytearray, last: bool) -> bytes | None:

@@ -48,6 +48,24 @@ def read_up_to(source: BinaryIO, size: int) -> bytes:
     return bytes(buf)
 
 
+def read_into(source: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``source`` (its ``readinto`` when it has one, so the bytes are
+    copied once); fewer bytes only at end of file. Returns how many were read."""
+    readinto = getattr(source, "readinto", None)
+    filled = 0
+    while filled < len(view):
+        if readinto is not None:
+            count = readinto(view[filled:])
+        else:
+            piece = source.read(len(view) - filled)
+            count = len(piece)
+            view[filled:filled + count] = piece
+        if not count:
+            break
+        filled += count
+    return filled
+
+
 def drain(stream) -> None:
     """Read a stream to its end, so trailing authentication and padding checks run."""
     while stream.read(COPY_BYTES):
@@ -121,6 +139,33 @@ class DropBehindWriter(io.RawIOBase):
                 release_pages(fd, self._first, self._started - self._first)  # written by now
             release_pages(fd, self._started, self._written - self._started)  # starts writing
             self._started = self._written
+        return count
+
+
+class DropBehindReader(io.RawIOBase):
+    """Readable wrapper of a file read once from start to end (an archive being imported or
+    checked): every ``WRITEBACK_START_BYTES`` it drops the range read so far from the page
+    cache. Spread over the read, that costs little; left to the end, removing the file (an
+    import's uploaded archive, inside the restore's transaction) paid for every cached page
+    at once, 80 ms for 300 MB on the VM these figures come from. ``source`` is never closed.
+    """
+
+    def __init__(self, source: BinaryIO):
+        super().__init__()
+        self._source = source
+        self._fd = source.fileno()
+        self._read = 0
+        self._released = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self._source.readinto(buffer) or 0
+        self._read += count
+        if self._read - self._released >= WRITEBACK_START_BYTES or (not count and self._read):
+            release_pages(self._fd, self._released, self._read - self._released)
+            self._released = self._read
         return count
 
 
@@ -272,9 +317,13 @@ class CountingSource(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        data = self._source.read(len(view)) or b""
-        count = len(data)
-        view[:count] = data
+        readinto = getattr(self._source, "readinto", None)
+        if readinto is not None:
+            count = readinto(view) or 0
+        else:
+            data = self._source.read(len(view)) or b""
+            count = len(data)
+            view[:count] = data
         self.consumed += count
         if self.consumed > self._limit_bytes:
             raise ArchiveLimitExceeded(
