@@ -108,6 +108,11 @@ class Paths:
         return self.content / "tmp" / "staging"
 
     @property
+    def set_aside(self) -> Path:
+        """Content taken out of reach, waiting to be removed (see `LocalContent.set_aside`)."""
+        return self.content / "tmp" / "removed"
+
+    @property
     def serve_lock(self) -> Path:
         """Held (flock) by the one server using this root's SQLite database."""
         return self.content / "serve.lock"
@@ -118,7 +123,7 @@ class Paths:
 
     def all_dirs(self) -> list[Path]:
         return [self.content, self.tls, self.logs, self.files, self.uploads, self.backups,
-                self.backup_imports, self.restore_files, self.staging]
+                self.backup_imports, self.restore_files, self.staging, self.set_aside]
 
     def backup_verify_dir(self) -> Path:
         """A private folder for one `verify_backup`: its staging files and throw-away database

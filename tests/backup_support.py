@@ -358,11 +358,13 @@ async def dump_store(server) -> dict:
     return await server.app.store.read(dump_data_tables)
 
 
-IGNORED_CONTENT = re.compile(r"^(cfms\.db(-wal|-shm|-journal)?|logs/.*|backups/import/.*)$")
+IGNORED_CONTENT = re.compile(
+    r"^(cfms\.db(-wal|-shm|-journal)?|logs/.*|backups/import/.*|tmp/removed/.*)$")
 
 
 def content_files(server) -> dict[str, str]:
-    """snapshot_tree of content/ without the database, its WAL, the logs and uploaded imports."""
+    """snapshot_tree of content/ without the database, its WAL, the logs and uploaded imports
+    (also those set aside for removal)."""
     return {path: digest for path, digest in snapshot_tree(server.root / "content").items()
             if not IGNORED_CONTENT.match(path)}
 

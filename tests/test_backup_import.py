@@ -63,11 +63,13 @@ def restored_dir(server) -> Path:
 
 
 def leftovers(server) -> list[str]:
-    """Whatever an import may leave lying around: uploads, partial uploads, staging."""
+    """Whatever an import may leave lying around: uploads, partial uploads, staging, uploads
+    set aside for removal."""
     content = server.root / "content"
     return sorted([*(f"import/{n}" for n in import_dir_files(server)),
                    *(f"uploads/{p.name}" for p in (content / "tmp" / "uploads").iterdir()),
-                   *(f"staging/{p.name}" for p in (content / "tmp" / "staging").iterdir())])
+                   *(f"staging/{p.name}" for p in (content / "tmp" / "staging").iterdir()),
+                   *(f"removed/{p.name}" for p in (content / "tmp" / "removed").iterdir())])
 
 
 CLEANUP_WAIT_S = 10.0
@@ -164,6 +166,9 @@ async def test_round_trip_between_two_servers_preserves_every_object(
     target_dump = await dump_store(target)
     assert_restored_rows(source_dump, target_dump, built.contents)
     assert target_dump["file_tasks"] == []  # the import's upload tasks are gone with its files
+    # ... and the uploaded archive and key were out of reach when `completed` was: set aside
+    # in the commit, removed for good just after.
+    assert import_dir_files(target) == []
     assert sorted(p.name for p in restored_dir(target).iterdir()) == sorted(built.contents)
     assert await leftovers_after_cleanup(target) == []
 
@@ -646,6 +651,9 @@ async def test_a_restart_fails_the_import_that_was_running(start_server, tmp_pat
     staging = content / "tmp" / "staging" / task_id
     staging.mkdir(parents=True)
     (staging / secrets.token_hex(16)).write_bytes(b"staged")
+    # Uploads a committed import set aside, not yet removed when the server stopped.
+    set_aside = content / "tmp" / "removed" / f"{secrets.token_hex(8)}.upload.cfms.enc"
+    set_aside.write_bytes(b"an uploaded archive")
     await stop_server(server)
 
     server = await start_server("restart")
@@ -656,6 +664,7 @@ async def test_a_restart_fails_the_import_that_was_running(start_server, tmp_pat
         assert status["completed_time"] is not None
         assert not orphan.exists()
         assert not staging.exists()
+        assert not set_aside.exists()
         assert leftovers(server) == []
         after = await dump_store(server)
         for table in PERSISTENT_TABLES:

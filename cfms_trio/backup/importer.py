@@ -17,6 +17,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import trio
 
@@ -125,6 +126,9 @@ class ImportJob:
         self.cancelled_by: str | None = None  # set with `abort` by cancel_backup_import
         self.uploads_kept = False  # set when it failed because of its options (run_import)
         self.uploads_forgotten = False  # set once the commit accepted the plan
+        # Removes for good the uploads the commit set aside (content `set_aside`); run after
+        # the outcome is announced, whatever it is.
+        self.remove_set_aside: Callable[[], None] | None = None
         self.scope = trio.CancelScope()  # the job's own; cancel() cancels it
         self.ended = trio.Event()
 
@@ -273,13 +277,15 @@ def _commit(m, instance_id: str, staging: Path, contents, index, mover, report, 
 
 
 def _forget_uploads(env: ImportEnvironment, job: ImportJob, m) -> None:
-    """In the restore's transaction, once its plan is accepted: the uploads' rows and files
-    go, so a client that sees `completed` never finds them (blocking, the writer thread). If
-    the transaction then fails, the failure removes the rows that come back."""
+    """In the restore's transaction, once its plan is accepted: the uploads' rows go and their
+    files are set aside, so a client that sees `completed` never finds them (blocking, the
+    writer thread); the files are removed for good after the outcome is announced
+    (`job.remove_set_aside`). If the transaction then fails, the failure removes the rows that
+    come back."""
     job.uploads_forgotten = True
     gone = backup_tasks.discard_import_uploads(m, job.task["archive_file_id"],
                                                job.task["key_file_id"])
-    env.content.delete(gone["paths"])
+    job.remove_set_aside = env.content.set_aside(gone["paths"])
     env.content.discard_partial_uploads(gone["task_ids"])
 
 

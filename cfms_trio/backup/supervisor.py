@@ -426,9 +426,13 @@ class ImportSupervisor:
             job.ended.set()
         if final["status"] == STATUS_PLANNED or job.uploads_kept:
             self.watch(job.task_id, final["timeout_time"])  # the uploads wait for a real run
-        if job.lease_lost:
-            return  # the instance that ended it published the outcome
-        await self._publish_outcome(final)
+        if not job.lease_lost:  # else the instance that ended it published the outcome
+            await self._publish_outcome(final)
+        if job.remove_set_aside is not None:
+            try:
+                await trio.to_thread.run_sync(job.remove_set_aside, limiter=self._env.io_limiter)
+            except Exception:
+                log.exception("could not remove the uploads of import %s", job.task_id)
 
     async def _publish_progress(self, job: ImportJob) -> None:
         """`backup_import_progress` to the task's listeners whenever the progress moved, at
@@ -504,6 +508,7 @@ class ImportSupervisor:
         # only removed when no instance runs an import now, since the folder is shared).
         live = await store.read(leases.live_import_ids, time.time())
         await trio.to_thread.run_sync(_clear_staging, paths, live, alone)
+        await trio.to_thread.run_sync(self._content.clear_set_aside)
         known = await store.read(restore_rows.restored_file_ids)
         removed = await trio.to_thread.run_sync(functools.partial(
             self._content.remove_interrupted_restores, interrupted, known,

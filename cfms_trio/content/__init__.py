@@ -16,6 +16,9 @@ implementations offer the same methods:
 - `open_read(key)`: a binary reader with `read(n)` and `seek(offset)` (S3: ranged GETs);
   FileNotFoundError when there is no such content;
 - `delete(keys)`: remove content; missing content is fine, other failures are logged;
+- `set_aside(keys) -> remove`: take content out of reach at once and return what removes it
+  for good, for removals inside a transaction (local: a rename into `tmp/removed`; S3: deleted
+  at once); `clear_set_aside()` at start-up removes what a crash left set aside;
 - `partial_upload(task_id, final_key, chunk_bytes)`: the resumable receiving end of one upload
   (`PartialContent` below);
 - `discard_partial_uploads(task_ids)` / `remove_unclaimed_uploads(claimed_task_ids)`;

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
+import secrets
 import threading
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..backup.durability import sync_directory
 from ..backup.format import DropBehindWriter
@@ -56,6 +58,31 @@ class LocalContent:
 
     def delete(self, keys: Iterable[str]) -> None:
         unlink_quietly(self._paths.resolve(key) for key in keys)
+
+    def set_aside(self, keys: Iterable[str]) -> Callable[[], None]:
+        """Take content out of reach now, by a rename into `tmp/removed` (whatever its size),
+        and return what removes it for good: removing a file of hundreds of megabytes takes
+        tens of milliseconds on ext4, too long inside a transaction. What a crash leaves set
+        aside goes at the next start (`clear_set_aside`)."""
+        moved = []
+        for key in keys:
+            source = self._paths.resolve(key)
+            target = self._paths.set_aside / f"{secrets.token_hex(8)}.{source.name}"
+            try:
+                os.rename(source, target)
+                moved.append(target)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                unlink_quietly([source])  # as `delete` would
+        return functools.partial(unlink_quietly, moved)
+
+    def clear_set_aside(self) -> int:
+        """Remove what was set aside and never removed (a crash came first)."""
+        try:
+            return unlink_quietly([entry.path for entry in os.scandir(self._paths.set_aside)])
+        except FileNotFoundError:
+            return 0
 
     def partial_upload(self, task_id: str, final_key: str, chunk_bytes: int) -> LocalPartial:
         # A backup being imported is read whole right after its upload: it keeps its pages.

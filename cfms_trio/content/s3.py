@@ -29,7 +29,7 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..config import MiB
 from ..errors import Conflict, ImportAborted, StorageUnavailable
@@ -73,6 +73,10 @@ def part_bytes_for(file_size: int, chunk_bytes: int) -> int:
     chunks = max(-(-PART_TARGET_BYTES // chunk_bytes), -(-S3_PART_MIN_BYTES // chunk_bytes),
                  -(-file_size // ((S3_MAX_PARTS - 1) * chunk_bytes)))
     return chunks * chunk_bytes
+
+
+def _nothing() -> None:
+    """What is left to do after `S3Content.set_aside`."""
 
 
 class S3Content:
@@ -169,6 +173,14 @@ class S3Content:
             for error in answer.get("Errors", ()):
                 log.error("could not remove %s from %s: %s", error.get("Key"), self.bucket,
                           error.get("Message"))
+
+    def set_aside(self, keys: Iterable[str]) -> Callable[[], None]:
+        """Objects are removed at once (no large local file to free): nothing is left to do."""
+        self.delete(keys)
+        return _nothing
+
+    def clear_set_aside(self) -> int:
+        return 0
 
     def partial_upload(self, task_id: str, final_key: str, chunk_bytes: int) -> S3Partial:
         return S3Partial(self, task_id, final_key, chunk_bytes)

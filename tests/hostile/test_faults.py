@@ -32,9 +32,10 @@ class FaultyOs:
     by call, whether that function raises instead; everything else is the real `os`."""
 
     def __init__(self, error_number: int, *, rename_from_call: int | None = None,
-                 write_from_call: int | None = None):
+                 write_from_call: int | None = None, renames_into: str | None = None):
         self.error_number = error_number
         self.rename_from_call = rename_from_call
+        self.renames_into = renames_into  # count only renames into this folder
         self.write_from_call = write_from_call
         self.renames = 0
         self.writes = 0
@@ -48,6 +49,8 @@ class FaultyOs:
         return OSError(self.error_number, os.strerror(self.error_number))
 
     def rename(self, source, target):
+        if self.renames_into is not None and os.path.dirname(target) != self.renames_into:
+            return os.rename(source, target)
         self.renames += 1
         if self.rename_from_call is not None and self.renames >= self.rename_from_call:
             raise self.error()
@@ -139,7 +142,8 @@ async def test_disk_failure_mid_restore(seeded, tmp_path, monkeypatch, fault):
         monkeypatch.setattr(staged_module, "os", faulty)
     else:
         # The first file is in restore/files when the second one cannot be placed.
-        faulty = FaultyOs(error_number, rename_from_call=2)
+        faulty = FaultyOs(error_number, rename_from_call=2,
+                          renames_into=str(seeded[0].root / "content" / "restore" / "files"))
         monkeypatch.setattr(local_content, "os", faulty)
     status = await import_under_fault(seeded, tmp_path)
     assert faulty.raised == 1
