@@ -88,6 +88,14 @@ class StorageUnavailable(CfmsError):
     code = 503
 
 
+class ContentMissing(CfmsError):
+    """A File row's stored content is not in the content storage (500: the server's data was
+    removed or lost outside it). The message names the file and the storage; an administrator
+    restores it from a backup."""
+
+    code = 500
+
+
 class InternalError(CfmsError):
     """Unexpected failure; the message carries only a log reference (500)."""
 

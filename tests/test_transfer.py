@@ -596,3 +596,21 @@ async def test_abandoned_partial_upload_is_swept_after_expiry(start_server, tmp_
     async with srv.connect("admin") as client:
         reply = await client.request("upload_file", {"task_id": task_id})
     assert reply["code"] == 409 and "closed" in reply["message"]
+
+
+async def test_content_missing_from_storage_is_a_clear_server_error(small, client, tmp_path):
+    """Stored content removed behind the server's back: the download is refused with 500 and a
+    message naming the file, and the server keeps serving."""
+    with trio.fail_after(TEST_DEADLINE_S):
+        created = await client.call("create_document", {"title": "lost"})
+        await client.upload_file(created["task_id"], write_file(tmp_path, b"soon gone"))
+        file_path = (await small.app.store.read(
+            lambda m: m.File.get_by_id(created["file_id"]).path))
+        await trio.to_thread.run_sync(small.app.content.delete, [file_path])
+        ticket = await client.call("get_document", {"document_id": created["document_id"]})
+        with pytest.raises(ClientError) as info:
+            await client.download_file(ticket["task_id"], tmp_path / "lost")
+        assert info.value.code == 500
+        assert f"the content of file '{created['file_id']}' is missing" in info.value.message
+        assert small.app.content.description in info.value.message
+        assert (await client.call("server_info"))["version"]

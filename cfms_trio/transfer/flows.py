@@ -15,7 +15,7 @@ import trio
 
 from ..conventions import SHA256_HEX_PATTERN
 from ..deadlines import trio_deadline
-from ..errors import BadRequest, DeadlinePassed, TooLarge, disk_error
+from ..errors import BadRequest, ContentMissing, DeadlinePassed, TooLarge, disk_error
 from ..protocol import event
 from ..storage import transfers
 from .crypto import TAG_BYTES, ChunkTagError, chunk_count, new_session
@@ -164,9 +164,16 @@ async def send_download(ctx: "Context", task: dict, offset: int) -> dict:
         raise BadRequest(f"field 'data.offset' must be a multiple of {chunk_size} "
                          f"not beyond the file size {size}")
     key, prefix = new_session()
-    # Stored content that is missing is the server's fault: the error boundary answers 500.
-    source = await trio.to_thread.run_sync(app.content.open_read, task["file_path"],
-                                           limiter=app.io_limiter)
+    try:
+        source = await trio.to_thread.run_sync(app.content.open_read, task["file_path"],
+                                               limiter=app.io_limiter)
+    except FileNotFoundError:
+        # The server's fault, not the client's: 500, saying what is lost and where.
+        log.error("download task %s: the content of file %s (%s) is missing from %s",
+                  task["task_id"], task["file_id"], task["file_path"], app.content.description)
+        raise ContentMissing(f"the content of file '{task['file_id']}' is missing from the "
+                             f"server's storage ({app.content.description}); an administrator "
+                             "can restore it from a backup") from None
     reader = SealedReader(source, chunk_size, key, prefix)
     try:
         with trio.CancelScope(deadline=trio_deadline(task["end_time"])) as scope:
