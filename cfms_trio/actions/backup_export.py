@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
@@ -13,7 +14,8 @@ from ..dispatch import Context
 from ..errors import ArchiveError, BadRequest, CfmsError, Conflict, disk_error, internal_error
 from ..backup.targets import TARGET_LOCAL
 from ..backup.verify import LEVEL_SELF_CHECK
-from ..storage import backup_tasks, backups
+from ..nurseries import single_error_unwrapped
+from ..storage import backup_tasks, backups, leases
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,17 @@ def _export_and_store(app, name: str, compression: str, now: float, wrap_for: tu
     return result
 
 
+async def _renew_lease(app, task_id: str, instance: str, lease_s: float) -> None:
+    """While the export runs: every third of the lease time, this instance still runs it
+    (another instance fails an export whose lease expired: its instance died)."""
+    while True:
+        await trio.sleep(lease_s / 3)
+        try:
+            await app.store.write(leases.renew_export, task_id, instance, time.time() + lease_s)
+        except Exception:
+            log.exception("could not renew the lease of export %s", task_id)
+
+
 async def generate_backup(ctx: Context, data: dict) -> dict:
     app = ctx.app
     now = app.now()
@@ -69,14 +82,18 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
     wrap_for = wrap_targets(data)
     parts = checked_parts(data["parts"]) or BACKUP_PARTS
     ctx.audit_target = name
+    instance, lease_s = app.relay.instance_id, app.settings.lease_s
     task_id = await app.store.write(backup_tasks.create_export_task, ctx.user.username, name,
-                                    now)
+                                    now, instance, time.time() + lease_s)
     try:
-        with app.reaper.hold():
-            result = await trio.to_thread.run_sync(
-                lambda: _export_and_store(app, name, data["compression"], now, wrap_for,
-                                          parts),
-                limiter=app.bulk_io_limiter)
+        with app.reaper.hold(), single_error_unwrapped():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_renew_lease, app, task_id, instance, lease_s)
+                result = await trio.to_thread.run_sync(
+                    lambda: _export_and_store(app, name, data["compression"], now, wrap_for,
+                                              parts),
+                    limiter=app.bulk_io_limiter)
+                nursery.cancel_scope.cancel()
     except BaseException as exc:
         failure = exc if isinstance(exc, CfmsError) else None
         if failure is None and isinstance(exc, OSError):
@@ -87,7 +104,8 @@ async def generate_backup(ctx: Context, data: dict) -> dict:
             await app.store.write(backup_tasks.update_backup_task, task_id,
                                   status=STATUS_FAILED,
                                   error_message=failure.message if failure else "export failed",
-                                  completed_time=app.now())
+                                  completed_time=app.now(), lease_owner=None,
+                                  lease_expires_time=None)
             await app.reaper.remove()
         if failure is None:
             raise

@@ -73,6 +73,8 @@ RESTART_MESSAGE = "server restarted during the import"
 LEASE_EXPIRED_MESSAGE = ("the server instance running the import stopped (its lease expired); "
                          "nothing was imported")
 EXPORT_RESTART_MESSAGE = "server restarted during the export"
+EXPORT_LEASE_EXPIRED_MESSAGE = ("the server instance running the export stopped (its lease "
+                                "expired)")
 COMPLETED_EVENT = "backup_import_completed"
 PROGRESS_EVENT = "backup_import_progress"
 PROGRESS_INTERVAL_S = 0.25  # at most four progress events a second per import
@@ -176,6 +178,10 @@ class ImportSupervisor:
                 log.info("import %s: no longer processing under this instance's lease; "
                          "telling its job to stop", task_id)
                 job.abort.set()
+        for task_id in await self._store.write(leases.fail_expired_exports, now,
+                                               EXPORT_LEASE_EXPIRED_MESSAGE):
+            log.warning("export %s: its instance stopped (lease expired); marked failed",
+                        task_id)
         for task in await self._store.write(leases.fail_expired_imports, now,
                                             LEASE_EXPIRED_MESSAGE):
             log.warning("import %s: its instance stopped (lease expired); marked failed",
@@ -501,7 +507,15 @@ class ImportSupervisor:
                                          STATUS_PROCESSING):
                 await store.write(backup_tasks.update_backup_task, task["backup_task_id"],
                                   status=STATUS_FAILED, error_message=EXPORT_RESTART_MESSAGE,
-                                  completed_time=time.time())
+                                  completed_time=time.time(), lease_owner=None,
+                                  lease_expires_time=None)
+        else:
+            # This instance's own exports of before the restart, and those of dead instances.
+            for message, held_by in ((EXPORT_RESTART_MESSAGE, self._instance_id),
+                                     (EXPORT_LEASE_EXPIRED_MESSAGE, None)):
+                for task_id in await store.write(leases.fail_expired_exports, time.time(),
+                                                 message, held_by=held_by):
+                    log.warning("export %s: %s; marked failed", task_id, message)
         # No import of this instance runs yet: staging that no live lease claims is left
         # over, and a restored file with no row is from an import that never committed (in
         # S3 storage: under the prefix of an interrupted import; in a local content folder,

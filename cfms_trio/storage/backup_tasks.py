@@ -180,11 +180,15 @@ def discard_import_uploads(m, archive_file_id: str, key_file_id: str) -> dict:
 
 # -- exports ------------------------------------------------------------------------------------
 
-def create_export_task(m, owner: str, name: str, now: float) -> str:
+def create_export_task(m, owner: str, name: str, now: float, instance_id: str,
+                       lease_expires: float) -> str:
+    """A processing export under `instance_id`'s lease until `lease_expires` (renewed while it
+    runs, see `leases.renew_export`)."""
     task_id = new_id()
     m.BackupTask.create(id=task_id, username=owner, operation=OPERATION_EXPORT,
                         status=STATUS_PROCESSING, current_step="Exporting", created_time=now,
-                        started_time=now, backup_name=name)
+                        started_time=now, backup_name=name, lease_owner=instance_id,
+                        lease_expires_time=lease_expires)
     return task_id
 
 
@@ -207,5 +211,6 @@ def complete_export(m, task_id: str, owner: str, now: float, expires: float,
                                          purpose="export")
     update_backup_task(m, task_id, status=STATUS_COMPLETED, current_step="Export completed",
                        progress_percent=100, archive_file_id=archive_file_id,
-                       key_file_id=key_file_id, completed_time=completed_time, **counts)
+                       key_file_id=key_file_id, completed_time=completed_time,
+                       lease_owner=None, lease_expires_time=None, **counts)
     return {"archive_task_id": archive_task, "key_task_id": key_task}

@@ -1,4 +1,5 @@
-"""Leases: which server instance runs an import or a transfer now, and until when (issue 16).
+"""Leases: which server instance runs an import, an export or a transfer now, and until when
+(issue 16).
 
 Several instances share one database. A task that must run in exactly one of them carries a
 lease: the owner's instance id and an expiry time, renewed by the owner while it works. A
@@ -11,6 +12,7 @@ over (an import is then failed, a transfer may start afresh). Blocking; run thro
 from __future__ import annotations
 
 from ..conventions import (
+    OPERATION_EXPORT,
     OPERATION_IMPORT,
     STARTABLE_STATUSES,
     STATUS_FAILED,
@@ -166,6 +168,35 @@ def release_import(m, task_id: str, owner: str) -> None:
     """Drop `owner`'s lease on an import that needs none now (a timed-out refused one)."""
     (m.BackupTask.update(lease_owner=None, lease_expires_time=None)
      .where((m.BackupTask.id == task_id) & (m.BackupTask.lease_owner == owner)).execute())
+
+
+# -- exports ------------------------------------------------------------------------------------
+
+def renew_export(m, task_id: str, owner: str, expires: float) -> None:
+    """Extend `owner`'s lease on its running export `task_id`."""
+    (m.BackupTask.update(lease_expires_time=expires)
+     .where((m.BackupTask.id == task_id) & (m.BackupTask.lease_owner == owner)
+            & (m.BackupTask.status == STATUS_PROCESSING)).execute())
+
+
+def fail_expired_exports(m, now: float, message: str, *,
+                         held_by: str | None = None) -> list[str]:
+    """End `failed` every processing export whose lease expired (its instance died during
+    it); with `held_by`, also those that instance holds (it starts
+    again under the same name) and those with no lease (from a release before export
+    leases). Returns their ids; rows another instance is failing right now are skipped."""
+    stale = m.BackupTask.lease_owner.is_null(False) & (m.BackupTask.lease_expires_time <= now)
+    if held_by is not None:
+        stale = stale | (m.BackupTask.lease_owner == held_by) | m.BackupTask.lease_owner.is_null()
+    query = m.BackupTask.select(m.BackupTask.id).where(
+        (m.BackupTask.operation == OPERATION_EXPORT)
+        & (m.BackupTask.status == STATUS_PROCESSING) & stale)
+    ids = [t.id for t in backends.locked_skipping_others(m.db, query)]
+    if ids:
+        (m.BackupTask.update(status=STATUS_FAILED, error_message=message, completed_time=now,
+                             lease_owner=None, lease_expires_time=None)
+         .where(m.BackupTask.id.in_(ids)).execute())
+    return ids
 
 
 def live_import_ids(m, now: float) -> set[str]:

@@ -1,5 +1,6 @@
 """`python paused_serve.py STEP serve ARGS...`: `cfms-trio serve` whose imports hold still once
-they report STEP, so a crash test can kill the process at exactly that point of an import.
+they report STEP, so a crash test can kill the process at exactly that point of an import;
+with STEP `EXPORTING`, its exports hold still before they write anything instead.
 
 The pause wraps the importer's progress reporter, which the import's stages call from their
 worker threads; the server itself runs unchanged.
@@ -11,17 +12,30 @@ import sys
 import threading
 import time
 
+from cfms_trio.actions import backup_export
 from cfms_trio.backup import importer
 from cfms_trio.backup.format import payload3, tarmembers
 from cfms_trio.cli import main
 
 PAUSE_LIMIT_S = 600  # the test kills the process long before this
 EXTRACTING = "Extracting archive"
+EXPORTING = "Exporting"
 
 
 def _pause(step: str) -> None:
-    print(f"import paused at {step!r}", file=sys.stderr, flush=True)
+    print(f"paused at {step!r}", file=sys.stderr, flush=True)
     time.sleep(PAUSE_LIMIT_S)
+
+
+def pause_exports() -> None:
+    """generate_backup's export (in its worker thread) holds still before it starts."""
+    export = backup_export.export_store
+
+    def pause_then_export(*args, **kwargs):
+        _pause(EXPORTING)
+        return export(*args, **kwargs)
+
+    backup_export.export_store = pause_then_export
 
 
 def pause_imports_at(step: str) -> None:
@@ -64,5 +78,8 @@ def _pause_once_a_file_is_staged(report) -> None:
 
 
 if __name__ == "__main__":
-    pause_imports_at(sys.argv[1])
+    if sys.argv[1] == EXPORTING:
+        pause_exports()
+    else:
+        pause_imports_at(sys.argv[1])
     sys.exit(main(sys.argv[2:]))

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 
 STEP_TIMEOUT_S = 30
 PAUSE_STEP = "Restore completed"
-PAUSED_LINE = f"import paused at {PAUSE_STEP!r}"  # what paused_serve.py prints
+PAUSED_LINE = f"paused at {PAUSE_STEP!r}"  # what paused_serve.py prints
 
 
 async def test_kill_right_after_the_restore_commits(seeded_root, tmp_path):  # noqa: F811

@@ -10,6 +10,7 @@ fails it and neither the store nor the bucket keeps anything of it (nothing unde
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sys
@@ -17,8 +18,13 @@ import time
 
 import pytest
 import trio
+from trio_websocket import ConnectionClosed
 
-from cfms_trio.backup.supervisor import LEASE_EXPIRED_MESSAGE
+from cfms_trio.backup.supervisor import (
+    EXPORT_LEASE_EXPIRED_MESSAGE,
+    EXPORT_RESTART_MESSAGE,
+    LEASE_EXPIRED_MESSAGE,
+)
 from cfms_trio.config import Limits
 from cfms_trio.content.s3 import PART_TARGET_BYTES, part_bytes_for
 
@@ -39,6 +45,7 @@ from .support import (
     upload_bytes,
     wait_for_outcome,
 )
+from .paused_serve import EXPORTING
 from .test_crash_restart import STEP_TIMEOUT_S, admin_client, serve_process
 from .test_s3_storage import bucket_keys, open_uploads
 
@@ -173,6 +180,75 @@ async def test_an_instance_killed_mid_import_has_it_failed_by_the_other(tmp_path
             assert status["status"] == "failed" and status["files_count"] == 0, status
             assert_store_unchanged(before, await capture(root))
             assert_no_leftovers(root)
+
+
+def _exports(root) -> list[tuple]:
+    """(status, error_message, lease_owner) of every export task in `root`'s database."""
+    import psycopg2
+
+    with contextlib.closing(psycopg2.connect(databases.database_url_for(root))) as db:
+        cursor = db.cursor()
+        cursor.execute("SELECT status, error_message, lease_owner FROM backup_task "
+                       "WHERE operation = 'export'")
+        rows = cursor.fetchall()
+        db.rollback()
+        return rows
+
+
+async def _answered_or_cut(client, action: str, data: dict) -> None:
+    """A request whose server may be killed before it answers."""
+    with contextlib.suppress(ConnectionClosed):
+        await client.request(action, data)
+
+
+async def test_an_instance_killed_mid_export_has_it_failed_by_the_other(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    async with serve_process(root, pause_at=EXPORTING, extra_args=LEASE_ARGS) as a, \
+            serve_process(root, extra_args=LEASE_ARGS) as b:
+        async with admin_client(a.url) as on_a:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_answered_or_cut, on_a, "generate_backup",
+                                   {"backup_name": "cut"})
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    while not await trio.to_thread.run_sync(_exports, root):
+                        await trio.sleep(0.05)
+                # Running longer than its lease: A renews it meanwhile, B leaves it alone.
+                await trio.sleep(LEASE_S * 2)
+                [(status, _, owner)] = await trio.to_thread.run_sync(_exports, root)
+                assert status == "processing" and owner is not None
+                await a.kill()
+                nursery.cancel_scope.cancel()
+        killed = time.monotonic()
+        with trio.fail_after(TAKEOVER_S):
+            while (await trio.to_thread.run_sync(_exports, root))[0][0] == "processing":
+                await trio.sleep(0.1)
+        assert time.monotonic() - killed < TAKEOVER_S
+        assert await trio.to_thread.run_sync(_exports, root) == [
+            ("failed", EXPORT_LEASE_EXPIRED_MESSAGE, None)]
+        assert not list((root / "content" / "backups").glob("cut*"))
+        async with admin_client(b.url) as on_b:  # the name is free again
+            made = await on_b.call("generate_backup", {"backup_name": "cut"})
+            assert made["backup_name"] == "cut"
+
+
+async def test_an_instance_restarted_under_its_name_fails_the_export_it_was_running(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    named = ("--instance-name", "exporter", "--lease-seconds", "600")  # no expiry in this test
+    async with serve_process(root, pause_at=EXPORTING, extra_args=named) as a:
+        async with admin_client(a.url) as on_a:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_answered_or_cut, on_a, "generate_backup",
+                                   {"backup_name": "cut"})
+                with trio.fail_after(STEP_TIMEOUT_S):
+                    while not await trio.to_thread.run_sync(_exports, root):
+                        await trio.sleep(0.05)
+                await a.kill()
+                nursery.cancel_scope.cancel()
+    async with serve_process(root, extra_args=named):
+        assert await trio.to_thread.run_sync(_exports, root) == [
+            ("failed", EXPORT_RESTART_MESSAGE, None)]
 
 
 # -- on one bucket: the content storage in S3, each instance with a folder of its own ----------
