@@ -126,8 +126,9 @@ class ImportJob:
         self.cancelled_by: str | None = None  # set with `abort` by cancel_backup_import
         self.uploads_kept = False  # set when it failed because of its options (run_import)
         self.uploads_forgotten = False  # set once the commit accepted the plan
-        # Removes for good the uploads the commit set aside (content `set_aside`); run after
-        # the outcome is announced, whatever it is.
+        # Removes for good the uploads the commit set aside (content `set_aside`): after the
+        # outcome of a committed import is announced (the supervisor), at once when the
+        # transaction failed after all (`run_import`, before `failed` is recorded).
         self.remove_set_aside: Callable[[], None] | None = None
         self.scope = trio.CancelScope()  # the job's own; cancel() cancels it
         self.ended = trio.Event()
@@ -213,6 +214,10 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             await trio.to_thread.run_sync(mover.take_back)
             if index is not None:
                 await trio.to_thread.run_sync(index.close)
+            if job.remove_set_aside is not None:
+                # Not committed: the uploads it set aside go now, before `failed` is seen.
+                remove, job.remove_set_aside = job.remove_set_aside, None
+                await trio.to_thread.run_sync(remove)
         message = failure_message(exc)
         status = STATUS_FAILED
         if isinstance(exc, (ImportAborted, trio.Cancelled)):

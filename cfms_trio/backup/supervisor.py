@@ -415,6 +415,20 @@ class ImportSupervisor:
             log.exception("could not remove the uploads of import %s", task["backup_task_id"])
 
     async def _run_job(self, job: ImportJob) -> None:
+        """Run the import and announce its outcome; then, however it ended, remove for good
+        the uploads its commit set aside."""
+        try:
+            await self._run_and_announce(job)
+        finally:
+            if job.remove_set_aside is not None:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await trio.to_thread.run_sync(job.remove_set_aside,
+                                                      limiter=self._env.io_limiter)
+                    except Exception:
+                        log.exception("could not remove the uploads of import %s", job.task_id)
+
+    async def _run_and_announce(self, job: ImportJob) -> None:
         final = None
         try:
             async with trio.open_nursery() as nursery:
@@ -432,13 +446,9 @@ class ImportSupervisor:
             job.ended.set()
         if final["status"] == STATUS_PLANNED or job.uploads_kept:
             self.watch(job.task_id, final["timeout_time"])  # the uploads wait for a real run
-        if not job.lease_lost:  # else the instance that ended it published the outcome
-            await self._publish_outcome(final)
-        if job.remove_set_aside is not None:
-            try:
-                await trio.to_thread.run_sync(job.remove_set_aside, limiter=self._env.io_limiter)
-            except Exception:
-                log.exception("could not remove the uploads of import %s", job.task_id)
+        if job.lease_lost:
+            return  # the instance that ended it published the outcome
+        await self._publish_outcome(final)
 
     async def _publish_progress(self, job: ImportJob) -> None:
         """`backup_import_progress` to the task's listeners whenever the progress moved, at
