@@ -1070,13 +1070,15 @@ def test_only_a_durable_read_starts_the_writeback_of_staged_files(tmp_path, monk
 
 def test_a_hash_only_read_checks_every_file_and_writes_none(tmp_path):
     """The export's self-check and verify need only the hashes: each file is checked (a
-    damaged one is still refused) and stands as an empty file, never written."""
+    damaged one, a repeated one are still refused) and none is written, not even empty."""
     dataset = make_dataset()
     back, folder = read_archive(write_archive(dataset), tmp_path, staging=STAGE_HASH_ONLY)
-    names = {path.name for path in folder.iterdir() if path.name in dataset["blobs"]}
-    assert names == set(dataset["blobs"])
-    assert all((folder / name).stat().st_size == 0 for name in names)
+    assert back.counts["files"] == len(dataset["blobs"])
+    assert not {path.name for path in folder.iterdir()} & set(dataset["blobs"])
     members = standard_members(make_dataset())
+    repeated = members[:6] + [members[5]] + members[6:]
+    with pytest.raises(ArchiveError, match="files/small"):
+        read_archive(sealed_members(repeated), tmp_path, staging=STAGE_HASH_ONLY)
     members[5] = ("files/small", b"HELLO, backup")
     with pytest.raises(ArchiveError, match="file small: sha256 mismatch"):
         read_archive(sealed_members(members), tmp_path, staging=STAGE_HASH_ONLY)

@@ -112,8 +112,8 @@ def checked_archive(source: BinaryIO, key_info: KeyInfo | Unlock, staging_dir: P
     (`read_backup_archive`, then `check_contents`), its records into a new staging index in
     `staging_dir`; yields (contents, index) and closes the index afterwards. For the export's
     self-check, `verify_backup` and `cfms-trio backup verify/inspect`: none of them needs the
-    files' content, so each file is hashed and checked but not written (an empty file stands
-    for it, which is all a deep verify's throw-away restore moves)."""
+    files' content, so each file is hashed and checked but not written (a deep verify's
+    throw-away restore moves none)."""
     index = StagingIndex.create(staging_dir)
     try:
         contents = read_backup_archive(source, key_info, staging_dir, limits, index,
