@@ -201,24 +201,30 @@ async def _answered_or_cut(client, action: str, data: dict) -> None:
         await client.request(action, data)
 
 
+@contextlib.asynccontextmanager
+async def _export_running(client, root):
+    """generate_backup of "cut" asked through `client` of a server that holds its exports
+    paused: entered once the export's task exists, its request given up on leaving."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_answered_or_cut, client, "generate_backup", {"backup_name": "cut"})
+        with trio.fail_after(STEP_TIMEOUT_S):
+            while not await trio.to_thread.run_sync(_exports, root):
+                await trio.sleep(0.05)
+        yield
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_instance_killed_mid_export_has_it_failed_by_the_other(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     async with serve_process(root, pause_at=EXPORTING, extra_args=LEASE_ARGS) as a, \
             serve_process(root, extra_args=LEASE_ARGS) as b:
-        async with admin_client(a.url) as on_a:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_answered_or_cut, on_a, "generate_backup",
-                                   {"backup_name": "cut"})
-                with trio.fail_after(STEP_TIMEOUT_S):
-                    while not await trio.to_thread.run_sync(_exports, root):
-                        await trio.sleep(0.05)
-                # Running longer than its lease: A renews it meanwhile, B leaves it alone.
-                await trio.sleep(LEASE_S * 2)
-                [(status, _, owner)] = await trio.to_thread.run_sync(_exports, root)
-                assert status == "processing" and owner is not None
-                await a.kill()
-                nursery.cancel_scope.cancel()
+        async with admin_client(a.url) as on_a, _export_running(on_a, root):
+            # Running longer than its lease: A renews it meanwhile, B leaves it alone.
+            await trio.sleep(LEASE_S * 2)
+            [(status, _, owner)] = await trio.to_thread.run_sync(_exports, root)
+            assert status == "processing" and owner is not None
+            await a.kill()
         killed = time.monotonic()
         with trio.fail_after(TAKEOVER_S):
             while (await trio.to_thread.run_sync(_exports, root))[0][0] == "processing":
@@ -237,15 +243,8 @@ async def test_an_instance_restarted_under_its_name_fails_the_export_it_was_runn
     root.mkdir()
     named = ("--instance-name", "exporter", "--lease-seconds", "600")  # no expiry in this test
     async with serve_process(root, pause_at=EXPORTING, extra_args=named) as a:
-        async with admin_client(a.url) as on_a:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_answered_or_cut, on_a, "generate_backup",
-                                   {"backup_name": "cut"})
-                with trio.fail_after(STEP_TIMEOUT_S):
-                    while not await trio.to_thread.run_sync(_exports, root):
-                        await trio.sleep(0.05)
-                await a.kill()
-                nursery.cancel_scope.cancel()
+        async with admin_client(a.url) as on_a, _export_running(on_a, root):
+            await a.kill()
     async with serve_process(root, extra_args=named):
         assert await trio.to_thread.run_sync(_exports, root) == [
             ("failed", EXPORT_RESTART_MESSAGE, None)]
