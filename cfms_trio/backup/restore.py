@@ -89,8 +89,9 @@ def unpack(archive_path: Path, key_path: Path | None, staging_dir: Path, limits:
     index = StagingIndex.create(staging_dir)
     try:
         with open(archive_path, "rb", buffering=0) as archive:
-            contents = read_backup_archive(DropBehindReader(archive), key_info, staging_dir, limits, index,
-                                           progress=on_bytes, archive_size=archive_size,
+            contents = read_backup_archive(DropBehindReader(archive), key_info, staging_dir,
+                                           limits, index, progress=on_bytes,
+                                           archive_size=archive_size,
                                            allow_missing_content=allow_missing_content,
                                            staging=STAGE_DURABLE)
         # Every staged file on disk before anything is committed (see durability.py).

@@ -119,9 +119,9 @@ def fail_expired_imports(m, now: float, message: str, *, every_lease: bool = Fal
     """End `failed` every processing import whose lease expired (its instance died; its
     restore never committed, since a commit ends the processing status in the same
     transaction); with `held_by`, instead those that instance holds (it starts again under
-    the same name: what it ran before was interrupted) and those with no lease; with `every_lease`, every processing
-    one (SQLite: no other instance can exist). Rows another instance is failing right now are
-    skipped."""
+    the same name: what it ran before was interrupted) and those with no lease; with
+    `every_lease`, every processing one (SQLite: no other instance can exist). Rows another
+    instance is failing right now are skipped."""
     query = m.BackupTask.select().where(
         (m.BackupTask.operation == OPERATION_IMPORT)
         & (m.BackupTask.status == STATUS_PROCESSING))

@@ -48,18 +48,24 @@ def read_up_to(source: BinaryIO, size: int) -> bytes:
     return bytes(buf)
 
 
-def read_into(source: BinaryIO, view: memoryview) -> int:
-    """Fill ``view`` from ``source`` (its ``readinto`` when it has one, so the bytes are
-    copied once); fewer bytes only at end of file. Returns how many were read."""
+def read_some_into(source: BinaryIO, view: memoryview) -> int:
+    """One read of up to ``len(view)`` bytes from ``source`` into ``view``: its ``readinto``
+    when it has one (the bytes are copied once), else ``read`` and a copy. Returns how many
+    were read, 0 at end of file."""
     readinto = getattr(source, "readinto", None)
+    if readinto is not None:
+        return readinto(view) or 0
+    piece = source.read(len(view)) or b""
+    view[:len(piece)] = piece
+    return len(piece)
+
+
+def read_into(source: BinaryIO, view: memoryview) -> int:
+    """Fill ``view`` from ``source``; fewer bytes only at end of file. Returns how many were
+    read."""
     filled = 0
     while filled < len(view):
-        if readinto is not None:
-            count = readinto(view[filled:])
-        else:
-            piece = source.read(len(view) - filled)
-            count = len(piece)
-            view[filled:filled + count] = piece
+        count = read_some_into(source, view[filled:])
         if not count:
             break
         filled += count
@@ -316,14 +322,7 @@ class CountingSource(io.RawIOBase):
         return True
 
     def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        readinto = getattr(self._source, "readinto", None)
-        if readinto is not None:
-            count = readinto(view) or 0
-        else:
-            data = self._source.read(len(view)) or b""
-            count = len(data)
-            view[:count] = data
+        count = read_some_into(self._source, memoryview(buffer).cast("B"))
         self.consumed += count
         if self.consumed > self._limit_bytes:
             raise ArchiveLimitExceeded(
