@@ -126,9 +126,8 @@ class ImportJob:
         self.cancelled_by: str | None = None  # set with `abort` by cancel_backup_import
         self.uploads_kept = False  # set when it failed because of its options (run_import)
         self.uploads_forgotten = False  # set once the commit accepted the plan
-        # Removes for good the uploads the commit set aside (content `set_aside`): after the
-        # outcome of a committed import is announced (the supervisor), at once when the
-        # transaction failed after all (`run_import`, before `failed` is recorded).
+        # Removes for good the uploads the commit set aside (content `set_aside`); called by
+        # `run_import` once the transaction has ended, whichever way.
         self.remove_set_aside: Callable[[], None] | None = None
         self.scope = trio.CancelScope()  # the job's own; cancel() cancels it
         self.ended = trio.Event()
@@ -214,10 +213,7 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
             await trio.to_thread.run_sync(mover.take_back)
             if index is not None:
                 await trio.to_thread.run_sync(index.close)
-            if job.remove_set_aside is not None:
-                # Not committed: the uploads it set aside go now, before `failed` is seen.
-                remove, job.remove_set_aside = job.remove_set_aside, None
-                await trio.to_thread.run_sync(remove)
+            await _remove_set_aside(env, job)  # the transaction failed after setting them aside
         message = failure_message(exc)
         status = STATUS_FAILED
         if isinstance(exc, (ImportAborted, trio.Cancelled)):
@@ -242,8 +238,21 @@ async def run_import(env: ImportEnvironment, job: ImportJob) -> dict:
     # Committed: no checkpoint before the shield, so a shutdown cannot turn this into a failure.
     with trio.CancelScope(shield=True):
         log.info("import %s completed: %s", task_id, counts)
+        await _remove_set_aside(env, job)
         await trio.to_thread.run_sync(functools.partial(report, COMPLETED_STEP, 1.0))
         return await env.store.read(backup_tasks.get_backup_task, task_id)
+
+
+async def _remove_set_aside(env: ImportEnvironment, job: ImportJob) -> None:
+    """Remove for good the uploads the commit set aside, outside its transaction (the
+    database's writer is free meanwhile), before the outcome is recorded or announced."""
+    if job.remove_set_aside is None:
+        return
+    remove, job.remove_set_aside = job.remove_set_aside, None
+    try:
+        await trio.to_thread.run_sync(remove, limiter=env.io_limiter)
+    except Exception:
+        log.exception("could not remove the uploads of import %s", job.task_id)
 
 
 def _unpack_uploads(env: ImportEnvironment, job: ImportJob, staging: Path):
@@ -284,7 +293,7 @@ def _commit(m, instance_id: str, staging: Path, contents, index, mover, report, 
 def _forget_uploads(env: ImportEnvironment, job: ImportJob, m) -> None:
     """In the restore's transaction, once its plan is accepted: the uploads' rows go and their
     files are set aside, so a client that sees `completed` never finds them (blocking, the
-    writer thread); the files are removed for good after the outcome is announced
+    writer thread); the files are removed for good once the transaction has ended
     (`job.remove_set_aside`). If the transaction then fails, the failure removes the rows that
     come back."""
     job.uploads_forgotten = True

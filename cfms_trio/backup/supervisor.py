@@ -415,20 +415,6 @@ class ImportSupervisor:
             log.exception("could not remove the uploads of import %s", task["backup_task_id"])
 
     async def _run_job(self, job: ImportJob) -> None:
-        """Run the import and announce its outcome; then, however it ended, remove for good
-        the uploads its commit set aside."""
-        try:
-            await self._run_and_announce(job)
-        finally:
-            if job.remove_set_aside is not None:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await trio.to_thread.run_sync(job.remove_set_aside,
-                                                      limiter=self._env.io_limiter)
-                    except Exception:
-                        log.exception("could not remove the uploads of import %s", job.task_id)
-
-    async def _run_and_announce(self, job: ImportJob) -> None:
         final = None
         try:
             async with trio.open_nursery() as nursery:
